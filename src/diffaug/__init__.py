@@ -1,0 +1,11 @@
+"""diffaug: the DiffAug diffuse-and-denoise augmentation and the robustness studies built on it.
+
+Public images are float tensors in [0, 1], shape ``[N, C, H, W]``.
+"""
+
+from .augment import DiffAug
+from .denoiser import Denoiser, load_denoiser
+from .errors import InputError
+
+__all__ = ["DiffAug", "Denoiser", "InputError", "load_denoiser"]
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Datasets as in-memory tensors: images float ``[N, C, H, W]`` in [0, 1], labels LongTensor ``[N]``.
+
+* ``digits``: scikit-learn's bundled handwritten digits (1797 images, 8x8, gray levels 0..16 scaled to [0, 1]).
+  The split is fixed: stratified 70 / 10 / 20 % train / val / test (1257 / 180 / 360 images) with
+  ``sklearn.model_selection.train_test_split(..., random_state=0)``, val and test cut from the held-out 30 %.
+* an image folder ``ROOT/<class>/<image>``: classes are the sorted sub-folder names; all images must share one
+  size and mode (gray -> 1 channel, anything else -> RGB).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass
+class ImageDataset:
+    """Images ``[N, C, H, W]`` float32 in [0, 1], labels ``[N]`` int64 and the class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def digits_split_indices() -> dict[str, np.ndarray]:
+    """The fixed train / val / test indices into ``sklearn.datasets.load_digits()``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    y = load_digits().target
+    idx = np.arange(len(y))
+    train, rest = train_test_split(idx, test_size=0.3, stratify=y, random_state=0)
+    val, test = train_test_split(rest, test_size=2 / 3, stratify=y[rest], random_state=0)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def load_digits(split: str = "train") -> ImageDataset:
+    """The embedded default: scikit-learn's 8x8 digits, one fixed split, images in [0, 1]."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    if split not in SPLITS + ("all",):
+        raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} or 'all'")
+    bunch = sk_load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    if split != "all":
+        keep = torch.from_numpy(digits_split_indices()[split])
+        images, labels = images[keep], labels[keep]
+    return ImageDataset(images.contiguous(), labels, [str(i) for i in range(10)])
+
+
+def load_image_folder(root: str | os.PathLike) -> ImageDataset:
+    """Read ``root/<class>/<image>`` into memory. Unreadable files raise an error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"data folder {root} does not exist; pass 'digits' or a folder of class sub-folders")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(f"data folder {root} has no class sub-folders; lay it out as {root}/<class>/<image>.png")
+    arrays, labels, first = [], [], None
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+                    arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise InputError(f"cannot read image {path}: {e}; remove or replace the file") from None
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            if first is None:
+                first = (path, arr.shape)
+            elif arr.shape != first[1]:
+                raise InputError(
+                    f"image {path} has shape {arr.shape} (C, H, W) but {first[0]} has {first[1]}; "
+                    "resize all images to one size and mode"
+                )
+            arrays.append(arr)
+            labels.append(label)
+    if not arrays:
+        raise InputError(f"data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = torch.from_numpy(np.stack(arrays))
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.long), classes)
+
+
+def load_dataset(spec: str | os.PathLike, split: str = "train") -> ImageDataset:
+    """``"digits"`` (one of its fixed splits) or an image folder (``split`` selects ``spec/split`` if present)."""
+    if str(spec) == "digits":
+        return load_digits(split)
+    root = Path(spec)
+    if (root / split).is_dir():
+        root = root / split
+    return load_image_folder(root)

@@ -1,0 +1,399 @@
+"""The one-step denoiser: a diffusion network plus its schedule, behind one narrow contract.
+
+``Denoiser.predict_x0(x_t, t, y)`` is the centre of the library (k-diffusion style): every augmentation,
+ensemble, smoothing and guidance routine calls it and nothing else of the network. Adapters at the edge turn
+a diffusers ``UNet2DModel`` (or a folder saved by diffaug or by diffusers) into that contract.
+
+Data ranges: the public API takes images in [0, 1]; networks work in [-1, 1]. :meth:`Denoiser.encode` and
+:meth:`Denoiser.decode` are the only places that convert.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import schedule
+from .errors import InputError
+
+SHIPPED = {"digits": Path(__file__).resolve().parent / "weights" / "digits"}
+
+UNET_DIR, SCHEDULER_DIR, META_FILE = "unet", "scheduler", "diffaug.json"
+UNET_CONFIG, UNET_WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+
+class _DiffusersUNet(nn.Module):
+    """Calls a diffusers ``UNet2DModel`` as ``net(x, t, y) -> output``."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.unet(x, t, class_labels=y, return_dict=False)[0]
+
+
+class Denoiser(nn.Module):
+    """A diffusion network with its discrete schedule, exposing the one-step (Tweedie) ``x0`` estimate.
+
+    Args:
+        net: callable ``net(x_t, t, y) -> output`` with ``x_t`` ``[N, C, H, W]`` in model space, ``t`` a
+            LongTensor ``[N]`` and ``y`` a LongTensor ``[N]`` or None. An output with ``2C`` channels is a
+            learned-variance output (improved-DDPM); the variance half is dropped.
+        alpha_bar: the schedule, float tensor ``[T]``.
+        prediction_type: what the network predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        image_size: ``(H, W)`` the network was built for (checked on every call), or None to accept any size.
+        channels: ``C``, the number of image channels.
+        num_classes: number of classes of a class-conditional network, None if unconditional.
+        null_class: the label that means "no class" for a network trained with label dropout (classifier-free
+            style), so one network serves both uses; None if the network has no unconditional mode.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., torch.Tensor],
+        alpha_bar: torch.Tensor,
+        prediction_type: str = "epsilon",
+        *,
+        image_size: tuple[int, int] | None = None,
+        channels: int = 3,
+        num_classes: int | None = None,
+        null_class: int | None = None,
+    ):
+        super().__init__()
+        if prediction_type not in schedule.PREDICTION_TYPES:
+            raise InputError(
+                f"unknown prediction_type {prediction_type!r}; use one of {', '.join(schedule.PREDICTION_TYPES)}"
+            )
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32)
+        if alpha_bar.ndim != 1 or alpha_bar.numel() < 2 or not ((alpha_bar > 0) & (alpha_bar < 1)).all():
+            raise InputError("alpha_bar must be a 1-D tensor of length T >= 2 with values in (0, 1)")
+        if null_class is not None and (num_classes is None or not 0 <= null_class <= num_classes):
+            raise InputError(f"null_class={null_class} needs num_classes set and 0 <= null_class <= num_classes")
+        self.net = net
+        self.register_buffer("alpha_bar", alpha_bar.clone(), persistent=False)
+        self.prediction_type = prediction_type
+        self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
+        self.channels = int(channels)
+        self.num_classes = num_classes
+        self.null_class = null_class
+        self.scheduler_config: dict | None = None  # kept from from_diffusers, written back by save_pretrained
+
+    # ------------------------------------------------------------------ properties and conversions
+    @property
+    def num_timesteps(self) -> int:
+        """T, the number of discrete timesteps."""
+        return int(self.alpha_bar.numel())
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(iter(self.parameters()), None)
+        return p.dtype if p is not None else torch.float32
+
+    @staticmethod
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> model space [-1, 1]."""
+        return x * 2 - 1
+
+    @staticmethod
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        """Model space [-1, 1] -> images in [0, 1]."""
+        return (x + 1) / 2
+
+    def sigma(self, t: torch.Tensor | int) -> torch.Tensor:
+        """Noise level ``sqrt((1 - alpha_bar[t]) / alpha_bar[t])`` of integer timesteps."""
+        return schedule.sigma_from_alpha_bar(self.alpha_bar[torch.as_tensor(t, device=self.alpha_bar.device)])
+
+    def t_from_sigma(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """The integer timestep whose noise level is nearest to ``sigma``."""
+        return schedule.sigma_to_t(sigma, self.alpha_bar.cpu())
+
+    def t_from_fraction(self, fraction: float | torch.Tensor) -> torch.Tensor:
+        """``round(fraction * (T - 1))``: a schedule-independent way to name a timestep."""
+        return schedule.fraction_to_t(fraction, self.num_timesteps)
+
+    # ------------------------------------------------------------------ checks
+    def check_images(self, x: torch.Tensor, name: str = "x") -> None:
+        """Raise :class:`InputError` unless ``x`` is a float ``[N, C, H, W]`` batch in [0, 1] this model accepts."""
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InputError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}; use x.float() / 255")
+        if x.ndim != 4:
+            raise InputError(f"{name} must have shape [N, C, H, W], got {tuple(x.shape)}; add a batch dim with x[None]")
+        if x.shape[1] != self.channels:
+            raise InputError(
+                f"{name} has {x.shape[1]} channels but the denoiser was built for {self.channels}; "
+                "convert the images (e.g. grayscale <-> RGB) first"
+            )
+        if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
+            raise InputError(
+                f"{name} is {x.shape[-2]}x{x.shape[-1]} but the denoiser was built for "
+                f"{self.image_size[0]}x{self.image_size[1]}; resize the images first"
+            )
+        if x.numel() == 0:
+            return
+        lo, hi = (v.item() for v in torch.aminmax(x.detach()))  # NaN propagates into both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise InputError(f"{name} contains NaN or Inf values; clean the input first")
+        if lo < 0 or hi > 1:
+            raise InputError(f"{name} must lie in [0, 1], got min {lo:.4g} max {hi:.4g}; rescale it (e.g. x / 255)")
+
+    def _labels(self, y: torch.Tensor | int | None, n: int, device: torch.device) -> torch.Tensor | None:
+        """Validate class labels and fill in the null label for unconditional use of a conditional net."""
+        if y is None:
+            if not self.is_conditional:
+                return None
+            if self.null_class is None:
+                raise InputError(
+                    "this denoiser is class-conditional with no unconditional mode; pass class labels y"
+                )
+            return torch.full((n,), self.null_class, dtype=torch.long, device=device)
+        if not self.is_conditional:
+            raise InputError("class labels y were given but the denoiser is unconditional; pass y=None")
+        y = torch.as_tensor(y, device=device)
+        if y.is_floating_point() or y.ndim > 1:
+            raise InputError(f"y must be integer class labels of shape [N], got dtype {y.dtype} shape {tuple(y.shape)}")
+        y = y.long().expand(n) if y.ndim == 0 else y.long()
+        if y.shape[0] != n:
+            raise InputError(f"y has {y.shape[0]} labels for a batch of {n} images; pass one label per image")
+        top = self.num_classes if self.null_class is None else max(self.num_classes, self.null_class + 1)
+        if n and (y.min() < 0 or y.max() >= top):
+            raise InputError(f"class labels must lie in [0, {self.num_classes}), got {y.min().item()}..{y.max().item()}")
+        return y
+
+    def _timesteps(self, t: torch.Tensor | int, n: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.is_floating_point():
+            raise InputError(f"t must be integer timesteps (LongTensor), got {t.dtype}; see Denoiser.t_from_sigma")
+        t = t.long().expand(n) if t.ndim == 0 else t.long()
+        if t.shape != (n,):
+            raise InputError(f"t must have shape [{n}] (one timestep per image), got {tuple(t.shape)}")
+        if n and (t.min() < 0 or t.max() >= self.num_timesteps):
+            raise InputError(f"t must lie in [0, {self.num_timesteps}), got {t.min().item()}..{t.max().item()}")
+        return t
+
+    # ------------------------------------------------------------------ the contract
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The network's raw prediction (variance channels dropped), in float32, shape of ``x_t``."""
+        n = x_t.shape[0]
+        t = self._timesteps(t, n, x_t.device)
+        y = self._labels(y, n, x_t.device)
+        out = self.net(x_t.to(self.dtype), t, y)
+        if out.shape[1] == 2 * x_t.shape[1]:  # learned variance (improved-DDPM): keep the mean half
+            out = out[:, : x_t.shape[1]]
+        return out.float()
+
+    def _mixed_output(self, x_t, t, y, cond_weight: float | None) -> torch.Tensor:
+        """``(1 - w) * out(x_t, t, null) + w * out(x_t, t, y)``; both halves batched into one call."""
+        if cond_weight is None or y is None:
+            if cond_weight not in (None, 0, 0.0) and y is None:
+                raise InputError("cond_weight > 0 needs class labels y; pass y or set cond_weight=0")
+            return self.model_output(x_t, t, None if cond_weight == 0 else y)
+        if not 0 <= cond_weight <= 1:
+            raise InputError(f"cond_weight must lie in [0, 1], got {cond_weight}")
+        if cond_weight == 1:
+            return self.model_output(x_t, t, y)
+        if cond_weight == 0:
+            return self.model_output(x_t, t, None)
+        n = x_t.shape[0]
+        y = self._labels(y, n, x_t.device)
+        null = self._labels(None, n, x_t.device)
+        t = self._timesteps(t, n, x_t.device)
+        out = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, y]))
+        return torch.lerp(out[:n], out[n:], cond_weight)
+
+    def predict_x0(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        y: torch.Tensor | int | None = None,
+        *,
+        cond_weight: float | None = None,
+        clip: bool = False,
+    ) -> torch.Tensor:
+        """One-step (Tweedie) estimate of the clean image from ``x_t``.
+
+        Args:
+            x_t: noisy images in model space, ``[N, C, H, W]``.
+            t: integer timesteps, LongTensor ``[N]`` (or a scalar for all).
+            y: class labels ``[N]`` for a conditional network, or None (the null label if it has one).
+            cond_weight: lambda of conditional DiffAug; the prediction is ``(1 - lambda) * uncond + lambda *
+                cond`` (0 = unconditional, 1 = conditional; in between costs two network evaluations). None
+                means "conditional if y is given".
+            clip: clamp the estimate to the data range [-1, 1].
+
+        Returns:
+            ``x0_hat`` in model space, float32, shape of ``x_t``. Differentiable w.r.t. ``x_t``.
+        """
+        out = self._mixed_output(x_t, t, y, cond_weight)
+        t = self._timesteps(t, x_t.shape[0], x_t.device)
+        a = schedule._gather(self.alpha_bar, t, out)
+        x0_hat = schedule.x0_from_model_output(out, x_t.float(), a, self.prediction_type)
+        return x0_hat.clamp(-1, 1) if clip else x0_hat
+
+    def predict_eps(self, x_t, t, y=None, *, cond_weight: float | None = None) -> torch.Tensor:
+        """The noise estimate at ``(x_t, t)``, float32 (same arguments as :meth:`predict_x0`)."""
+        out = self._mixed_output(x_t, t, y, cond_weight)
+        t = self._timesteps(t, x_t.shape[0], x_t.device)
+        a = schedule._gather(self.alpha_bar, t, out)
+        return schedule.eps_from_model_output(out, x_t.float(), a, self.prediction_type)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+        """Forward-diffuse model-space images ``x0`` to integer times ``t`` with the given noise."""
+        t = self._timesteps(t, x0.shape[0], x0.device)
+        return schedule.q_sample(x0, t, noise, self.alpha_bar)
+
+    # ------------------------------------------------------------------ adapters
+    @classmethod
+    def from_diffusers(
+        cls, unet: nn.Module, scheduler, *, num_classes: int | None = None, null_class: int | None = None
+    ) -> "Denoiser":
+        """Wrap a diffusers ``UNet2DModel`` and a DDPM-family scheduler (any with ``alphas_cumprod``).
+
+        For a class-conditional UNet (``num_class_embeds`` set), ``num_classes`` defaults to
+        ``num_class_embeds``; pass ``num_classes`` and ``null_class`` if one embedding is the "no class" label.
+        The scheduler is only read (its ``alphas_cumprod`` and ``prediction_type``), never stepped.
+        """
+        cfg = unet.config
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        embeds = cfg.get("num_class_embeds")
+        if num_classes is None and embeds is not None:
+            num_classes = embeds if null_class is None else null_class
+        size = cfg.get("sample_size")
+        image_size = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+        den = cls(
+            _DiffusersUNet(unet),
+            schedule.alpha_bar_from_scheduler(scheduler),
+            prediction_type,
+            image_size=image_size,
+            channels=cfg["in_channels"],
+            num_classes=num_classes,
+            null_class=null_class,
+        )
+        den.scheduler_config = dict(scheduler.config, _class_name=type(scheduler).__name__)
+        return den
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "Denoiser":
+        """Load a folder with ``unet/`` and ``scheduler/`` (diffusers' layout, as diffaug also writes it).
+
+        Only safetensors weights are read (never pickles); nothing is fetched from a hub.
+        """
+        from diffusers import UNet2DModel
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise InputError(f"denoiser folder {folder} does not exist; train one with `diffaug train-diffusion`")
+        unet_cfg_path = folder / UNET_DIR / UNET_CONFIG
+        weights_path = folder / UNET_DIR / UNET_WEIGHTS
+        sched_path = folder / SCHEDULER_DIR / SCHEDULER_CONFIG
+        for p in (unet_cfg_path, sched_path):
+            if not p.is_file():
+                raise InputError(f"incomplete denoiser folder {folder}: missing {p.relative_to(folder)}")
+        if not weights_path.is_file():
+            hint = (
+                "; only safetensors are loaded: re-save the UNet with save_pretrained(..., safe_serialization=True)"
+                if (folder / UNET_DIR / "diffusion_pytorch_model.bin").exists()
+                else ""
+            )
+            raise InputError(f"incomplete denoiser folder {folder}: missing {weights_path.relative_to(folder)}{hint}")
+        unet_cfg = _read_json(unet_cfg_path)
+        if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+            raise InputError(f"{unet_cfg_path} describes a {unet_cfg['_class_name']}; diffaug loads UNet2DModel folders")
+        unet = UNet2DModel.from_config(unet_cfg)
+        try:
+            state = load_file(weights_path)
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise InputError(f"cannot read {weights_path}: {e}; the file is damaged, copy or train it again") from None
+        try:
+            unet.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise InputError(
+                f"{weights_path} does not match {unet_cfg_path} ({first}); use the config saved with these weights"
+            ) from None
+        unet.eval()
+        scheduler = _scheduler_from_config(_read_json(sched_path), sched_path)
+        meta = _read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+        return cls.from_diffusers(
+            unet, scheduler, num_classes=meta.get("num_classes"), null_class=meta.get("null_class")
+        )
+
+    def save_pretrained(self, path: str | os.PathLike, *, extra: dict | None = None) -> None:
+        """Write this denoiser (diffusers UNet only) as ``unet/``, ``scheduler/`` and ``diffaug.json``.
+
+        ``unet/`` and ``scheduler/`` are each built in a temporary folder and swapped into place, so a crash
+        never leaves a torn sub-folder; other files in ``path`` (e.g. a training checkpoint) are kept.
+        """
+        from diffusers import DDPMScheduler
+
+        from .checkpoint import atomic_folder, save_safetensors, write_json
+
+        if not isinstance(self.net, _DiffusersUNet):
+            raise InputError("save_pretrained supports denoisers built from a diffusers UNet2DModel")
+        unet = self.net.unet
+        scheduler_config = self.scheduler_config or dict(
+            DDPMScheduler(num_train_timesteps=self.num_timesteps, prediction_type=self.prediction_type,
+                          trained_betas=_betas_from_alpha_bar(self.alpha_bar).tolist()).config,
+            _class_name="DDPMScheduler",
+        )
+        path = Path(path)
+        with atomic_folder(path / UNET_DIR) as tmp:
+            write_json(tmp / UNET_CONFIG, dict(unet.config, _class_name="UNet2DModel"))
+            save_safetensors({k: v.detach().float().contiguous() for k, v in unet.state_dict().items()},
+                             tmp / UNET_WEIGHTS)
+        with atomic_folder(path / SCHEDULER_DIR) as tmp:
+            write_json(tmp / SCHEDULER_CONFIG, scheduler_config)
+        write_json(path / META_FILE, {"num_classes": self.num_classes, "null_class": self.null_class,
+                                      **(extra or {})})
+
+
+def _betas_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    a = alpha_bar.double().cpu()
+    return 1 - a / torch.cat([a.new_ones(1), a[:-1]])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}; the file is damaged") from None
+
+
+def _scheduler_from_config(cfg: dict, path: Path):
+    import diffusers
+
+    name = cfg.get("_class_name", "DDPMScheduler")
+    scheduler_cls = getattr(diffusers, name, None)
+    if scheduler_cls is None or not name.endswith("Scheduler"):
+        raise InputError(f"{path} names an unknown scheduler {name!r}; use a diffusers DDPM-family scheduler")
+    scheduler = scheduler_cls.from_config(cfg)
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise InputError(f"{path}: {name} has no alphas_cumprod; use a DDPM-family scheduler (DDPM, DDIM, ...)")
+    return scheduler
+
+
+def load_denoiser(name_or_path: str | os.PathLike = "digits", *, device: torch.device | str | None = None) -> Denoiser:
+    """Load a shipped denoiser by name (``"digits"``) or a saved folder, in eval mode, on ``device``.
+
+    Nothing is downloaded; a missing or incomplete folder is an :class:`InputError` (never a fallback).
+    """
+    key = str(name_or_path)
+    path = SHIPPED.get(key, Path(key))
+    if key not in SHIPPED and not Path(key).exists() and os.sep not in key and "." not in key:
+        raise InputError(f"unknown denoiser {key!r}: name one of {sorted(SHIPPED)} or a folder path")
+    den = Denoiser.from_pretrained(path).eval()
+    return den.to(device) if device is not None else den

@@ -1,0 +1,243 @@
+"""Training loops: the diffusion model (denoiser) on the user's own data, and small classifiers.
+
+The loops are library functions (no argparse); :mod:`diffaug.cli` is a thin layer over them. All randomness
+comes from explicit ``torch.Generator`` objects whose states are checkpointed, so ``resume`` continues a run
+bit-for-bit as if it had never stopped (on the same device and library versions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .data import ImageDataset, load_dataset
+from .denoiser import Denoiser
+from .errors import InputError
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """Settings of ``diffaug train-diffusion`` (all written to ``train_config.json`` beside the results)."""
+
+    data: str = "digits"  # "digits" or an image folder ROOT/<class>/<image>
+    steps: int = 12000  # optimiser steps
+    batch_size: int = 128
+    lr: float = 5e-4  # AdamW, linear warm-up then constant
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1  # fraction of labels replaced by the null label (one net: cond + uncond)
+    conditional: bool = True
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"  # diffusers names: "linear" or "squaredcos_cap_v2" (cosine)
+    width: int | None = None  # UNet base width (None: sized for the image)
+    layers_per_block: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 1000
+    sample_steps: int = 100  # DDIM steps for the final sample grid
+    unet_overrides: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise InputError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if not 0 <= self.label_dropout < 1:
+            raise InputError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.beta_schedule not in ("linear", "squaredcos_cap_v2"):
+            raise InputError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'squaredcos_cap_v2'")
+
+
+def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: a pure function of (seed, epoch, position), so resume is exact."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def build_diffusion_model(cfg: DiffusionTrainConfig, image_size: int, channels: int, num_classes: int | None):
+    """A fresh diffusers ``UNet2DModel`` and ``DDPMScheduler`` for this config."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from .nets.unet import unet_config_for
+
+    unet_cfg = unet_config_for(image_size, channels, num_classes if cfg.conditional else None,
+                               width=cfg.width, layers_per_block=cfg.layers_per_block)
+    unet_cfg.update(cfg.unet_overrides)
+    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_timesteps, beta_schedule=cfg.beta_schedule,
+                              prediction_type="epsilon", clip_sample=True)
+    return UNet2DModel(**unet_cfg), scheduler
+
+
+def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: bool = False,
+                    device: str | torch.device = "cpu", progress: bool = True) -> Denoiser:
+    """Train an epsilon-prediction DDPM on ``cfg.data`` and save the EMA weights as a denoiser folder.
+
+    ``out_dir`` receives ``unet/``, ``scheduler/``, ``diffaug.json`` (the denoiser, EMA weights),
+    ``checkpoint.safetensors`` (everything needed to resume), ``train_config.json``, ``log.jsonl`` and
+    ``samples.png`` (a grid, one row per class). Returns the trained (EMA) :class:`Denoiser`.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    data = load_dataset(cfg.data, "train")
+    _, C, H, W = data.images.shape
+    if H != W:
+        raise InputError(f"train-diffusion needs square images, got {H}x{W}; crop or resize them first")
+    if H < 4 or H & (H - 1):
+        raise InputError(f"train-diffusion needs a power-of-two image size >= 4, got {H}; resize the images")
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    if resume and not ckpt_path.is_file():
+        raise InputError(f"--resume given but {ckpt_path} does not exist; drop --resume to start a new run")
+    if not resume and ckpt_path.exists():
+        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+    device = torch.device(device)
+    num_classes = data.num_classes if cfg.conditional else None
+    unet, scheduler = build_diffusion_model(cfg, H, C, num_classes)
+    unet.to(device)
+    ema = torch.optim.swa_utils.AveragedModel(
+        unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+    )
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    start = 0
+    config_json = dataclasses.asdict(cfg)
+    if resume:
+        start = _load_diffusion_state(ckpt_path, cfg, unet, ema, opt, sched, gen)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(out_dir / "train_config.json", config_json)
+
+    den = Denoiser.from_diffusers(unet, scheduler, num_classes=num_classes, null_class=num_classes)
+    images, labels = data.images.to(device), data.labels.to(device)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train-diffusion")
+    unet.train()
+    t0, log = time.perf_counter(), []
+    for step in bar:
+        idx = _batch_indices(len(data), cfg.batch_size, step, cfg.seed).to(device)
+        x0 = Denoiser.encode(images[idx])
+        y = labels[idx] if num_classes is not None else None
+        t = torch.randint(0, cfg.num_timesteps, (x0.shape[0],), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        if y is not None:
+            drop = torch.rand(y.shape, generator=gen, device=device) < cfg.label_dropout
+            y = torch.where(drop, torch.full_like(y, num_classes), y)
+        loss = F.mse_loss(den.model_output(den.q_sample(x0, t, noise), t, y), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update_parameters(unet)
+        log.append({"step": step + 1, "loss": loss.item()})
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-50:]) / 50:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _append_log(out_dir / "log.jsonl", log)
+            log = []
+            _save_diffusion_state(ckpt_path, config_json, step + 1, unet, ema, opt, sched, gen)
+    bar.close()
+
+    ema_unet = ema.module.eval()
+    result = Denoiser.from_diffusers(ema_unet, scheduler, num_classes=num_classes, null_class=num_classes)
+    result.save_pretrained(out_dir, extra={"data": cfg.data, "classes": data.classes, "train_steps": cfg.steps,
+                                           "seed": cfg.seed})
+    _write_sample_grid(result, out_dir / "samples.png", cfg, data)
+    if progress:
+        print(f"train-diffusion: {cfg.steps - start} steps in {time.perf_counter() - t0:.0f}s -> {out_dir}")
+    return result
+
+
+def _append_log(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _save_diffusion_state(path, config_json, step, unet, ema, opt, sched, gen) -> None:
+    opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
+    tensors = {f"model.{k}": v for k, v in unet.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    tensors.update(opt_tensors)
+    tensors["rng.generator"] = gen.get_state()
+    meta = {"step": step, "config": config_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict()}
+    ckpt.save_safetensors(tensors, path, metadata=meta)
+
+
+def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen) -> int:
+    tensors, meta = ckpt.load_safetensors(path)
+    saved = dict(meta.get("config", {}))
+    now = dataclasses.asdict(cfg)
+    changed = sorted(k for k in now if k not in ("steps", "checkpoint_every") and saved.get(k) != now[k])
+    if changed:
+        raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
+                         "resume with the original settings (only --steps may change)")
+    device = next(unet.parameters()).device
+    unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    opt.load_state_dict(ckpt.unflatten_optimizer_state(
+        {k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v for k, v in tensors.items()},
+        meta["optimizer"]))
+    sched.load_state_dict(meta["lr_scheduler"])
+    gen.set_state(tensors["rng.generator"])
+    return int(meta["step"])
+
+
+def _write_sample_grid(den: Denoiser, path: Path, cfg: DiffusionTrainConfig, data: ImageDataset, per_class: int = 10):
+    from torchvision.utils import save_image
+
+    from .sampling import ddim_sample
+
+    gen = torch.Generator(device=den.alpha_bar.device).manual_seed(cfg.seed)
+    if den.is_conditional:
+        y = torch.arange(den.num_classes, device=den.alpha_bar.device).repeat_interleave(per_class)
+    else:
+        y = None
+    with torch.no_grad():
+        samples = ddim_sample(den, len(y) if y is not None else 100, y, steps=cfg.sample_steps, generator=gen)
+    scale = max(1, 64 // samples.shape[-1])
+    samples = F.interpolate(samples, scale_factor=scale, mode="nearest")
+    save_image(samples.cpu(), path, nrow=per_class, padding=2, pad_value=0.5)
+
+
+# ---------------------------------------------------------------------- small classifiers
+def fit_classifier(model: nn.Module, data: ImageDataset, *, epochs: int = 30, batch_size: int = 64,
+                   lr: float = 1e-3, weight_decay: float = 5e-4, generator: torch.Generator | None = None,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """Plain cross-entropy training (AdamW, cosine LR); used for reference classifiers that judge quality."""
+    device = torch.device(device)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(data) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    images, labels = data.images.to(device), data.labels.to(device)
+    for _ in range(epochs):
+        perm = torch.randperm(len(data), generator=generator).to(device)
+        for i in range(0, len(data), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Class predictions ``[N]`` of an eval-mode classifier on images in [0, 1]."""
+    return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])

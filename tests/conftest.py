@@ -1,0 +1,52 @@
+"""Tiny seeded models shared by the tests (a few thousand parameters, milliseconds per call)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a hub
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_unet(*, channels=1, size=8, num_class_embeds=None, learned_variance=False, seed=0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)  # tests only: diffusers initialises from the global RNG
+    return UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels * (2 if learned_variance else 1),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def tiny_denoiser(prediction_type="epsilon", *, conditional=False, learned_variance=False, channels=1,
+                  num_timesteps=1000, beta_schedule="linear", seed=0):
+    from diffusers import DDPMScheduler
+
+    import diffaug
+
+    unet = tiny_unet(channels=channels, num_class_embeds=11 if conditional else None,
+                     learned_variance=learned_variance, seed=seed)
+    sched = DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule=beta_schedule,
+                          prediction_type=prediction_type)
+    kwargs = {"num_classes": 10, "null_class": 10} if conditional else {}
+    return diffaug.Denoiser.from_diffusers(unet, sched, **kwargs)
+
+
+@pytest.fixture
+def den():
+    return tiny_denoiser()
+
+
+@pytest.fixture
+def cond_den():
+    return tiny_denoiser(conditional=True)
+
+
+@pytest.fixture
+def images():
+    return torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
