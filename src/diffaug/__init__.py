@@ -4,8 +4,9 @@ Public images are float tensors in [0, 1], shape ``[N, C, H, W]``.
 """
 
 from .augment import DiffAug
+from .classifier import create_classifier, load_classifier
 from .denoiser import Denoiser, load_denoiser
 from .errors import InputError
 
-__all__ = ["DiffAug", "Denoiser", "InputError", "load_denoiser"]
+__all__ = ["DiffAug", "Denoiser", "InputError", "create_classifier", "load_classifier", "load_denoiser"]
 __version__ = "0.1.0"

@@ -30,6 +30,22 @@ def cmd_train_diffusion(args) -> None:
     train_diffusion(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
 
 
+def cmd_train(args) -> None:
+    from .train_classifier import TrainConfig, train_classifier
+
+    cfg = TrainConfig(data=args.data, recipe=args.recipe, model=args.model, denoiser=args.denoiser,
+                      pretrained=args.pretrained, steps=args.steps, epochs=args.epochs, seed=args.seed)
+    for name in ("batch_size", "lr", "optimizer", "lr_schedule", "weight_decay", "label_smoothing", "t_min",
+                 "t_max", "diffaug_weight", "diffaug_fraction", "checkpoint_every", "eval_every", "warmup_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if cfg.steps is None and cfg.epochs is None:
+        cfg.epochs = 30
+    train_classifier(cfg, args.out, resume=args.resume, force=args.force, device=_device(args.device),
+                     progress=not args.quiet)
+
+
 def cmd_show_augmentations(args) -> None:
     from .report import show_augmentations
 
@@ -65,6 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_diffusion)
+
+    p = sub.add_parser("train", help="train a classifier with a recipe (plain, diffaug, augmix, augmix+diffaug)")
+    p.add_argument("--data", default="digits", help="'digits', an image folder, or a CIFAR-10 folder")
+    p.add_argument("--recipe", default="diffaug", help="plain | diffaug | augmix | augmix+diffaug")
+    p.add_argument("--model", help="small_cnn | resnet_small | timm name | torchvision:<name> (default per data)")
+    p.add_argument("--denoiser", help="'digits' or a denoiser folder (DiffAug recipes)")
+    p.add_argument("--pretrained", help="local weights to fine-tune from (.safetensors or state-dict .pt)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int)
+    steps.add_argument("--epochs", type=int, help="(default 30 when neither is given)")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", help="adamw | sgd")
+    p.add_argument("--lr-schedule", dest="lr_schedule", help="cosine | constant | step")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
+    p.add_argument("--t-min", dest="t_min", type=int, help="DiffAug t range, low end (inclusive)")
+    p.add_argument("--t-max", dest="t_max", type=int, help="DiffAug t range, high end (inclusive)")
+    p.add_argument("--diffaug-weight", dest="diffaug_weight", type=float)
+    p.add_argument("--diffaug-fraction", dest="diffaug_fraction", type=float)
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    p.add_argument("--eval-every", dest="eval_every", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite a finished or unfinished run in --out")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")

@@ -3,6 +3,7 @@
 * ``digits``: scikit-learn's bundled handwritten digits (1797 images, 8x8, gray levels 0..16 scaled to [0, 1]).
   The split is fixed: stratified 70 / 10 / 20 % train / val / test (1257 / 180 / 360 images) with
   ``sklearn.model_selection.train_test_split(..., random_state=0)``, val and test cut from the held-out 30 %.
+* CIFAR-10 from a local folder (binary or python layout, see :func:`load_cifar10`).
 * an image folder ``ROOT/<class>/<image>``: classes are the sorted sub-folder names; all images must share one
   size and mode (gray -> 1 channel, anything else -> RGB).
 """
@@ -107,6 +108,83 @@ def load_dataset(spec: str | os.PathLike, split: str = "train") -> ImageDataset:
     if str(spec) == "digits":
         return load_digits(split)
     root = Path(spec)
+    if any((root / d).is_dir() for d in ("cifar-10-batches-bin", "cifar-10-batches-py")) or root.name.startswith(
+        "cifar-10-batches"
+    ):
+        return load_cifar10(root, "test" if split == "test" else "train")
     if (root / split).is_dir():
         root = root / split
     return load_image_folder(root)
+
+
+# ---------------------------------------------------------------------- CIFAR-10 from local disk
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+class _PlainDataUnpickler:
+    """Unpickles only plain data: containers, numbers, strings and NumPy arrays (nothing callable beyond
+    NumPy's array reconstruction), so a tampered CIFAR file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"), ("codecs", "encode"),
+    }
+
+    @classmethod
+    def load(cls, path: Path):
+        import pickle
+
+        allowed = cls.ALLOWED
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, name):
+                if (module, name) in allowed:
+                    return super().find_class(module, name)
+                raise InputError(f"{path} holds a pickled object {module}.{name}, which is refused (only plain "
+                                 "data is unpickled); use the official CIFAR-10 files or the binary layout")
+
+        with open(path, "rb") as f:
+            try:
+                return Restricted(f, encoding="bytes").load()
+            except InputError:
+                raise
+            except Exception as e:
+                raise InputError(f"cannot read {path}: {e}; the file is damaged") from None
+
+
+def load_cifar10(root: str | os.PathLike, split: str = "train") -> ImageDataset:
+    """CIFAR-10 from a local folder in the binary layout (``cifar-10-batches-bin``, read with NumPy) or the
+    python layout (``cifar-10-batches-py``, read with a restricted unpickler). ``root`` may be either folder
+    or their parent. Images ``[N, 3, 32, 32]`` in [0, 1]."""
+    if split not in ("train", "test"):
+        raise InputError(f"CIFAR-10 has splits 'train' and 'test', got {split!r}")
+    root = Path(root)
+    for folder, kind in ((root / "cifar-10-batches-bin", "bin"), (root / "cifar-10-batches-py", "py"),
+                         (root, "bin" if root.name.endswith("bin") else "py")):
+        names = _CIFAR_FILES[split]
+        files = [folder / (n + ".bin" if kind == "bin" else n) for n in names]
+        if all(f.is_file() for f in files):
+            break
+    else:
+        raise InputError(f"no CIFAR-10 {split} files under {root}; expected cifar-10-batches-bin/ or "
+                         "cifar-10-batches-py/ as extracted from the official archives")
+    images, labels = [], []
+    for f in files:
+        if kind == "bin":
+            raw = np.fromfile(f, dtype=np.uint8)
+            if raw.size % 3073:
+                raise InputError(f"{f} has {raw.size} bytes, not a multiple of 3073; the file is truncated")
+            raw = raw.reshape(-1, 3073)
+            labels.append(raw[:, 0].astype(np.int64))
+            images.append(raw[:, 1:].reshape(-1, 3, 32, 32))
+        else:
+            batch = _PlainDataUnpickler.load(f)
+            if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+                raise InputError(f"{f} is not a CIFAR-10 batch (no data/labels); use the official files")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    x = torch.from_numpy(np.concatenate(images).astype(np.float32) / 255.0)
+    return ImageDataset(x, torch.from_numpy(np.concatenate(labels)), list(CIFAR10_CLASSES))

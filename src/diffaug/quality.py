@@ -18,7 +18,7 @@ from .checkpoint import write_json
 from .data import load_dataset
 from .denoiser import Denoiser, load_denoiser
 from .errors import InputError
-from .nets.classifiers import SmallCNN
+from .classifier import create_classifier
 from .sampling import ddim_sample
 from .train import fit_classifier, predict
 
@@ -28,7 +28,8 @@ def measure_once(den: Denoiser, seed: int, *, data: str = "digits", per_class: i
     """One seed: train the reference classifier, then score samples and DiffAug views."""
     train, test = load_dataset(data, "train"), load_dataset(data, "test")
     gen = torch.Generator().manual_seed(seed)
-    clf = fit_classifier(SmallCNN(train.images.shape[1], train.num_classes), train, generator=gen, device=device)
+    model = create_classifier("small_cnn", train.num_classes, train.images.shape[1], seed=seed)
+    clf = fit_classifier(model, train, generator=gen, device=device)
     images, labels = test.images.to(device), test.labels.to(device)
     row = {"seed": seed, "classifier_test_acc": (predict(clf, images) == labels).float().mean().item()}
     dgen = torch.Generator(device=device).manual_seed(seed)

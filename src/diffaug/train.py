@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
 from .errors import InputError
+from .seeding import private_seed
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -77,7 +78,9 @@ def build_diffusion_model(cfg: DiffusionTrainConfig, image_size: int, channels: 
     unet_cfg.update(cfg.unet_overrides)
     scheduler = DDPMScheduler(num_train_timesteps=cfg.num_timesteps, beta_schedule=cfg.beta_schedule,
                               prediction_type="epsilon", clip_sample=True)
-    return UNet2DModel(**unet_cfg), scheduler
+    with private_seed(cfg.seed):  # diffusers initialises from the global RNG
+        unet = UNet2DModel(**unet_cfg)
+    return unet, scheduler
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: bool = False,

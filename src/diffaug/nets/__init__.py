@@ -1,6 +1,5 @@
-"""Architectures the project owns or configures: the diffusion UNet factory and small classifiers."""
+"""Architectures the project configures itself: the diffusion UNet factory."""
 
-from .classifiers import SmallCNN
 from .unet import unet_config_for
 
-__all__ = ["SmallCNN", "unet_config_for"]
+__all__ = ["unet_config_for"]

@@ -1,0 +1,214 @@
+"""Classifiers: one wrapper so every model takes images in [0, 1] and exposes features + head.
+
+``create_classifier(name, ...)`` builds the project's small nets, any ``timm`` model by name
+(``timm:resnet18`` or a plain timm name) or a torchvision model (``torchvision:resnet18``), always from local
+weights only. The wrapper normalises inputs inside the model, so DiffAug and the evaluations always pass
+[0, 1] images. ``save_classifier`` / ``load_classifier`` use safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import save_safetensors, write_json
+from .errors import InputError
+from .seeding import private_seed
+
+MODEL_FILE, MODEL_CONFIG = "model.safetensors", "model.json"
+OWN_MODELS = ("small_cnn", "resnet_small")
+
+
+class Classifier(nn.Module):
+    """``backbone`` behind input normalisation. Input ``[N, C, H, W]`` in [0, 1]; output logits ``[N, K]``.
+
+    ``forward_features(x)`` returns the penultimate features ``[N, D]`` and ``head`` is the final linear layer,
+    so ``head(forward_features(x)) == forward(x)`` (used by the OOD postprocessors).
+    """
+
+    def __init__(self, features: nn.Module, head: nn.Linear, mean, std, spec: dict):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.spec = dict(spec)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def _own_model(name: str, channels: int, width: int = 32) -> tuple[nn.Module, int]:
+    if name == "small_cnn":
+        feats = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        return feats, 4 * width
+    # resnet_small: a ResNet-10-style net for small images (stride-1 stem)
+    feats = nn.Sequential(
+        nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        _BasicBlock(width, width, 1), _BasicBlock(width, 2 * width, 2), _BasicBlock(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    return feats, 4 * width
+
+
+def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise InputError(f"{type(model).__name__}'s classifier is {type(head).__name__}, not a Linear layer; "
+                         "pick a timm model with a linear head")
+    model.reset_classifier(0)  # the model now returns pooled features
+
+    return model, head
+
+
+def _torchvision_model(name: str, num_classes: int) -> tuple[nn.Module, nn.Linear]:
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except ValueError as e:
+        raise InputError(f"unknown torchvision model {name!r} ({e}); see torchvision.models.list_models()") from None
+    for attr in ("fc", "head", "classifier"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return model, head
+        if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
+            last = head[-1]
+            head[-1] = nn.Identity()
+            return model, last
+    raise InputError(f"cannot find the final Linear layer of torchvision {name}; wrap it in diffaug.Classifier yourself")
+
+
+def create_classifier(name: str, num_classes: int, channels: int = 3, *, mean=None, std=None,
+                      pretrained: str | os.PathLike | None = None, width: int = 32,
+                      seed: int | None = None) -> Classifier:
+    """Build a classifier by name; ``pretrained`` is a local safetensors (or state-dict ``.pt``) file.
+
+    Names: ``small_cnn``, ``resnet_small`` (the project's own, for small images), ``timm:<name>`` or a timm
+    model name, ``torchvision:<name>``. Nothing is downloaded. ``seed`` makes the initial weights reproducible
+    (without touching the global RNG).
+    """
+    with private_seed(seed):
+        return _create(name, num_classes, channels, mean, std, pretrained, width)
+
+
+def _create(name, num_classes, channels, mean, std, pretrained, width) -> Classifier:
+    mean = [0.5] * channels if mean is None else list(mean)
+    std = [0.5] * channels if std is None else list(std)
+    spec = {"name": name, "num_classes": num_classes, "channels": channels, "width": width}
+    if name in OWN_MODELS:
+        features, dim = _own_model(name, channels, width)
+        head = nn.Linear(dim, num_classes)
+    elif name.startswith("torchvision:"):
+        features, head = _torchvision_model(name.split(":", 1)[1], num_classes)
+    else:
+        import timm
+
+        timm_name = name.split(":", 1)[1] if name.startswith("timm:") else name
+        if not timm.list_models(timm_name):
+            raise InputError(f"unknown model {name!r}; use one of {', '.join(OWN_MODELS)}, a timm model name "
+                             "(timm.list_models()) or torchvision:<name>")
+        model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=channels)
+        features, head = _split_timm(model)
+    clf = Classifier(features, head, mean, std, spec)
+    if pretrained is not None:
+        load_weights(clf, pretrained)
+    return clf
+
+
+def load_weights(clf: Classifier, path: str | os.PathLike) -> None:
+    """Load local weights into ``clf``: safetensors, or a plain state dict via ``torch.load(weights_only=True)``.
+
+    Keys may be the wrapper's own or the bare backbone's (e.g. a timm / torchvision state dict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"{path} is not a plain state dict ({type(e).__name__}); it was not unpickled") from None
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise InputError(f"{path} does not hold a state dict")
+    own = set(clf.state_dict())
+    if not own & set(state):  # a bare backbone: map its keys onto features / head
+        state = _map_backbone_keys(clf, state)
+    missing, unexpected = clf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in ("mean", "std")]
+    if missing or unexpected:
+        raise InputError(f"{path} does not fit model {clf.spec['name']}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}; use weights saved from the same architecture")
+
+
+def _map_backbone_keys(clf: Classifier, state: dict) -> dict:
+    head_keys = {"weight", "bias"}
+    mapped = {}
+    feature_keys = set(clf.features.state_dict())
+    for k, v in state.items():
+        if k in feature_keys:
+            mapped[f"features.{k}"] = v
+        elif k.rsplit(".", 1)[-1] in head_keys and v.shape in {p.shape for p in clf.head.parameters()}:
+            mapped[f"head.{k.rsplit('.', 1)[-1]}"] = v
+        else:
+            mapped[k] = v
+    return mapped
+
+
+def save_classifier(clf: Classifier, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write ``model.safetensors`` + ``model.json`` (architecture spec, normalisation, extras)."""
+    folder = Path(folder)
+    state = {k: v for k, v in clf.state_dict().items()}
+    save_safetensors(state, folder / MODEL_FILE)
+    write_json(folder / MODEL_CONFIG, {**clf.spec, "mean": clf.mean.flatten().tolist(),
+                                       "std": clf.std.flatten().tolist(), **(extra or {})})
+
+
+def load_classifier(folder: str | os.PathLike, *, device: str | torch.device | None = None) -> Classifier:
+    """A classifier saved by ``diffaug train`` (or :func:`save_classifier`), in eval mode."""
+    import json
+
+    folder = Path(folder)
+    cfg_path, weights = folder / MODEL_CONFIG, folder / MODEL_FILE
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise InputError(f"{folder} is not a trained classifier: missing {p.name}; train one with `diffaug train`")
+    spec = json.loads(cfg_path.read_text())
+    clf = create_classifier(spec["name"], spec["num_classes"], spec["channels"], mean=spec["mean"],
+                            std=spec["std"], width=spec.get("width", 32))
+    load_weights(clf, weights)
+    clf.spec.update({k: v for k, v in spec.items() if k not in clf.spec})
+    clf.eval()
+    return clf.to(device) if device is not None else clf

@@ -1,0 +1,368 @@
+"""Training classifiers with DiffAug: the recipes, one loop, DDP under torchrun, exact resume.
+
+Recipes (loss per step; ``B`` = the batch, ``DA(x)`` = a fresh DiffAug view from the frozen denoiser):
+
+* ``plain``: ``CE(f(x), y)``.
+* ``diffaug`` (the paper): one forward over ``[x; DA(x)]``, loss ``CE(clean) + w * CE(DiffAug)``.
+* ``augmix``: AugMix (torchvision, AugMix paper's op set) with the Jensen-Shannon consistency loss
+  (timm's ``JsdCrossEntropy``, weight 12) over ``(x, AugMix_1(x), AugMix_2(x))``.
+* ``augmix+diffaug``: the AugMix loss plus ``w * CE(DiffAug)`` in the same forward pass.
+
+All randomness (data order, DiffAug noise and t, AugMix draws) comes from seeded generators whose states are
+checkpointed with the data position, so ``--resume`` (even after SIGKILL) ends bitwise equal to an
+uninterrupted run on the same machine. Under ``torchrun`` the same code runs DistributedDataParallel with a
+``DistributedSampler`` and a per-rank generator; rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .classifier import Classifier, create_classifier, save_classifier
+from .data import load_dataset
+from .errors import InputError
+from .seeding import private_seed
+
+RECIPES = ("plain", "diffaug", "augmix", "augmix+diffaug")
+DEFAULT_MODELS = {"digits": "small_cnn"}
+CKPT_DIR, CONFIG_FILE, METRICS_FILE = "checkpoints", "config.json", "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``diffaug train`` (written to ``DIR/config.json``)."""
+
+    data: str = "digits"
+    recipe: str = "diffaug"
+    model: str | None = None  # None: small_cnn for digits, resnet_small otherwise
+    denoiser: str | None = None  # None: "digits" for digits; required for DiffAug recipes elsewhere
+    pretrained: str | None = None  # local weights to fine-tune from
+    steps: int | None = None  # optimiser steps (or give epochs)
+    epochs: int | None = None
+    batch_size: int = 128  # global batch (split across ranks)
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine | constant | step (x0.1 at 50% and 75%)
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    t_min: int = 0  # DiffAug t range (inclusive; default the whole schedule)
+    t_max: int | None = None
+    diffaug_weight: float = 1.0  # w in CE(clean) + w * CE(DiffAug)
+    diffaug_fraction: float = 1.0  # fraction of each batch that gets a DiffAug view (1.0 = the paper)
+    jsd_weight: float = 12.0
+    seed: int = 0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # 0: evaluate on val only at the end
+
+    def resolved(self) -> "TrainConfig":
+        cfg = dataclasses.replace(self)
+        if cfg.model is None:
+            cfg.model = DEFAULT_MODELS.get(cfg.data, "resnet_small")
+        if cfg.denoiser is None and "diffaug" in cfg.recipe and cfg.data == "digits":
+            cfg.denoiser = "digits"
+        return cfg
+
+    def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise InputError(f"unknown recipe {self.recipe!r}; use one of {', '.join(RECIPES)}")
+        if "diffaug" in self.recipe and not self.denoiser:
+            raise InputError(f"recipe {self.recipe} needs --denoiser (a folder from `diffaug train-diffusion`)")
+        if (self.steps is None) == (self.epochs is None):
+            raise InputError("give exactly one of --steps or --epochs")
+        if (self.steps or 1) < 1 or (self.epochs or 1) < 1 or self.batch_size < 1:
+            raise InputError("steps, epochs and batch size must be >= 1")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise InputError(f"unknown optimizer {self.optimizer!r}; use adamw or sgd")
+        if self.lr_schedule not in ("cosine", "constant", "step"):
+            raise InputError(f"unknown lr schedule {self.lr_schedule!r}; use cosine, constant or step")
+        if not 0 < self.diffaug_fraction <= 1:
+            raise InputError(f"diffaug_fraction must lie in (0, 1], got {self.diffaug_fraction}")
+        if not 0 <= self.label_smoothing < 1:
+            raise InputError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+
+
+# ---------------------------------------------------------------------- distributed helpers
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+# ---------------------------------------------------------------------- the recipes' pieces
+class AugMixViews:
+    """Two AugMix views per image (torchvision's AugMix with the AugMix paper's ops), seeded per call."""
+
+    def __init__(self):
+        from torchvision.transforms import AugMix
+
+        self.augmix = AugMix(all_ops=False)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        u8 = (x.detach().cpu() * 255).round().to(torch.uint8)
+        with private_seed(seed):  # torchvision draws from the global RNG: give it a private, replayable one
+            views = [torch.stack([self.augmix(img) for img in u8]) for _ in range(2)]
+        return tuple(v.to(x.device, torch.float32) / 255 for v in views)
+
+
+def recipe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, diffaug, augmix,
+                generator: torch.Generator, jsd) -> torch.Tensor:
+    """The loss of one step of ``cfg.recipe`` (one forward pass over all views)."""
+    views, n = [x], x.shape[0]
+    if "augmix" in cfg.recipe:
+        views += list(augmix(x, generator))
+    n_da = 0
+    if "diffaug" in cfg.recipe:
+        n_da = max(1, round(cfg.diffaug_fraction * n))
+        with torch.no_grad():
+            views.append(diffaug(x[:n_da], generator=generator))
+    logits = model(torch.cat(views))
+    if "augmix" in cfg.recipe:
+        loss = jsd(logits[: 3 * n], y.repeat(3))
+    else:
+        loss = F.cross_entropy(logits[:n], y, label_smoothing=cfg.label_smoothing)
+    if n_da:
+        loss = loss + cfg.diffaug_weight * F.cross_entropy(logits[-n_da:], y[:n_da], label_smoothing=cfg.label_smoothing)
+    return loss
+
+
+def _lr_lambda(cfg: TrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if cfg.lr_schedule == "step":
+            return 0.1 ** ((step >= total // 2) + (step >= 3 * total // 4))
+        return 1.0
+
+    return f
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on images in [0, 1] (model put in eval mode and restored)."""
+    was = model.training
+    model.eval()
+    correct = sum((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
+                  for i in range(0, len(images), batch_size))
+    model.train(was)
+    return correct / max(1, len(images))
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _checkpoint_paths(out: Path) -> list[Path]:
+    return sorted((out / CKPT_DIR).glob("step-*.safetensors"))
+
+
+def _save_checkpoint(out: Path, cfg_json: dict, step: int, model, opt, sched, gens: list[torch.Tensor], keep: int):
+    opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(opt_tensors)
+    for r, state in enumerate(gens):
+        tensors[f"rng.rank{r}"] = state
+    meta = {"step": step, "config": cfg_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
+            "world": len(gens)}
+    ckpt.save_safetensors(tensors, out / CKPT_DIR / f"step-{step:08d}.safetensors", metadata=meta)
+    for old in _checkpoint_paths(out)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _gather_generator_states(gen: torch.Generator, dist_info: Dist) -> list[torch.Tensor]:
+    state = gen.get_state()
+    if dist_info.world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states = [None] * dist_info.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------- the loop
+def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
+                     device: str | torch.device = "cpu", progress: bool = True) -> Classifier:
+    """Train a classifier with ``cfg.recipe``; see the module docstring. Returns the trained model (eval mode).
+
+    Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/step-*.safetensors`` (the last
+    ``keep_checkpoints``), and the final ``model.safetensors`` + ``model.json`` (with clean test accuracy).
+    """
+    from tqdm.auto import tqdm
+
+    from .augment import DiffAug
+    from .denoiser import load_denoiser
+
+    cfg = cfg.resolved()
+    cfg.validate()
+    out = Path(out_dir)
+    device = torch.device(device)
+    # --- every check before any work or output
+    train, val, test = (load_dataset(cfg.data, s) for s in ("train", "val", "test"))
+    finished = (out / "model.safetensors").exists()
+    started = bool(_checkpoint_paths(out)) if out.exists() else False
+    if resume and not started:
+        raise InputError(f"--resume given but {out / CKPT_DIR} holds no checkpoint; drop --resume")
+    if finished and not (force or resume):
+        raise InputError(f"{out} holds a finished run; pass --force to overwrite it or choose another --out")
+    if started and not (resume or force):
+        raise InputError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
+    diffaug = None
+    if "diffaug" in cfg.recipe:
+        den = load_denoiser(cfg.denoiser, device=device)
+        den.check_images(train.images[:1], name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")
+        t_max = den.num_timesteps - 1 if cfg.t_max is None else cfg.t_max
+        diffaug = DiffAug(den, t_range=(cfg.t_min, t_max))
+    C = train.images.shape[1]
+    model = create_classifier(cfg.model, train.num_classes, C, pretrained=cfg.pretrained, seed=cfg.seed).to(device)
+    cfg_json = dataclasses.asdict(cfg)
+    start = 0
+    saved_meta = None
+    if resume:
+        tensors, saved_meta = ckpt.load_safetensors(_checkpoint_paths(out)[-1])
+        changed = sorted(k for k in cfg_json if k not in ("steps", "epochs", "checkpoint_every", "keep_checkpoints")
+                         and saved_meta["config"].get(k) != cfg_json[k])
+        if changed:
+            raise InputError(f"--resume with settings that differ from the run in {out} ({', '.join(changed)}); "
+                             "resume with the original settings or start over with --force")
+
+    dist_info = init_distributed(device)
+    if dist_info.world > 1 and cfg.batch_size % dist_info.world:
+        raise InputError(f"batch size {cfg.batch_size} is not divisible by {dist_info.world} ranks")
+    per_rank = cfg.batch_size // dist_info.world
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(len(train)), num_replicas=dist_info.world, rank=dist_info.rank,
+                                 shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = max(1, len(sampler) // per_rank)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dist_info.rank)
+    if resume:
+        if saved_meta.get("world", 1) != dist_info.world:
+            raise InputError(f"the run in {out} used {saved_meta['world']} processes; resume with the same number")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt.load_state_dict(ckpt.unflatten_optimizer_state(tensors, saved_meta["optimizer"]))
+        sched.load_state_dict(saved_meta["lr_scheduler"])
+        gen.set_state(tensors[f"rng.rank{dist_info.rank}"])
+        start = int(saved_meta["step"])
+        if dist_info.main and (out / METRICS_FILE).exists():  # drop rows logged after the checkpoint we resume
+            kept = [r for r in (out / METRICS_FILE).read_text().splitlines() if r and json.loads(r)["step"] <= start]
+            ckpt.atomic_write_bytes(out / METRICS_FILE, "".join(r + "\n" for r in kept).encode())
+    elif dist_info.main:
+        if force and out.exists():
+            for p in _checkpoint_paths(out) + [out / METRICS_FILE, out / "model.safetensors", out / "model.json"]:
+                p.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(out / CONFIG_FILE, cfg_json)
+
+    net: nn.Module = model
+    if dist_info.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    augmix = AugMixViews() if "augmix" in cfg.recipe else None
+    from timm.loss import JsdCrossEntropy
+
+    jsd = JsdCrossEntropy(num_splits=3, alpha=cfg.jsd_weight, smoothing=cfg.label_smoothing)
+    images, labels = train.images.to(device), train.labels.to(device)
+
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    rows: list[dict] = []
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not (progress and dist_info.main),
+               desc=f"train {cfg.recipe}")
+    t0 = time.perf_counter()
+    model.train()
+    order, order_epoch = None, None
+    try:
+        for step in bar:
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:  # the sampler's order is a pure function of (seed, epoch, rank)
+                sampler.set_epoch(epoch)
+                order, order_epoch = torch.tensor(list(sampler), device=device), epoch
+            idx = order[pos * per_rank : (pos + 1) * per_rank]
+            loss = recipe_loss(net, images[idx], labels[idx], cfg, diffaug, augmix, gen, jsd)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            row = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                row["val_acc"] = accuracy(model, val.images.to(device), val.labels.to(device))
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            interrupted = _any_rank(stop["signal"] is not None, dist_info)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted:
+                states = _gather_generator_states(gen, dist_info)
+                if dist_info.main:
+                    _append_jsonl(out / METRICS_FILE, rows)
+                    _save_checkpoint(out, cfg_json, step + 1, model, opt, sched, states, cfg.keep_checkpoints)
+                rows = []
+            if interrupted:
+                if dist_info.main:
+                    print(f"train: stopped by signal at step {step + 1}; checkpoint saved, continue with --resume")
+                raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
+    finally:
+        bar.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    model.eval()
+    result = {"test_acc": accuracy(model, test.images.to(device), test.labels.to(device)),
+              "val_acc": accuracy(model, val.images.to(device), val.labels.to(device)),
+              "steps": total, "seconds": time.perf_counter() - t0}
+    if dist_info.main:
+        save_classifier(model, out, extra={"classes": train.classes, "recipe": cfg.recipe, "data": cfg.data,
+                                           "seed": cfg.seed, **result})
+        _append_jsonl(out / METRICS_FILE, [{"step": total, **result}])
+        if progress:
+            print(f"train {cfg.recipe}: test acc {result['test_acc']:.4f} val acc {result['val_acc']:.4f} -> {out}")
+    return model
+
+
+def _any_rank(flag: bool, dist_info: Dist) -> bool:
+    if dist_info.world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
