@@ -26,7 +26,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_diffaug.py
 
-# Reproduces the shipped default denoiser (about 25 minutes on 2 CPU cores).
+# Reproduces the shipped default denoiser (about 28 minutes on 2 CPU cores).
 default-denoiser: setup
 	$(BIN)/diffaug train-diffusion --data digits --seed 0 --out runs/digits-default
 	rm -rf src/diffaug/weights/digits && mkdir -p src/diffaug/weights/digits

@@ -45,7 +45,7 @@ def test_shipped_default_quality_is_well_above_chance():
     row = measure_once(load_denoiser("digits"), seed=0, per_class=20, sample_steps=50, times=(300,))
     assert row["classifier_test_acc"] > 0.9
     assert row["sample_acc"] > 0.8  # chance is 0.1
-    assert row["diffaug_t300_label_kept"] > 0.7
+    assert row["diffaug_t300_label_kept"] > 0.85  # measured 0.961 +- 0.006 over 3 seeds
 
 
 def test_denoiser_quality_cli_writes_json(tmp_path, monkeypatch):

@@ -27,6 +27,8 @@ def cmd_train_diffusion(args) -> None:
             setattr(cfg, name, value)
     if args.unconditional:
         cfg.conditional = False
+    if args.schedule:
+        cfg.beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}.get(args.schedule, args.schedule)
     train_diffusion(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
 
 
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers-per-block", dest="layers_per_block", type=int)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--unconditional", action="store_true", help="train without class labels")
+    p.add_argument("--schedule", help="noise schedule: cosine (improved DDPM, the default) or linear (DDPM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", help="torch device (default: cuda if available)")

@@ -24,7 +24,7 @@ from .train import fit_classifier, predict
 
 
 def measure_once(den: Denoiser, seed: int, *, data: str = "digits", per_class: int = 50, sample_steps: int = 100,
-                 times=(100, 300, 500), device: str = "cpu") -> dict:
+                 times=(100, 300, 500, 700), device: str = "cpu") -> dict:
     """One seed: train the reference classifier, then score samples and DiffAug views."""
     train, test = load_dataset(data, "train"), load_dataset(data, "test")
     gen = torch.Generator().manual_seed(seed)

@@ -42,7 +42,7 @@ class DiffusionTrainConfig:
     label_dropout: float = 0.1  # fraction of labels replaced by the null label (one net: cond + uncond)
     conditional: bool = True
     num_timesteps: int = 1000
-    beta_schedule: str = "linear"  # diffusers names: "linear" or "squaredcos_cap_v2" (cosine)
+    beta_schedule: str = "squaredcos_cap_v2"  # cosine (improved DDPM; keeps small images legible longer) or "linear"
     width: int | None = None  # UNet base width (None: sized for the image)
     layers_per_block: int | None = None
     seed: int = 0
