@@ -7,6 +7,7 @@ from .augment import DiffAug
 from .classifier import create_classifier, load_classifier
 from .denoiser import Denoiser, load_denoiser
 from .errors import InputError
+from .smoothing import ABSTAIN, Smooth
 
-__all__ = ["DiffAug", "Denoiser", "InputError", "create_classifier", "load_classifier", "load_denoiser"]
+__all__ = ["ABSTAIN", "DiffAug", "Smooth", "Denoiser", "InputError", "create_classifier", "load_classifier", "load_denoiser"]
 __version__ = "0.1.0"

@@ -48,6 +48,17 @@ def cmd_train(args) -> None:
                      progress=not args.quiet)
 
 
+def cmd_certify(args) -> None:
+    from .certify import run_certify
+
+    table = run_certify(data=args.data, classifiers=args.classifier, denoiser=args.denoiser, sigmas=args.sigma,
+                        n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
+                        limit=args.limit, seed=args.seed, out=args.out, device=_device(args.device),
+                        progress=not args.quiet)
+    if table:
+        print(table)
+
+
 def cmd_show_augmentations(args) -> None:
     from .report import show_augmentations
 
@@ -114,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("certify", help="certified L2 accuracy by randomized / diffusion denoised smoothing")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
+    p.add_argument("--denoiser", help="'digits' or a denoiser folder: denoised smoothing (DDS)")
+    p.add_argument("--sigma", type=float, nargs="+", required=True, help="noise level(s) in [0, 1] pixel space")
+    p.add_argument("--n0", type=int, default=100)
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=100_000,
+                   help="estimation draws per image (spell it --num-samples under torchrun, whose own parser "
+                   "takes --n for one of its options)")
+    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--skip", type=int, default=1, help="certify every K-th test image")
+    p.add_argument("--limit", type=int, help="at most N images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")
