@@ -36,7 +36,8 @@ def cmd_train(args) -> None:
     from .train_classifier import TrainConfig, train_classifier
 
     cfg = TrainConfig(data=args.data, recipe=args.recipe, model=args.model, denoiser=args.denoiser,
-                      pretrained=args.pretrained, steps=args.steps, epochs=args.epochs, seed=args.seed)
+                      pretrained=args.pretrained, steps=args.steps, epochs=args.epochs, seed=args.seed,
+                      classes=args.classes)
     for name in ("batch_size", "lr", "optimizer", "lr_schedule", "weight_decay", "label_smoothing", "t_min",
                  "t_max", "diffaug_weight", "diffaug_fraction", "checkpoint_every", "eval_every", "warmup_steps"):
         value = getattr(args, name)
@@ -57,6 +58,13 @@ def cmd_certify(args) -> None:
                         progress=not args.quiet)
     if table:
         print(table)
+
+
+def cmd_eval_ood(args) -> None:
+    from .eval_ood import run_eval_ood
+
+    print(run_eval_ood(data=args.data, classifiers=args.classifier, ood=args.ood, seed=args.seed, out=args.out,
+                       device=_device(args.device)))
 
 
 def cmd_show_augmentations(args) -> None:
@@ -118,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffaug-fraction", dest="diffaug_fraction", type=float)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--eval-every", dest="eval_every", type=int)
+    p.add_argument("--classes", type=int, nargs="+", help="train on these class indices only (near-OOD protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
@@ -144,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("eval-ood", help="OOD detection (MSP, ReAct, ASH, SCALE): the paper's Table 3")
+    p.add_argument("--data", default="digits", help="the ID data: 'digits' or a folder")
+    p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
+    p.add_argument("--ood", nargs="+", help="digits-holdout | photo-patches | noise | PATH | near=PATH "
+                                            "(default: all that apply)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic noise set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_eval_ood)
 
     p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")

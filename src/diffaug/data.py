@@ -188,3 +188,48 @@ def load_cifar10(root: str | os.PathLike, split: str = "train") -> ImageDataset:
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
     x = torch.from_numpy(np.concatenate(images).astype(np.float32) / 255.0)
     return ImageDataset(x, torch.from_numpy(np.concatenate(labels)), list(CIFAR10_CLASSES))
+
+
+def subset_classes(ds: ImageDataset, classes: list[int]) -> ImageDataset:
+    """Keep only ``classes`` (indices into ``ds.classes``), relabelled 0..k-1 in the given order."""
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise InputError(f"give at least two distinct classes, got {classes}")
+    bad = [c for c in classes if not 0 <= c < ds.num_classes]
+    if bad:
+        raise InputError(f"classes {bad} do not exist; this data has classes 0..{ds.num_classes - 1}")
+    remap = torch.full((ds.num_classes,), -1, dtype=torch.long)
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
+    keep = remap[ds.labels] >= 0
+    return ImageDataset(ds.images[keep], remap[ds.labels[keep]], [ds.classes[c] for c in classes])
+
+
+# ---------------------------------------------------------------------- OOD sets for the embedded default
+FAR_OOD_SETS = ("photo-patches", "noise")
+
+
+def photo_patches(size: int = 8, channels: int = 1, scale: int = 8) -> torch.Tensor:
+    """Real photographs at the digits' size: scikit-learn's two bundled sample photos (``china.jpg``,
+    ``flower.jpg``), downscaled ``scale`` times by area averaging, converted to gray for 1 channel, cut into
+    non-overlapping ``size`` x ``size`` patches. Fixed (no randomness); about 2 x 96 patches at the defaults."""
+    from sklearn.datasets import load_sample_images
+
+    patches = []
+    for img in load_sample_images().images:
+        x = torch.from_numpy(img.astype(np.float32) / 255).permute(2, 0, 1)[None]
+        if channels == 1:
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = torch.nn.functional.avg_pool2d(x, scale)
+        p = x.unfold(2, size, size).unfold(3, size, size)  # [1, C, h, w, size, size]
+        patches.append(p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], size, size))
+    return torch.cat(patches).clamp(0, 1)
+
+
+def noise_images(n: int = 200, size: int = 8, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """Synthetic far-OOD: half uniform noise, half blurred Gaussian blobs, seeded and fixed."""
+    g = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(n // 2, channels, size, size, generator=g)
+    blobs = torch.randn(n - n // 2, channels, size, size, generator=g)
+    blobs = torch.nn.functional.avg_pool2d(blobs, 3, stride=1, padding=1, count_include_pad=False)
+    blobs = (blobs - blobs.amin((1, 2, 3), keepdim=True)) / (blobs.amax((1, 2, 3), keepdim=True)
+                                                            - blobs.amin((1, 2, 3), keepdim=True))
+    return torch.cat([uniform, blobs])

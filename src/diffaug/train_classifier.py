@@ -31,7 +31,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .classifier import Classifier, create_classifier, save_classifier
-from .data import load_dataset
+from .data import load_dataset, subset_classes
 from .errors import InputError
 from .seeding import private_seed
 
@@ -67,6 +67,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: evaluate on val only at the end
+    classes: list[int] | None = None  # train on these classes only (relabelled 0..k-1), e.g. for near-OOD
 
     def resolved(self) -> "TrainConfig":
         cfg = dataclasses.replace(self)
@@ -228,6 +229,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     device = torch.device(device)
     # --- every check before any work or output
     train, val, test = (load_dataset(cfg.data, s) for s in ("train", "val", "test"))
+    if cfg.classes is not None:
+        train, val, test = (subset_classes(d, list(cfg.classes)) for d in (train, val, test))
     finished = (out / "model.safetensors").exists()
     started = bool(_checkpoint_paths(out)) if out.exists() else False
     if resume and not started:
@@ -345,7 +348,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
               "val_acc": accuracy(model, val.images.to(device), val.labels.to(device)),
               "steps": total, "seconds": time.perf_counter() - t0}
     if dist_info.main:
-        save_classifier(model, out, extra={"classes": train.classes, "recipe": cfg.recipe, "data": cfg.data,
+        save_classifier(model, out, extra={"classes": train.classes, "class_indices": cfg.classes,
+                                           "recipe": cfg.recipe, "data": cfg.data,
                                            "seed": cfg.seed, **result})
         _append_jsonl(out / METRICS_FILE, [{"step": total, **result}])
         if progress:

@@ -1,0 +1,62 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffaug import InputError
+from diffaug.cli import main
+from diffaug.data import load_digits, noise_images, photo_patches, subset_classes
+from diffaug.train_classifier import TrainConfig, train_classifier
+
+
+@pytest.fixture(scope="module")
+def subset_clf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ood") / "plain"
+    train_classifier(TrainConfig(recipe="plain", steps=30, classes=[0, 1, 2, 3, 4, 5], lr=3e-3), folder,
+                     progress=False)
+    return folder
+
+
+def test_ood_sets_are_fixed_and_in_range():
+    p = photo_patches()
+    assert p.shape == (120, 1, 8, 8) and p.min() >= 0 and p.max() <= 1
+    assert torch.equal(photo_patches(), p)
+    n = noise_images(seed=3)
+    assert n.shape == (200, 1, 8, 8) and torch.equal(n, noise_images(seed=3))
+    sub = subset_classes(load_digits("test"), [7, 2])
+    assert set(sub.labels.tolist()) == {0, 1} and sub.classes == ["7", "2"]
+    with pytest.raises(InputError, match="do not exist"):
+        subset_classes(load_digits("test"), [3, 12])
+
+
+def test_eval_ood_cli_writes_table_and_csv(tmp_path, subset_clf):
+    folder = tmp_path / "ood_folder" / "x"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    import shutil
+
+    twin = tmp_path / "plain-twin"
+    shutil.copytree(subset_clf, twin)
+    assert main(["eval-ood", "--classifier", str(subset_clf), str(twin), "--out", str(tmp_path / "o"),
+                 "--ood", "digits-holdout", "noise", f"near={tmp_path / 'ood_folder'}"]) == 0
+    table = (tmp_path / "o" / "table.md").read_text()
+    assert "## near-OOD (digits-holdout, ood_folder): AUROC" in table and "| plain (2) |" in table
+    rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert len(rows) == 2 * 7 * 3  # classifiers x scores x sets
+    msp = [r for r in rows if r["score"] == "msp" and r["set"] == "digits-holdout"][0]
+    assert float(msp["auroc"]) > 0.8  # a trained classifier separates held-out digits better than chance
+
+
+def test_eval_ood_errors(tmp_path, subset_clf, capsys):
+    cases = [
+        (["--ood", "imagenet-o"], "unknown OOD set 'imagenet-o'"),
+        (["--ood", str(tmp_path / "missing")], "unknown OOD set"),
+    ]
+    for extra, match in cases:
+        assert main(["eval-ood", "--classifier", str(subset_clf), "--out", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0]
+    assert not (tmp_path / "o").exists()
