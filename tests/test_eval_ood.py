@@ -50,6 +50,21 @@ def test_eval_ood_cli_writes_table_and_csv(tmp_path, subset_clf):
     assert float(msp["auroc"]) > 0.8  # a trained classifier separates held-out digits better than chance
 
 
+def test_percentile_search_uses_validation_sets_only(tmp_path, subset_clf):
+    from diffaug.classifier import load_classifier
+    from diffaug.ood import search_percentile
+
+    model = load_classifier(subset_clf)
+    val = subset_classes(load_digits("val"), [0, 1, 2, 3, 4, 5]).images
+    p = search_percentile(model, "react", val, noise_images(50, seed=9), grid=(60, 90))
+    assert p in (60.0, 90.0)
+    assert np.isnan(search_percentile(model, "msp", val, noise_images(50)))  # MSP has no percentile
+    assert main(["eval-ood", "--classifier", str(subset_clf), "--ood", "noise", "--search-percentile",
+                 "--out", str(tmp_path / "s")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert {r["score"]: r["percentile"] for r in rows}["msp"] == ""
+
+
 def test_eval_ood_errors(tmp_path, subset_clf, capsys):
     cases = [
         (["--ood", "imagenet-o"], "unknown OOD set 'imagenet-o'"),

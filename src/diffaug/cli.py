@@ -64,7 +64,7 @@ def cmd_eval_ood(args) -> None:
     from .eval_ood import run_eval_ood
 
     print(run_eval_ood(data=args.data, classifiers=args.classifier, ood=args.ood, seed=args.seed, out=args.out,
-                       device=_device(args.device)))
+                       device=_device(args.device), search_percentile=args.search_percentile))
 
 
 def cmd_show_augmentations(args) -> None:
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood", nargs="+", help="digits-holdout | photo-patches | noise | PATH | near=PATH "
                                             "(default: all that apply)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic noise set")
+    p.add_argument("--search-percentile", dest="search_percentile", action="store_true",
+                   help="pick ReAct/ASH/SCALE percentiles on ID-val vs a synthetic OOD-val set (default: OpenOOD's)")
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.set_defaults(func=cmd_eval_ood)

@@ -9,6 +9,8 @@ fitted on the val split of the same classes. OOD sets:
 * ``noise`` (far): seeded uniform noise and blurred Gaussian blobs;
 * ``PATH`` or ``near=PATH``: an image folder of OOD images (far unless prefixed with ``near=``).
 
+With ``search_percentile`` the percentiles of ReAct/ASH/SCALE are chosen per classifier on ID-val vs a separate
+synthetic OOD-val set (noise with seed + 1), never on the test sets; otherwise OpenOOD's defaults are used.
 Group scores (near, far) are unweighted means over their sets. Classifiers with the same recipe are reported
 as mean +- std over them (their seeds).
 """
@@ -24,7 +26,7 @@ import torch
 from .classifier import load_classifier
 from .data import FAR_OOD_SETS, load_dataset, noise_images, photo_patches, subset_classes
 from .errors import InputError
-from .ood import PAPER_SCORES, SCORES, OODScorer, metrics
+from .ood import PAPER_SCORES, SCORES, OODScorer, metrics, search_percentile
 
 COLUMN_NAMES = {"ash_s": "ASH", "msp": "MSP", "react": "ReAct", "scale": "SCALE"}
 
@@ -60,7 +62,8 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
     return sets
 
 
-def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int, device) -> list[dict]:
+def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int, device,
+                        search: bool = False) -> list[dict]:
     """Rows ``{classifier, recipe, score, set, group, auroc, fpr95, aupr_in, aupr_out}`` for one classifier."""
     model = load_classifier(folder, device=device)
     classes = model.spec.get("class_indices")
@@ -73,13 +76,16 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
     _, C, H, _ = test.images.shape
     sets = _ood_sets(names, data, classes, H, C, seed)
     rows = []
+    ood_val = noise_images(200, H, C, seed + 1).to(device)  # a validation OOD set apart from every test set
     for method in SCORES:
-        scorer = OODScorer(model, method).fit(val.images.to(device))
+        p = search_percentile(model, method, val.images.to(device), ood_val) if search else None
+        p = None if p is not None and p != p else p  # NaN: the score has no percentile
+        scorer = OODScorer(model, method, percentile=p).fit(val.images.to(device))
         id_scores = scorer(test.images.to(device))
         for name, (group, images) in sets.items():
             m = metrics(id_scores.numpy(), scorer(images.to(device)).numpy())
             rows.append({"classifier": str(folder), "recipe": model.spec.get("recipe", "?"), "score": method,
-                         "set": name, "group": group, **m})
+                         "set": name, "group": group, "percentile": scorer.percentile, **m})
     return rows
 
 
@@ -108,10 +114,11 @@ def _group_table(rows: list[dict], metric: str, group: str) -> list[str]:
 
 
 def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, seed: int, out: str | Path,
-                 device: str = "cpu") -> str:
+                 device: str = "cpu", search_percentile: bool = False) -> str:
     """Evaluate every classifier; write ``out/results.csv`` (every number) and ``out/table.md``; return the table."""
     out = Path(out)
-    rows = [r for c in classifiers for r in evaluate_classifier(c, data, ood, seed, torch.device(device))]
+    rows = [r for c in classifiers
+            for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

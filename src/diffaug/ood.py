@@ -169,3 +169,18 @@ def metrics(id_scores, ood_scores) -> dict[str, float]:
         "aupr_in": float(skm.auc(rec_in, prec_in)),
         "aupr_out": float(skm.auc(rec_out, prec_out)),
     }
+
+
+def search_percentile(model: nn.Module, method: str, id_val: torch.Tensor, ood_val: torch.Tensor,
+                      grid=(50, 60, 70, 75, 80, 85, 90, 95, 99)) -> float:
+    """OpenOOD's optional hyper-parameter search: the percentile in ``grid`` with the best AUROC on ID-val vs
+    OOD-val images (never the test sets). Returns the percentile; scores without one return NaN."""
+    if method not in DEFAULT_PERCENTILE:
+        return float("nan")
+    best, best_p = -1.0, float(DEFAULT_PERCENTILE[method])
+    for p in grid:
+        scorer = OODScorer(model, method, percentile=p).fit(id_val)
+        auroc = metrics(scorer(id_val).numpy(), scorer(ood_val).numpy())["auroc"]
+        if auroc > best:
+            best, best_p = auroc, float(p)
+    return best_p
