@@ -1,0 +1,74 @@
+"""DiffAug-Ensemble (DE): average the classifier's softmax over DiffAug views at several fixed times.
+
+Member t = 0 means "the image itself" (no noise, no denoiser). Every other member is one DiffAug view at that t
+with its own noise draw. All members are folded into one batch, so the denoiser and the classifier each run once
+per call (in chunks of ``batch_size`` images if given).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .augment import DiffAug
+from .denoiser import Denoiser
+from .errors import InputError
+
+DEFAULT_MEMBERS = tuple(range(0, 451, 50))  # the paper: t in {0, 50, ..., 450}
+
+
+def ensemble_members(step: int = 50, t_max: int = 450) -> tuple[int, ...]:
+    """``(0, step, 2 step, ..., <= t_max)``: the paper's member sets (step 25, 50 or 75)."""
+    if step < 1 or t_max < 0:
+        raise InputError(f"step must be >= 1 and t_max >= 0, got step={step}, t_max={t_max}")
+    return tuple(range(0, t_max + 1, step))
+
+
+def diffaug_ensemble(
+    classifier: nn.Module,
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    *,
+    members=DEFAULT_MEMBERS,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    sampler: str = "tweedie",
+) -> torch.Tensor:
+    """DE prediction: mean softmax over the members' views.
+
+    Args:
+        classifier: images ``[N, C, H, W]`` in [0, 1] -> logits ``[N, K]``.
+        denoiser: the diffusion model for the views.
+        x: images ``[N, C, H, W]`` in [0, 1].
+        members: integer times in ``[0, T)``; 0 is the image itself.
+        generator: noise source for the views.
+        batch_size: at most this many images per network call (None: all ``N * len(members)`` at once).
+
+    Returns:
+        probabilities ``[N, K]`` (float32). Differentiable w.r.t. ``x`` unless called under no_grad.
+    """
+    members = [int(t) for t in members]
+    if not members:
+        raise InputError("members must name at least one time")
+    bad = [t for t in members if not 0 <= t < denoiser.num_timesteps]
+    if bad:
+        raise InputError(f"ensemble members {bad} lie outside [0, {denoiser.num_timesteps})")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    denoiser.check_images(x)
+    n = x.shape[0]
+    aug = DiffAug(denoiser, sampler=sampler)
+    noisy = [t for t in members if t > 0]
+    views = [x] * (len(members) - len(noisy))
+    if noisy:
+        rep = x.repeat(len(noisy), 1, 1, 1)  # member-major: rows k*n .. (k+1)*n - 1 are member k
+        t = torch.tensor(noisy, device=x.device).repeat_interleave(n)
+        gen_device = generator.device if generator is not None else x.device
+        noise = torch.randn(rep.shape, generator=generator, device=gen_device).to(x.device)
+        chunk = batch_size or rep.shape[0]
+        views.append(torch.cat([aug.apply(rep[i : i + chunk], t[i : i + chunk], noise[i : i + chunk])
+                                for i in range(0, rep.shape[0], chunk)]))
+    batch = torch.cat(views)
+    chunk = batch_size or batch.shape[0]
+    logits = torch.cat([classifier(batch[i : i + chunk]) for i in range(0, batch.shape[0], chunk)])
+    return logits.float().softmax(dim=1).reshape(len(members), n, -1).mean(dim=0)
