@@ -6,7 +6,7 @@ from torch import nn
 
 import diffaug
 from diffaug import DiffAug, InputError, schedule
-from diffaug.augment import one_step_dpm_solver_2, one_step_tweedie
+from diffaug.augment import one_step_dpm_solver_2
 from diffaug.denoiser import Denoiser
 from conftest import tiny_denoiser
 

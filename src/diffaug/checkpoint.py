@@ -111,6 +111,17 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append one JSON object per line (a log: rows are only ever added)."""
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
+    """Keys of ``now`` whose values differ from a checkpoint's ``saved`` config, except ``may_change``."""
+    return sorted(k for k in now if k not in may_change and saved.get(k) != now[k])
+
+
 # ---------------------------------------------------------------------- optimizer state <-> flat tensors
 def flatten_optimizer_state(state_dict: dict, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
     """Split ``optimizer.state_dict()`` into flat tensors (for safetensors) and a JSON-able remainder."""

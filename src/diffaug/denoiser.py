@@ -185,34 +185,31 @@ class Denoiser(nn.Module):
         return t
 
     # ------------------------------------------------------------------ the contract
-    def model_output(self, x_t: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | int | None = None) -> torch.Tensor:
-        """The network's raw prediction (variance channels dropped), in float32, shape of ``x_t``."""
-        n = x_t.shape[0]
-        t = self._timesteps(t, n, x_t.device)
-        y = self._labels(y, n, x_t.device)
+    def _net_output(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The network on already-validated ``t`` and ``y``; variance channels dropped, float32."""
         out = self.net(x_t.to(self.dtype), t, y)
         if out.shape[1] == 2 * x_t.shape[1]:  # learned variance (improved-DDPM): keep the mean half
             out = out[:, : x_t.shape[1]]
         return out.float()
 
-    def _mixed_output(self, x_t, t, y, cond_weight: float | None) -> torch.Tensor:
-        """``(1 - w) * out(x_t, t, null) + w * out(x_t, t, y)``; both halves batched into one call."""
-        if cond_weight is None or y is None:
-            if cond_weight not in (None, 0, 0.0) and y is None:
-                raise InputError("cond_weight > 0 needs class labels y; pass y or set cond_weight=0")
-            return self.model_output(x_t, t, None if cond_weight == 0 else y)
-        if not 0 <= cond_weight <= 1:
-            raise InputError(f"cond_weight must lie in [0, 1], got {cond_weight}")
-        if cond_weight == 1:
-            return self.model_output(x_t, t, y)
-        if cond_weight == 0:
-            return self.model_output(x_t, t, None)
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The network's raw prediction (variance channels dropped), in float32, shape of ``x_t``."""
         n = x_t.shape[0]
-        y = self._labels(y, n, x_t.device)
-        null = self._labels(None, n, x_t.device)
-        t = self._timesteps(t, n, x_t.device)
-        out = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, y]))
-        return torch.lerp(out[:n], out[n:], cond_weight)
+        return self._net_output(x_t, self._timesteps(t, n, x_t.device), self._labels(y, n, x_t.device))
+
+    def _mixed_output(self, x_t, t, y, cond_weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ``t`` and ``(1 - w) * out(x_t, t, null) + w * out(x_t, t, y)`` (halves batched in one call)."""
+        n, device = x_t.shape[0], x_t.device
+        t = self._timesteps(t, n, device)
+        if cond_weight is not None and not 0 <= cond_weight <= 1:
+            raise InputError(f"cond_weight must lie in [0, 1], got {cond_weight}")
+        if cond_weight not in (None, 0) and y is None:
+            raise InputError("cond_weight > 0 needs class labels y; pass y or set cond_weight=0")
+        if cond_weight in (None, 0, 1):
+            return t, self._net_output(x_t, t, self._labels(None if cond_weight == 0 else y, n, device))
+        labels = torch.cat([self._labels(None, n, device), self._labels(y, n, device)])
+        out = self._net_output(torch.cat([x_t, x_t]), torch.cat([t, t]), labels)
+        return t, torch.lerp(out[:n], out[n:], cond_weight)
 
     def predict_x0(
         self,
@@ -237,16 +234,14 @@ class Denoiser(nn.Module):
         Returns:
             ``x0_hat`` in model space, float32, shape of ``x_t``. Differentiable w.r.t. ``x_t``.
         """
-        out = self._mixed_output(x_t, t, y, cond_weight)
-        t = self._timesteps(t, x_t.shape[0], x_t.device)
+        t, out = self._mixed_output(x_t, t, y, cond_weight)
         a = schedule._gather(self.alpha_bar, t, out)
         x0_hat = schedule.x0_from_model_output(out, x_t.float(), a, self.prediction_type)
         return x0_hat.clamp(-1, 1) if clip else x0_hat
 
     def predict_eps(self, x_t, t, y=None, *, cond_weight: float | None = None) -> torch.Tensor:
         """The noise estimate at ``(x_t, t)``, float32 (same arguments as :meth:`predict_x0`)."""
-        out = self._mixed_output(x_t, t, y, cond_weight)
-        t = self._timesteps(t, x_t.shape[0], x_t.device)
+        t, out = self._mixed_output(x_t, t, y, cond_weight)
         a = schedule._gather(self.alpha_bar, t, out)
         return schedule.eps_from_model_output(out, x_t.float(), a, self.prediction_type)
 

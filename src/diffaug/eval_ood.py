@@ -92,14 +92,14 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
 def _group_table(rows: list[dict], metric: str, group: str) -> list[str]:
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     cols = list(PAPER_SCORES)
-    lines = [f"| recipe (n classifiers) | " + " | ".join(COLUMN_NAMES[c] for c in cols) + " | Avg |",
+    lines = ["| recipe (n classifiers) | " + " | ".join(COLUMN_NAMES[c] for c in cols) + " | Avg |",
              "|" + "---|" * (len(cols) + 2)]
     for recipe in recipes:
         mine = [r for r in rows if r["recipe"] == recipe and r["group"] == group]
         clfs = list(dict.fromkeys(r["classifier"] for r in mine))
         if not mine:
             continue
-        cells, avgs = [], []
+        cells = []
         for c in cols:  # per classifier: unweighted mean over the group's sets; then mean +- std over classifiers
             vals = [statistics.fmean(r[metric] for r in mine if r["classifier"] == k and r["score"] == c) for k in clfs]
             cells.append(vals)

@@ -8,7 +8,6 @@ bit-for-bit as if it had never stopped (on the same device and library versions)
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -151,7 +150,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
         if (step + 1) % 50 == 0:
             bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-50:]) / 50:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _append_log(out_dir / "log.jsonl", log)
+            ckpt.append_jsonl(out_dir / "log.jsonl", log)
             log = []
             _save_diffusion_state(ckpt_path, config_json, step + 1, unet, ema, opt, sched, gen)
     bar.close()
@@ -164,11 +163,6 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     if progress:
         print(f"train-diffusion: {cfg.steps - start} steps in {time.perf_counter() - t0:.0f}s -> {out_dir}")
     return result
-
-
-def _append_log(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _save_diffusion_state(path, config_json, step, unet, ema, opt, sched, gen) -> None:
@@ -185,7 +179,7 @@ def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen) -> int:
     tensors, meta = ckpt.load_safetensors(path)
     saved = dict(meta.get("config", {}))
     now = dataclasses.asdict(cfg)
-    changed = sorted(k for k in now if k not in ("steps", "checkpoint_every") and saved.get(k) != now[k])
+    changed = ckpt.changed_settings(saved, now, ("steps", "checkpoint_every"))
     if changed:
         raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
                          "resume with the original settings (only --steps may change)")

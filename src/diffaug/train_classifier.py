@@ -252,8 +252,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     saved_meta = None
     if resume:
         tensors, saved_meta = ckpt.load_safetensors(_checkpoint_paths(out)[-1])
-        changed = sorted(k for k in cfg_json if k not in ("steps", "epochs", "checkpoint_every", "keep_checkpoints")
-                         and saved_meta["config"].get(k) != cfg_json[k])
+        changed = ckpt.changed_settings(saved_meta["config"], cfg_json,
+                                        ("steps", "epochs", "checkpoint_every", "keep_checkpoints"))
         if changed:
             raise InputError(f"--resume with settings that differ from the run in {out} ({', '.join(changed)}); "
                              "resume with the original settings or start over with --force")
@@ -332,7 +332,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted:
                 states = _gather_generator_states(gen, dist_info)
                 if dist_info.main:
-                    _append_jsonl(out / METRICS_FILE, rows)
+                    ckpt.append_jsonl(out / METRICS_FILE, rows)
                     _save_checkpoint(out, cfg_json, step + 1, model, opt, sched, states, cfg.keep_checkpoints)
                 rows = []
             if interrupted:
@@ -351,7 +351,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         save_classifier(model, out, extra={"classes": train.classes, "class_indices": cfg.classes,
                                            "recipe": cfg.recipe, "data": cfg.data,
                                            "seed": cfg.seed, **result})
-        _append_jsonl(out / METRICS_FILE, [{"step": total, **result}])
+        ckpt.append_jsonl(out / METRICS_FILE, [{"step": total, **result}])
         if progress:
             print(f"train {cfg.recipe}: test acc {result['test_acc']:.4f} val acc {result['val_acc']:.4f} -> {out}")
     return model
@@ -366,7 +366,3 @@ def _any_rank(flag: bool, dist_info: Dist) -> bool:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
