@@ -67,6 +67,19 @@ def cmd_eval_ood(args) -> None:
                        device=_device(args.device), search_percentile=args.search_percentile))
 
 
+def cmd_eval_shift(args) -> None:
+    from .eval_shift import run_eval_shift
+
+    table = run_eval_shift(data=args.data, classifiers=args.classifier, denoiser=args.denoiser, modes=args.modes,
+                           corruptions=args.corruptions, severities=args.severities, limit=args.limit,
+                           seed=args.seed, out=args.out, device=_device(args.device), batch_size=args.batch,
+                           de_step=args.de_step, dda_t=args.dda_t, dda_steps=args.dda_steps,
+                           dda_scale=args.dda_scale, dda_downsample=args.dda_downsample, dda_norm=args.dda_norm,
+                           analyses=not args.no_analyses, progress=not args.quiet)
+    if table:
+        print(table)
+
+
 def cmd_show_augmentations(args) -> None:
     from .report import show_augmentations
 
@@ -165,6 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.set_defaults(func=cmd_eval_ood)
+
+    p = sub.add_parser("eval-shift", help="accuracy under corruptions: Default / DE / DDA / DDA-SE (Table 1)")
+    p.add_argument("--data", default="digits",
+                   help="'digits', a dataset folder (corrupted on the fly) or an ImageNet-C / CIFAR-10-C folder")
+    p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
+    p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder (for de, dda, dda-se)")
+    p.add_argument("--modes", default="default,de,dda,dda-se", help="comma list of default,de,dda,dda-se")
+    p.add_argument("--corruptions", default="all", help="all (15 standard) | extra | all+extra | NAME,NAME")
+    p.add_argument("--severities", default="1-5", help="e.g. 1-5, 5 or 1,3,5")
+    p.add_argument("--limit", type=int, help="at most N test images (a fixed random subset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=256, help="images per network call")
+    p.add_argument("--de-step", dest="de_step", type=int, default=50, help="DE member spacing (25, 50, 75)")
+    p.add_argument("--dda-t", dest="dda_t", type=int, help="DDA's start time (default T / 2)")
+    p.add_argument("--dda-steps", dest="dda_steps", type=int, default=50)
+    p.add_argument("--dda-scale", dest="dda_scale", type=float, default=6.0,
+                   help="DDA guidance weight for 256x256x3 images (scaled to the image size)")
+    p.add_argument("--dda-downsample", dest="dda_downsample", type=int, help="DDA's low-pass factor D")
+    p.add_argument("--dda-norm", dest="dda_norm", default="image", choices=["image", "batch"])
+    p.add_argument("--no-analyses", dest="no_analyses", action="store_true",
+                   help="skip DE-vs-t and entropy-vs-t")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval_shift)
 
     p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")

@@ -62,7 +62,12 @@ SEVERITY_PARAMS: dict[str, list] = {
     "zoom_blur": [0.06, 0.11, 0.16, 0.21, 0.26],  # zooms 1, 1.01, ... < 1 + value
     "snow": [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
              (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)],
-    # snow: flake mean, std, zoom, threshold, blur radius, blur sigma (px), image weight  # image weight, frost weight  # fog strength, wibble decay  # added to V  # factor about the per-channel mean  # S * a + b
+    # snow: flake mean, std, zoom, threshold, blur radius, blur sigma (px), image weight
+    "frost": [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)],  # image weight, frost weight
+    "fog": [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],  # fog strength, wibble decay
+    "brightness": [0.05, 0.1, 0.15, 0.2, 0.3],  # added to V
+    "contrast": [0.75, 0.5, 0.4, 0.3, 0.15],  # factor about the per-channel mean
+    "saturate": [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],  # S * a + b
     "elastic_transform": [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
                           (0.1, 0.03, 0.03)],  # alpha, sigma, affine jitter, each times the image side
     "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65],  # downscale factor

@@ -233,3 +233,70 @@ def noise_images(n: int = 200, size: int = 8, channels: int = 1, seed: int = 0) 
     blobs = (blobs - blobs.amin((1, 2, 3), keepdim=True)) / (blobs.amax((1, 2, 3), keepdim=True)
                                                             - blobs.amin((1, 2, 3), keepdim=True))
     return torch.cat([uniform, blobs])
+
+
+# ---------------------------------------------------------------------- pre-corrupted benchmarks from local disk
+CORRUPTED_LAYOUTS = ("cifar10-c", "imagenet-c")
+
+
+def corrupted_layout(root: str | os.PathLike) -> str | None:
+    """``"cifar10-c"`` (``NAME.npy`` + ``labels.npy``), ``"imagenet-c"`` (``corruption/severity/class/image``)
+    or None when ``root`` is neither (an ordinary dataset)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    if (root / "labels.npy").is_file():
+        return "cifar10-c"
+    if any(p.is_dir() and any((p / str(s)).is_dir() for s in range(1, 6)) for p in root.iterdir()):
+        return "imagenet-c"
+    return None
+
+
+def corrupted_names(root: str | os.PathLike) -> tuple[str, ...]:
+    """The corruptions a pre-corrupted folder holds (sorted)."""
+    root = Path(root)
+    layout = corrupted_layout(root)
+    if layout == "cifar10-c":
+        return tuple(sorted(p.stem for p in root.glob("*.npy") if p.stem != "labels"))
+    if layout == "imagenet-c":
+        return tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    found = sorted(p.name for p in root.iterdir())[:6] if root.is_dir() else "nothing (no such folder)"
+    raise InputError(f"{root} is neither CIFAR-10-C (NAME.npy files + labels.npy) nor ImageNet-C "
+                     f"(corruption/severity/class/image) shaped; found {found}")
+
+
+def load_corrupted(root: str | os.PathLike, corruption: str, severity: int) -> ImageDataset:
+    """One (corruption, severity) of a pre-corrupted benchmark on local disk.
+
+    * CIFAR-10-C: ``root/<corruption>.npy`` (uint8 ``[5 n, H, W, 3]``, severities 1..5 in blocks of n) and
+      ``root/labels.npy``; read with ``allow_pickle=False``. Classes are CIFAR-10's.
+    * ImageNet-C: ``root/<corruption>/<severity>/<class>/<image>`` (classes: sorted folder names).
+    """
+    root = Path(root)
+    layout = corrupted_layout(root)
+    if layout is None:
+        corrupted_names(root)  # raises the layout error
+    if corruption not in corrupted_names(root):
+        raise InputError(f"{root} has no corruption {corruption!r}; it holds {', '.join(corrupted_names(root))}")
+    if layout == "imagenet-c":
+        folder = root / corruption / str(severity)
+        if not folder.is_dir():
+            raise InputError(f"{folder} is missing: ImageNet-C layout is corruption/severity/class/image, "
+                             "severities 1..5")
+        return load_image_folder(folder)
+    try:
+        labels = np.load(root / "labels.npy", allow_pickle=False)
+        data = np.load(root / f"{corruption}.npy", mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise InputError(f"cannot read {root}/{corruption}.npy or labels.npy: {e}; use the official files") from None
+    if data.ndim != 4 or data.shape[-1] != 3 or data.dtype != np.uint8 or data.shape[0] % 5:
+        raise InputError(f"{root}/{corruption}.npy has shape {data.shape} {data.dtype}; CIFAR-10-C files are uint8 "
+                         "[5 n, H, W, 3] (five severities of n images)")
+    n = data.shape[0] // 5
+    if labels.shape[0] not in (n, 5 * n):
+        raise InputError(f"{root}/labels.npy has {labels.shape[0]} labels for {n} images per severity")
+    block = slice((severity - 1) * n, severity * n)
+    images = torch.from_numpy(np.ascontiguousarray(data[block]).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    y = torch.from_numpy(np.asarray(labels[block] if labels.shape[0] == 5 * n else labels, dtype=np.int64))
+    classes = list(CIFAR10_CLASSES) if int(y.max()) < 10 else [str(i) for i in range(int(y.max()) + 1)]
+    return ImageDataset(images.contiguous(), y, classes)

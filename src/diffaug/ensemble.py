@@ -24,6 +24,54 @@ def ensemble_members(step: int = 50, t_max: int = 450) -> tuple[int, ...]:
     return tuple(range(0, t_max + 1, step))
 
 
+def ensemble_views(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    members=DEFAULT_MEMBERS,
+    *,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    sampler: str = "tweedie",
+) -> torch.Tensor:
+    """The DiffAug views of DE: ``[M, N, C, H, W]`` in [0, 1], member ``k`` at time ``members[k]`` (0: ``x``).
+
+    One noise draw per member and image. Separate from the classifier so that several classifiers can be
+    compared on the same views.
+    """
+    members = [int(t) for t in members]
+    if not members:
+        raise InputError("members must name at least one time")
+    bad = [t for t in members if not 0 <= t < denoiser.num_timesteps]
+    if bad:
+        raise InputError(f"ensemble members {bad} lie outside [0, {denoiser.num_timesteps})")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    denoiser.check_images(x)
+    n = x.shape[0]
+    aug = DiffAug(denoiser, sampler=sampler)
+    noisy = [t for t in members if t > 0]
+    views = {}
+    if noisy:
+        rep = x.repeat(len(noisy), 1, 1, 1)  # member-major: rows k*n .. (k+1)*n - 1 are member k
+        t = torch.tensor(noisy, device=x.device).repeat_interleave(n)
+        gen_device = generator.device if generator is not None else x.device
+        noise = torch.randn(rep.shape, generator=generator, device=gen_device).to(x.device)
+        chunk = batch_size or rep.shape[0]
+        out = torch.cat([aug.apply(rep[i : i + chunk], t[i : i + chunk], noise[i : i + chunk])
+                         for i in range(0, rep.shape[0], chunk)])
+        views = dict(zip(noisy, out.reshape(len(noisy), *x.shape)))
+    return torch.stack([views[t] if t > 0 else x.to(views[noisy[0]].dtype if noisy else x.dtype)
+                        for t in members])
+
+
+def ensemble_probs(classifier: nn.Module, views: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Softmax of ``classifier`` on views ``[M, N, C, H, W]`` -> ``[M, N, K]`` float32 (mean over M: DE)."""
+    flat = views.flatten(0, 1)
+    chunk = batch_size or max(1, flat.shape[0])
+    logits = torch.cat([classifier(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])
+    return logits.float().softmax(dim=1).reshape(views.shape[0], views.shape[1], -1)
+
+
 def diffaug_ensemble(
     classifier: nn.Module,
     denoiser: Denoiser,
@@ -47,28 +95,5 @@ def diffaug_ensemble(
     Returns:
         probabilities ``[N, K]`` (float32). Differentiable w.r.t. ``x`` unless called under no_grad.
     """
-    members = [int(t) for t in members]
-    if not members:
-        raise InputError("members must name at least one time")
-    bad = [t for t in members if not 0 <= t < denoiser.num_timesteps]
-    if bad:
-        raise InputError(f"ensemble members {bad} lie outside [0, {denoiser.num_timesteps})")
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    denoiser.check_images(x)
-    n = x.shape[0]
-    aug = DiffAug(denoiser, sampler=sampler)
-    noisy = [t for t in members if t > 0]
-    views = [x] * (len(members) - len(noisy))
-    if noisy:
-        rep = x.repeat(len(noisy), 1, 1, 1)  # member-major: rows k*n .. (k+1)*n - 1 are member k
-        t = torch.tensor(noisy, device=x.device).repeat_interleave(n)
-        gen_device = generator.device if generator is not None else x.device
-        noise = torch.randn(rep.shape, generator=generator, device=gen_device).to(x.device)
-        chunk = batch_size or rep.shape[0]
-        views.append(torch.cat([aug.apply(rep[i : i + chunk], t[i : i + chunk], noise[i : i + chunk])
-                                for i in range(0, rep.shape[0], chunk)]))
-    batch = torch.cat(views)
-    chunk = batch_size or batch.shape[0]
-    logits = torch.cat([classifier(batch[i : i + chunk]) for i in range(0, batch.shape[0], chunk)])
-    return logits.float().softmax(dim=1).reshape(len(members), n, -1).mean(dim=0)
+    views = ensemble_views(denoiser, x, members, generator=generator, batch_size=batch_size, sampler=sampler)
+    return ensemble_probs(classifier, views, batch_size).mean(dim=0)

@@ -15,6 +15,17 @@ def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return sorted(set(ts), reverse=True)
 
 
+def ddim_step(x_t, x0_hat, a_t, a_prev, eta: float, noise: torch.Tensor) -> torch.Tensor:
+    """One generalised DDIM update from ``alpha_bar = a_t`` to ``a_prev`` given the x0 estimate (model space).
+
+    ``eta = 1`` is the DDPM ancestral step with the posterior ("fixed small") variance, ``eta = 0`` deterministic
+    DDIM; ``a_prev = 1`` returns ``x0_hat``.
+    """
+    eps = (x_t - a_t.sqrt() * x0_hat) / (1 - a_t).sqrt()
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+    return a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
+
+
 def ddim_sample(
     denoiser: Denoiser,
     n: int,
@@ -41,8 +52,6 @@ def ddim_sample(
         a_t = alpha_bar[t]
         a_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
         x0 = denoiser.predict_x0(x, torch.full((n,), t, device=device), y, cond_weight=cond_weight, clip=True)
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         z = torch.randn(x.shape, generator=generator, device=gen_device).to(device)
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * z
+        x = ddim_step(x, x0, a_t, a_prev, eta, z)
     return denoiser.decode(x0).clamp(0, 1)

@@ -1,0 +1,447 @@
+"""``diffaug eval-shift``: classifiers under covariate shift with Default / DE / DDA / DDA-SE (the paper's Table 1).
+
+Data: the test split of ``digits`` or of a dataset folder, corrupted on the fly (:mod:`diffaug.corruptions`), or
+a pre-corrupted benchmark on disk (ImageNet-C or CIFAR-10-C layout; no clean column then). Every random draw is
+keyed by ``(seed, corruption, severity, purpose)``, so a condition's numbers do not depend on which other
+conditions, modes or ranks ran (they do depend on ``batch_size``, which sets how draws split into calls).
+
+The diffusion work is classifier-independent: per condition the DE views and the DDA images are computed once and
+every classifier is scored on the same ones (a paired comparison). Seconds per image charge each classifier the
+whole diffusion cost of its mode, as if it ran alone.
+
+Analyses (rank 0): DE accuracy against the largest member time for member steps 25/50/75 on the highest severity
+(the paper's Figure 12) and the mean prediction entropy on DiffAug views against t on clean images (Figure 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from .corruptions import parse_corruptions, parse_severities
+from .errors import InputError
+
+MODES = ("default", "de", "dda", "dda-se")
+TABLE_COLUMNS = (("dda", "DDA"), ("dda-se", "DDA-SE"), ("de", "DE"), ("default", "Default"))
+DE_STEPS = (25, 50, 75)
+CLEAN = "clean"
+
+
+def parse_modes(spec: str | list[str]) -> tuple[str, ...]:
+    names = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    bad = [m for m in names if m not in MODES]
+    if bad or not names:
+        raise InputError(f"unknown mode {', '.join(bad) or '(none given)'}; use a comma list of {', '.join(MODES)}")
+    return tuple(m for m in MODES if m in names)
+
+
+def keyed_generator(seed: int, *keys, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded from ``seed`` and a key path (stable across runs, processes and orders)."""
+    key = zlib.crc32("/".join(str(k) for k in (seed, *keys)).encode())
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def mean_std(values, scale: float = 100.0, digits: int = 1) -> str:
+    """``"mean +- std"`` of ``values`` times ``scale`` (std 0 for a single value)."""
+    values = list(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.fmean(values):.{digits}f} +- {scale * sd:.{digits}f}"
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device):
+    """Load and check everything before any work; returns what the run needs."""
+    from .classifier import load_classifier
+    from .data import corrupted_layout, corrupted_names, load_dataset
+    from .denoiser import load_denoiser
+
+    modes = parse_modes(modes)
+    severities = parse_severities(severities)
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise InputError(f"--batch must be >= 1, got {batch_size}")
+    layout = corrupted_layout(data) if str(data) != "digits" else None
+    if layout:
+        available = corrupted_names(data)
+        if corruptions in ("all", "all+extra", "extra"):
+            names = tuple(n for n in parse_corruptions(corruptions) if n in available) or available
+        else:
+            names = parse_corruptions(corruptions)
+            missing = [n for n in names if n not in available]
+            if missing:
+                raise InputError(f"{data} has no {', '.join(missing)}; it holds {', '.join(available)}")
+        test = None
+    else:
+        names = parse_corruptions(corruptions)
+        test = load_dataset(data, "test")
+    if not classifiers:
+        raise InputError("give at least one --classifier folder")
+    models = {}
+    for folder in classifiers:
+        model = load_classifier(folder, device=device).eval()
+        key = Path(folder).name or str(folder)
+        if key in models:
+            key = str(folder)
+        models[key] = model
+    den = load_denoiser(denoiser, device=device) if denoiser else None
+    if den is None and any(m != "default" for m in modes):
+        raise InputError(f"modes {', '.join(m for m in modes if m != 'default')} need --denoiser")
+    return modes, severities, layout, names, test, models, den
+
+
+def _check_shapes(models, den, images: torch.Tensor, num_classes: int, source: str) -> None:
+    for name, model in models.items():
+        if model.spec["num_classes"] != num_classes:
+            raise InputError(f"classifier {name} has {model.spec['num_classes']} classes but {source} has "
+                             f"{num_classes}; evaluate it on the data it was trained for")
+        if model.spec.get("channels", images.shape[1]) != images.shape[1]:
+            raise InputError(f"classifier {name} takes {model.spec['channels']}-channel images, {source} has "
+                             f"{images.shape[1]}")
+    if den is not None:
+        den.check_images(images[:1], name=f"images of {source}")
+
+
+def _subset(n: int, limit: int | None) -> torch.Tensor:
+    """A fixed (seed 0) random subset of ``limit`` indices, the same for every --seed and run."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return order[:limit].sort().values if limit else torch.arange(n)
+
+
+@torch.no_grad()
+def evaluate_condition(models: dict, den, images: torch.Tensor, labels: torch.Tensor, modes, *, members,
+                       dda_kwargs: dict, seed: int, key: tuple, batch_size: int) -> list[dict]:
+    """Accuracy and seconds per image of every classifier x mode on one batch of (already corrupted) images."""
+    from .dda import dda_adapt
+    from .ensemble import ensemble_probs, ensemble_views
+
+    device = images.device
+    n = images.shape[0]
+    correct = {(c, m): 0 for c in models for m in modes}
+    seconds = {(c, m): 0.0 for c in models for m in modes}
+    gen_de = keyed_generator(seed, *key, "de", device=device)
+    gen_dda = keyed_generator(seed, *key, "dda", device=device)
+    for start in range(0, n, batch_size):
+        x, y = images[start : start + batch_size], labels[start : start + batch_size].to(device)
+        diffusion = {}
+        if "de" in modes:
+            with _Clock(device) as clock:
+                views = ensemble_views(den, x, members, generator=gen_de, batch_size=batch_size)
+            diffusion["de"] = clock.seconds
+        if "dda" in modes or "dda-se" in modes:
+            with _Clock(device) as clock:
+                adapted = dda_adapt(den, x, generator=gen_dda, **dda_kwargs)
+            diffusion["dda"] = clock.seconds
+        for c, model in models.items():
+            probs, spent = {}, {}
+            with _Clock(device) as clock:
+                probs["default"] = model(x).float().softmax(1)
+            spent["default"] = clock.seconds
+            if "de" in modes:
+                with _Clock(device) as clock:
+                    probs["de"] = ensemble_probs(model, views, batch_size).mean(0)
+                spent["de"] = clock.seconds + diffusion["de"]
+            if "dda" in modes or "dda-se" in modes:
+                with _Clock(device) as clock:
+                    probs["dda"] = model(adapted).float().softmax(1)
+                spent["dda"] = clock.seconds + diffusion["dda"]
+                probs["dda-se"] = (probs["default"] + probs["dda"]) / 2
+                spent["dda-se"] = spent["dda"] + spent["default"]
+            for m in modes:
+                correct[(c, m)] += int((probs[m].argmax(1) == y).sum())
+                seconds[(c, m)] += spent[m]
+    corruption, severity = key
+    return [{"classifier": c, "recipe": models[c].spec.get("recipe", "?"), "mode": m, "corruption": corruption,
+             "severity": severity, "accuracy": correct[(c, m)] / n, "n": n, "seconds_per_image": seconds[(c, m)] / n}
+            for c in models for m in modes]
+
+
+@torch.no_grad()
+def de_accuracy_vs_t(models: dict, den, batches, *, seed: int, t_max: int = 450, batch_size: int = 256) -> list[dict]:
+    """Figure 12: DE accuracy with members ``{0, s, 2 s, ..., t}`` for s in 25/50/75, against t.
+
+    ``batches``: ``[(key, images, labels)]``; one noise draw per member on a 25-step grid, shared by the steps.
+    """
+    from .ensemble import ensemble_probs, ensemble_views
+
+    grid = list(range(0, t_max + 1, 25))
+    hits = {}  # (classifier, step, t) -> correct count
+    total = 0
+    for key, images, labels in batches:
+        gen = keyed_generator(seed, *key, "de-vs-t", device=images.device)
+        for start in range(0, images.shape[0], batch_size):
+            x, y = images[start : start + batch_size], labels[start : start + batch_size].to(images.device)
+            views = ensemble_views(den, x, grid, generator=gen, batch_size=batch_size)
+            for c, model in models.items():
+                probs = ensemble_probs(model, views, batch_size)  # [M, n, K]
+                for step in DE_STEPS:
+                    idx = [i for i, t in enumerate(grid) if t % step == 0]
+                    running = torch.cumsum(probs[idx], 0) / torch.arange(1, len(idx) + 1, device=x.device).view(-1, 1, 1)
+                    for j, i in enumerate(idx):
+                        k = (c, step, grid[i])
+                        hits[k] = hits.get(k, 0) + int((running[j].argmax(1) == y).sum())
+            total += x.shape[0]
+    return [{"classifier": c, "recipe": models[c].spec.get("recipe", "?"), "step": s, "t_max": t,
+             "accuracy": v / total} for (c, s, t), v in hits.items()]
+
+
+@torch.no_grad()
+def entropy_vs_t(models: dict, den, images: torch.Tensor, *, seed: int, num_points: int = 20,
+                 batch_size: int = 256) -> list[dict]:
+    """Figure 2: mean entropy (nats) of each classifier's softmax on DiffAug views at t from 0 to T - 1."""
+    from .ensemble import ensemble_probs, ensemble_views
+
+    T = den.num_timesteps
+    times = sorted({round(i * (T - 1) / (num_points - 1)) for i in range(num_points)})
+    gen = keyed_generator(seed, "entropy", device=images.device)
+    sums = {(c, t): 0.0 for c in models for t in times}
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size]
+        views = ensemble_views(den, x, times, generator=gen, batch_size=batch_size)
+        for c, model in models.items():
+            p = ensemble_probs(model, views, batch_size)
+            ent = -(p * p.clamp(min=1e-12).log()).sum(-1)  # [M, n]
+            for i, t in enumerate(times):
+                sums[(c, t)] += float(ent[i].sum())
+    n = images.shape[0]
+    return [{"classifier": c, "recipe": models[c].spec.get("recipe", "?"), "t": t, "entropy": v / n}
+            for (c, t), v in sums.items()]
+
+
+# ---------------------------------------------------------------------- tables and plots
+def _by_recipe(rows):
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    return [(recipe, list(dict.fromkeys(r["classifier"] for r in rows if r["recipe"] == recipe))) for recipe in recipes]
+
+
+def _mode_table(rows, modes, select, title) -> list[str]:
+    """Rows = recipes (mean +- std over their classifiers), columns = modes + Avg; each classifier's value is the
+    mean accuracy over the selected conditions."""
+    mine = [r for r in rows if select(r)]
+    if not mine:
+        return []
+    cols = [(m, label) for m, label in TABLE_COLUMNS if m in modes]
+    lines = [f"## {title}", "", "| recipe (n classifiers) | " + " | ".join(lbl for _, lbl in cols) + " | Avg |",
+             "|" + "---|" * (len(cols) + 2)]
+    for recipe, clfs in _by_recipe(mine):
+        per = {m: [statistics.fmean(r["accuracy"] for r in mine if r["classifier"] == c and r["mode"] == m)
+                   for c in clfs] for m, _ in cols}
+        avg = [statistics.fmean(per[m][i] for m, _ in cols) for i in range(len(clfs))]
+        lines.append(f"| {recipe} ({len(clfs)}) | " + " | ".join(mean_std(per[m]) for m, _ in cols)
+                     + f" | {mean_std(avg)} |")
+    return lines + [""]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_tables(out: Path, rows: list[dict], modes, severities) -> str:
+    corrupted = [r for r in rows if r["corruption"] != CLEAN]
+    top = max(severities)
+    lines = ["# Covariate shift (the paper's Table 1 layout)", "",
+             "Top-1 accuracy in %. Cells: mean +- std over the classifiers of a recipe (their seeds); each "
+             "classifier's value is the mean over the corruptions (and severities). DE = DiffAug-Ensemble, "
+             "DDA-SE = mean softmax of the image and its DDA adaptation.", ""]
+    lines += _mode_table(rows, modes, lambda r: r["corruption"] != CLEAN and r["severity"] == top,
+                         f"Corrupted, severity {top}")
+    if len(severities) > 1:
+        lines += _mode_table(rows, modes, lambda r: r["corruption"] != CLEAN,
+                             f"Corrupted, mean over severities {', '.join(map(str, severities))}")
+    lines += _mode_table(rows, modes, lambda r: r["corruption"] == CLEAN, "Clean")
+    names = list(dict.fromkeys(r["corruption"] for r in corrupted))
+    if names:
+        lines += ["## Per corruption (mean over severities)", "",
+                  "| recipe | mode | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+        for recipe, clfs in _by_recipe(corrupted):
+            for m, label in TABLE_COLUMNS:
+                if m not in modes:
+                    continue
+                cells = [100 * statistics.fmean(r["accuracy"] for r in corrupted if r["recipe"] == recipe
+                                                and r["mode"] == m and r["corruption"] == name) for name in names]
+                lines.append(f"| {recipe} | {label} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
+        lines += [""]
+    lines += ["## Wall-clock per image (seconds, mean over all conditions)", "",
+              "| recipe | " + " | ".join(lbl for m, lbl in TABLE_COLUMNS if m in modes) + " |",
+              "|" + "---|" * (1 + sum(m in modes for m, _ in TABLE_COLUMNS))]
+    for recipe, _ in _by_recipe(rows):
+        cells = [statistics.fmean(r["seconds_per_image"] for r in rows if r["recipe"] == recipe and r["mode"] == m)
+                 for m, _ in TABLE_COLUMNS if m in modes]
+        lines.append(f"| {recipe} | " + " | ".join(f"{v:.2e}" for v in cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
+def _plot(path: Path, series: dict, xlabel: str, ylabel: str, title: str) -> None:
+    """``series[label] = (xs, means, stds)`` as lines with std bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, means, stds) in series.items():
+        ax.plot(xs, means, marker="o", ms=3, label=label)
+        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _series(rows, x_key, y_key, group_keys):
+    """Mean and std over classifiers of a recipe, per group and x."""
+    out = {}
+    for group in dict.fromkeys(tuple(r[k] for k in group_keys) for r in rows):
+        mine = [r for r in rows if tuple(r[k] for k in group_keys) == group]
+        xs = sorted({r[x_key] for r in mine})
+        vals = [[r[y_key] for r in mine if r[x_key] == x] for x in xs]
+        out[" ".join(str(g) for g in group)] = (xs, [statistics.fmean(v) for v in vals],
+                                                 [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals])
+    return out
+
+
+def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, modes="default,de,dda,dda-se",
+                   corruptions="all", severities="1-5", limit: int | None = None, seed: int = 0,
+                   out: str | Path, device: str = "cpu", batch_size: int = 256, de_step: int = 50,
+                   dda_t: int | None = None, dda_steps: int = 50, dda_scale: float = 6.0,
+                   dda_downsample: int | None = None, dda_norm: str = "image", analyses: bool = True,
+                   progress: bool = True) -> str:
+    """The CLI's job: every classifier x mode x corruption x severity (+ clean), sharded over torchrun ranks.
+
+    Writes ``out/results.csv``, ``out/table.md`` and, with ``analyses``, ``de_vs_t.{csv,png}`` and
+    ``entropy_vs_t.{csv,png}``. Returns the table text (empty on ranks other than 0).
+    """
+    from tqdm.auto import tqdm
+
+    from .corruptions import corrupt
+    from .data import load_corrupted
+    from .ensemble import ensemble_members
+    from .train_classifier import init_distributed
+
+    out = Path(out)
+    device = torch.device(device)
+    modes, severities, layout, names, test, models, den = _check_inputs(
+        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device)
+    if analyses and den is None:
+        raise InputError("the analyses (DE vs t, entropy vs t) need --denoiser; pass one or --no-analyses")
+    members = ensemble_members(de_step)
+    dda_kwargs = {"t_start": dda_t or (den.num_timesteps // 2 if den else 500), "steps": dda_steps,
+                  "guidance_scale": dda_scale, "downsample": dda_downsample, "norm": dda_norm}
+    if den is not None:
+        from .dda import dda_timesteps
+
+        if not 0 < dda_kwargs["t_start"] < den.num_timesteps:
+            raise InputError(f"--dda-t must lie in (0, {den.num_timesteps}), got {dda_kwargs['t_start']}")
+        dda_timesteps(dda_kwargs["t_start"], dda_steps)
+        if dda_norm not in ("image", "batch"):
+            raise InputError(f"--dda-norm must be image or batch, got {dda_norm!r}")
+        bad = [t for t in members if t >= den.num_timesteps]
+        if bad:
+            raise InputError(f"DE members {bad} exceed the denoiser's T = {den.num_timesteps}; use a smaller step")
+    if test is not None:
+        keep = _subset(len(test), limit)
+        clean_images, clean_labels = test.images[keep].to(device), test.labels[keep]
+        _check_shapes(models, den, clean_images, test.num_classes, str(data))
+    else:
+        probe = load_corrupted(data, names[0], severities[0])
+        _check_shapes(models, den, probe.images, probe.num_classes, f"{data} ({names[0]})")
+    conditions = ([(CLEAN, 0)] if test is not None else []) + [(c, s) for c in names for s in severities]
+
+    def condition_batch(corruption: str, severity: int):
+        if test is None:
+            ds = load_corrupted(data, corruption, severity)
+            keep = _subset(len(ds), limit)
+            return ds.images[keep].to(device), ds.labels[keep]
+        if corruption == CLEAN:
+            return clean_images, clean_labels
+        gen = keyed_generator(seed, corruption, severity, "corrupt", device=device)
+        return corrupt(clean_images, corruption, severity, generator=gen), clean_labels
+
+    dist_info = init_distributed(device)
+    mine = conditions[dist_info.rank :: dist_info.world]
+    rows = []
+    for corruption, severity in tqdm(mine, disable=not (progress and dist_info.main), desc="eval-shift"):
+        images, labels = condition_batch(corruption, severity)
+        rows += evaluate_condition(models, den, images, labels, modes, members=members, dda_kwargs=dda_kwargs,
+                                   seed=seed, key=(corruption, severity), batch_size=batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        shard = out / f"rows.rank{dist_info.rank}.json"
+        shard.write_text(json.dumps(rows))
+        dist.barrier()
+        if not dist_info.main:
+            return ""
+        rows = [r for k in range(dist_info.world) for r in json.loads((out / f"rows.rank{k}.json").read_text())]
+        for k in range(dist_info.world):
+            (out / f"rows.rank{k}.json").unlink()
+    order = {cond: i for i, cond in enumerate(conditions)}
+    rows.sort(key=lambda r: (order[(r["corruption"], r["severity"])], list(models).index(r["classifier"]),
+                             MODES.index(r["mode"])))
+    _write_csv(out / "results.csv", rows)
+    text = write_tables(out, rows, modes, severities)
+    if analyses:
+        top = max(severities)
+        batches = [((c, top), *condition_batch(c, top)) for c in names]
+        de_rows = de_accuracy_vs_t(models, den, batches, seed=seed, batch_size=batch_size)
+        _write_csv(out / "de_vs_t.csv", de_rows)
+        _plot(out / "de_vs_t.png", _series(de_rows, "t_max", "accuracy", ("recipe", "step")), "largest member t",
+              "DE accuracy", f"DE accuracy vs t, severity {top}, mean over {len(names)} corruptions (Fig. 12)")
+        entropy_images = clean_images if test is not None else batches[0][1]
+        ent_rows = entropy_vs_t(models, den, entropy_images, seed=seed, batch_size=batch_size)
+        _write_csv(out / "entropy_vs_t.csv", ent_rows)
+        _plot(out / "entropy_vs_t.png", _series(ent_rows, "t", "entropy", ("recipe",)), "t",
+              "mean entropy (nats)", "prediction entropy on DiffAug views vs t (Fig. 2)")
+        text += _analyses_text(de_rows, ent_rows)
+        (out / "table.md").write_text(text)
+    return text
+
+
+def _analyses_text(de_rows, ent_rows) -> str:
+    common = sorted({r["t_max"] for r in de_rows if r["t_max"] % 150 == 0})  # on every step's grid
+    lines = ["## DE accuracy vs largest member t (de_vs_t.png; % mean over classifiers)", "",
+             "| recipe | step | " + " | ".join(f"t<={t}" for t in common) + " |", "|" + "---|" * (2 + len(common))]
+    for label, (xs, means, stds) in _series([r for r in de_rows if r["t_max"] in common], "t_max", "accuracy",
+                                            ("recipe", "step")).items():
+        recipe, step = label.rsplit(" ", 1)
+        lines.append(f"| {recipe} | {step} | " + " | ".join(f"{100 * m:.1f}" for m in means) + " |")
+    lines += ["", "## Mean prediction entropy on DiffAug views vs t (entropy_vs_t.png)", ""]
+    series = _series(ent_rows, "t", "entropy", ("recipe",))
+    xs = next(iter(series.values()))[0]
+    lines += ["| recipe | " + " | ".join(f"t={t}" for t in xs) + " |", "|" + "---|" * (len(xs) + 1)]
+    for label, (_, means, stds) in series.items():
+        lines.append(f"| {label} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    return "\n".join(lines) + "\n"
