@@ -55,6 +55,19 @@ def dda_timesteps(t_start: int, steps: int) -> list[int]:
     return [round(t_start * (steps - i) / steps) for i in range(steps)]
 
 
+def guidance_gradient(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, ref_low: torch.Tensor, factor: int,
+                      norm: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, grad)``: the clipped one-step estimate at ``(x_t, t)`` (model space) and the gradient w.r.t.
+    ``x_t`` of ``|| ref_low - phi_D(x0_hat) ||`` (summed per-image norms, or one norm over the batch)."""
+    with torch.enable_grad():
+        x_in = x_t.detach().requires_grad_(True)
+        x0_hat = denoiser.predict_x0(x_in, t, clip=True)
+        diff = (ref_low - low_pass(x0_hat, factor)).flatten(1)
+        distance = diff.norm(dim=1).sum() if norm == "image" else diff.norm()
+        grad = torch.autograd.grad(distance, x_in)[0]
+    return x0_hat.detach(), grad
+
+
 def dda_adapt(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -109,11 +122,6 @@ def dda_adapt(
     for i, t in enumerate(times):
         a_t = alpha_bar[t]
         a_prev = alpha_bar[times[i + 1]] if i + 1 < len(times) else torch.ones((), device=device)
-        with torch.enable_grad():
-            x_in = x_t.detach().requires_grad_(True)
-            x0_hat = denoiser.predict_x0(x_in, torch.full((n,), t, device=device), clip=True)
-            diff = (ref_low - low_pass(x0_hat, factor)).flatten(1)
-            distance = diff.norm(dim=1).sum() if norm == "image" else diff.norm()
-            grad = torch.autograd.grad(distance, x_in)[0]
-        x_t = ddim_step(x_in.detach(), x0_hat.detach(), a_t, a_prev, 1.0, randn()) - weight * grad
+        x0_hat, grad = guidance_gradient(denoiser, x_t, torch.full((n,), t, device=device), ref_low, factor, norm)
+        x_t = ddim_step(x_t.detach(), x0_hat, a_t, a_prev, 1.0, randn()) - weight * grad
     return denoiser.decode(x_t).clamp(0, 1).detach()

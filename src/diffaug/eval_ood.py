@@ -27,6 +27,7 @@ from .classifier import load_classifier
 from .data import FAR_OOD_SETS, load_dataset, noise_images, photo_patches, subset_classes
 from .errors import InputError
 from .ood import PAPER_SCORES, SCORES, OODScorer, metrics, search_percentile
+from .report import mean_std
 
 COLUMN_NAMES = {"ash_s": "ASH", "msp": "MSP", "react": "ReAct", "scale": "SCALE"}
 
@@ -104,12 +105,7 @@ def _group_table(rows: list[dict], metric: str, group: str) -> list[str]:
             vals = [statistics.fmean(r[metric] for r in mine if r["classifier"] == k and r["score"] == c) for k in clfs]
             cells.append(vals)
         avgs = [statistics.fmean(v[i] for v in cells) for i in range(len(clfs))]
-
-        def fmt(v):
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            return f"{100 * statistics.fmean(v):.1f} +- {100 * sd:.1f}"
-
-        lines.append(f"| {recipe} ({len(clfs)}) | " + " | ".join(fmt(v) for v in cells) + f" | {fmt(avgs)} |")
+        lines.append(f"| {recipe} ({len(clfs)}) | " + " | ".join(mean_std(v) for v in cells) + f" | {mean_std(avgs)} |")
     return lines
 
 

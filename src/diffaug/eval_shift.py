@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .corruptions import parse_corruptions, parse_severities
+from .corruptions import ALL_CORRUPTIONS, parse_corruptions, parse_severities
 from .errors import InputError
+from .report import mean_std
 
 MODES = ("default", "de", "dda", "dda-se")
 TABLE_COLUMNS = (("dda", "DDA"), ("dda-se", "DDA-SE"), ("de", "DE"), ("default", "Default"))
@@ -47,13 +48,6 @@ def keyed_generator(seed: int, *keys, device: str | torch.device = "cpu") -> tor
     return torch.Generator(device=device).manual_seed(key)
 
 
-def mean_std(values, scale: float = 100.0, digits: int = 1) -> str:
-    """``"mean +- std"`` of ``values`` times ``scale`` (std 0 for a single value)."""
-    values = list(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.fmean(values):.{digits}f} +- {scale * sd:.{digits}f}"
-
-
 class _Clock:
     def __init__(self, device: torch.device):
         self.device = device
@@ -72,7 +66,8 @@ class _Clock:
             torch.cuda.synchronize(self.device)
 
 
-def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device):
+def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device,
+                  analyses):
     """Load and check everything before any work; returns what the run needs."""
     from .classifier import load_classifier
     from .data import corrupted_layout, corrupted_names, load_dataset
@@ -85,6 +80,9 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
     if batch_size < 1:
         raise InputError(f"--batch must be >= 1, got {batch_size}")
     layout = corrupted_layout(data) if str(data) != "digits" else None
+    if layout is None and Path(data).is_dir() and any(p.suffix == ".npy" or p.name in ALL_CORRUPTIONS
+                                                      for p in Path(data).iterdir()):
+        corrupted_names(data)  # looks like a broken ImageNet-C / CIFAR-10-C folder: raises what was expected
     if layout:
         available = corrupted_names(data)
         if corruptions in ("all", "all+extra", "extra"):
@@ -107,9 +105,10 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
         if key in models:
             key = str(folder)
         models[key] = model
-    den = load_denoiser(denoiser, device=device) if denoiser else None
-    if den is None and any(m != "default" for m in modes):
-        raise InputError(f"modes {', '.join(m for m in modes if m != 'default')} need --denoiser")
+    needs = [m for m in modes if m != "default"] + (["the analyses (or pass --no-analyses)"] if analyses else [])
+    if needs and not denoiser:
+        raise InputError(f"{', '.join(needs)} need --denoiser")
+    den = load_denoiser(denoiser, device=device) if needs else None
     return modes, severities, layout, names, test, models, den
 
 
@@ -353,9 +352,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     out = Path(out)
     device = torch.device(device)
     modes, severities, layout, names, test, models, den = _check_inputs(
-        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device)
-    if analyses and den is None:
-        raise InputError("the analyses (DE vs t, entropy vs t) need --denoiser; pass one or --no-analyses")
+        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses)
     members = ensemble_members(de_step)
     dda_kwargs = {"t_start": dda_t or (den.num_timesteps // 2 if den else 500), "steps": dda_steps,
                   "guidance_scale": dda_scale, "downsample": dda_downsample, "norm": dda_norm}

@@ -6,6 +6,15 @@ from pathlib import Path
 
 import torch
 
+def mean_std(values, scale: float = 100.0, digits: int = 1) -> str:
+    """``"mean +- std"`` of ``values`` times ``scale`` (sample std; 0 for a single value)."""
+    import statistics
+
+    values = list(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.fmean(values):.{digits}f} +- {scale * sd:.{digits}f}"
+
+
 AUGMENTATION_TIMES = tuple(range(350, 701, 50))  # the paper's Figure 1 columns
 
 
