@@ -135,3 +135,25 @@ def test_mismatched_classifier_denoiser_and_layout_fail_early(tmp_path, clfs, ca
     err = capsys.readouterr().err
     assert "neither CIFAR-10-C" in err and "ImageNet-C" in err and "found ['fog']" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_shards_conditions_and_matches_one_process(tmp_path, clfs):
+    import os
+    import subprocess
+    import sys
+
+    args = ["eval-shift", "--classifier", clfs[0], "--modes", "default,de", "--corruptions", "fog,snow,contrast",
+            "--severities", "5", "--limit", "10", "--no-analyses", "--quiet", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "diffaug.cli", *args, "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+
+    def acc(folder):
+        return [(r["corruption"], r["mode"], r["accuracy"]) for r in _rows(folder / "results.csv")]
+
+    assert acc(tmp_path / "ddp") == acc(tmp_path / "one") and len(acc(tmp_path / "one")) == 2 * 4
+    assert not list((tmp_path / "ddp").glob("rows.rank*.json"))

@@ -208,13 +208,13 @@ def de_accuracy_vs_t(models: dict, den, batches, *, seed: int, t_max: int = 450,
 
 
 @torch.no_grad()
-def entropy_vs_t(models: dict, den, images: torch.Tensor, *, seed: int, num_points: int = 20,
+def entropy_vs_t(models: dict, den, images: torch.Tensor, *, seed: int, num_points: int = 21,
                  batch_size: int = 256) -> list[dict]:
     """Figure 2: mean entropy (nats) of each classifier's softmax on DiffAug views at t from 0 to T - 1."""
     from .ensemble import ensemble_probs, ensemble_views
 
     T = den.num_timesteps
-    times = sorted({round(i * (T - 1) / (num_points - 1)) for i in range(num_points)})
+    times = sorted(set(range(0, T, max(1, T // (num_points - 1)))) | {T - 1})  # 0, 50, ..., 950, 999 for T = 1000
     gen = keyed_generator(seed, "entropy", device=images.device)
     sums = {(c, t): 0.0 for c in models for t in times}
     for start in range(0, images.shape[0], batch_size):
@@ -429,7 +429,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
 
 def _analyses_text(de_rows, ent_rows) -> str:
     common = sorted({r["t_max"] for r in de_rows if r["t_max"] % 150 == 0})  # on every step's grid
-    lines = ["## DE accuracy vs largest member t (de_vs_t.png; % mean over classifiers)", "",
+    lines = ["", "## DE accuracy vs largest member t (de_vs_t.png; % mean over classifiers)", "",
              "| recipe | step | " + " | ".join(f"t<={t}" for t in common) + " |", "|" + "---|" * (2 + len(common))]
     for label, (xs, means, stds) in _series([r for r in de_rows if r["t_max"] in common], "t_max", "accuracy",
                                             ("recipe", "step")).items():
