@@ -80,6 +80,59 @@ def cmd_eval_shift(args) -> None:
         print(table)
 
 
+def cmd_train_guidance(args) -> None:
+    from .train_guidance import GuidanceTrainConfig, train_guidance
+
+    cfg = GuidanceTrainConfig(kind=args.kind, data=args.data, denoiser=args.denoiser, seed=args.seed)
+    for name in ("steps", "batch_size", "lr", "width", "checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    train_guidance(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
+
+
+def cmd_sample(args) -> None:
+    import math
+
+    import torch
+    from torchvision.utils import save_image
+
+    from .denoiser import load_denoiser
+    from .guidance import guided_sample
+    from .train_guidance import load_guidance
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out must name a .png file, got {out}")
+    if args.n < 1:
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    if not math.isfinite(args.scale):
+        raise InputError(f"--scale must be a finite number, got {args.scale}")
+    device = _device(args.device)
+    den = load_denoiser(args.denoiser, device=device)
+    guidance = load_guidance(args.guidance, den)
+    k = guidance.spec["num_classes"]
+    if not 0 <= args.cls < k:
+        raise InputError(f"--class {args.cls} does not exist; the guidance classifier has classes 0..{k - 1}")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    y = torch.full((args.n,), args.cls, dtype=torch.long)
+    samples = guided_sample(den, guidance, y, steps=args.steps, scale=args.scale, sampler=args.sampler, generator=gen)
+    scale = max(1, 64 // samples.shape[-1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.nn.functional.interpolate(samples.cpu(), scale_factor=scale, mode="nearest"), out,
+               nrow=min(args.n, 10), padding=2, pad_value=0.5)
+    print(f"wrote {out}")
+
+
+def cmd_eval_guidance(args) -> None:
+    from .eval_guidance import run_eval_guidance
+
+    print(run_eval_guidance(guidance=args.guidance, denoiser=args.denoiser, data=args.data,
+                            clean_classifier=args.clean_classifier, per_class=args.per_class, steps=args.steps,
+                            scale=args.scale, sampler=args.sampler, seed=args.seed, out=args.out,
+                            device=_device(args.device), progress=not args.quiet))
+
+
 def cmd_show_augmentations(args) -> None:
     from .report import show_augmentations
 
@@ -203,6 +256,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval_shift)
+
+    p = sub.add_parser("train-guidance", help="train a noisy or denoise-augmented (DA) guidance classifier")
+    p.add_argument("--kind", required=True, choices=["noisy", "da"])
+    p.add_argument("--data", default="digits")
+    p.add_argument("--denoiser", default="digits")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--width", type=int)
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_guidance)
+
+    p = sub.add_parser("sample", help="classifier-guided samples of one class from an unconditional denoiser")
+    p.add_argument("--denoiser", default="digits")
+    p.add_argument("--guidance", required=True, help="a train-guidance folder")
+    p.add_argument("--class", dest="cls", type=int, required=True)
+    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval-guidance", help="guidance classifiers: Table 4, accuracy vs t, guided-generation metrics")
+    p.add_argument("--guidance", nargs="+", required=True, help="train-guidance folder(s)")
+    p.add_argument("--denoiser", default="digits")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--clean-classifier", dest="clean_classifier", help="a classifier folder for the clean line")
+    p.add_argument("--per-class", dest="per_class", type=int, default=50)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval_guidance)
 
     p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")

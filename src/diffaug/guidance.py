@@ -1,0 +1,169 @@
+"""Time-conditioned guidance classifiers and classifier-guided sampling (the paper's Section 5).
+
+Two kinds, both trained on forward-diffused images with t uniform over the schedule:
+
+* ``noisy``: ``f(x_t, t)`` (Dhariwal & Nichol's noisy classifier);
+* ``da`` (denoise-augmented): ``f([x_t, x0_hat(x_t)], t)`` where ``x0_hat`` is the frozen denoiser's one-step
+  estimate. The two images are **stacked as channels** (2C input channels) of one network; at sampling time the
+  gradient of ``log p(y | x_t)`` flows through the denoiser's estimate as well.
+
+Inputs ``x_t`` are in the denoiser's model space ([-1, 1] data plus noise), like the denoiser's own inputs.
+The network is a small CNN whose blocks are shifted and scaled by an MLP of a sinusoidal embedding of t
+(FiLM, as in the UNet's ResNet blocks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .denoiser import Denoiser
+from .errors import InputError
+
+KINDS = ("noisy", "da")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[N, dim]`` of integer timesteps (the transformer / DDPM one)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class _FiLMBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, cout)
+        self.film = nn.Linear(emb_dim, 2 * cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = F.silu(self.norm1(self.conv1(x)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(self.norm2(self.conv2(h)) * (1 + scale) + shift)
+        return h + self.skip(x)
+
+
+class TimeConditionedCNN(nn.Module):
+    """``net(x, t) -> logits``: FiLM-conditioned CNN, two stages (full and half resolution), global pooling."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, emb_dim: int = 64):
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        groups = 8 if width % 8 == 0 else 1
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.block1 = _FiLMBlock(width, width, emb_dim, groups)
+        self.block2 = _FiLMBlock(width, 2 * width, emb_dim, groups)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.emb_dim))
+        h = self.block1(self.stem(x), emb)
+        h = self.block2(F.avg_pool2d(h, 2) if min(h.shape[-2:]) >= 4 else h, emb)
+        return self.head(h.mean((2, 3)))
+
+
+class GuidanceClassifier(nn.Module):
+    """A guidance classifier ``p(y | x_t)``: logits from ``(x_t, t)`` in model space.
+
+    Args:
+        kind: ``"noisy"`` or ``"da"``.
+        net: a ``net(x, t) -> logits`` module taking C (noisy) or 2C (da) channels.
+        denoiser: the frozen diffusion model (needed for ``da``; its schedule and image size define the
+            classifier's).
+    """
+
+    def __init__(self, kind: str, net: nn.Module, denoiser: Denoiser):
+        super().__init__()
+        if kind not in KINDS:
+            raise InputError(f"unknown guidance kind {kind!r}; use noisy or da")
+        self.kind = kind
+        self.net = net
+        self.denoiser = denoiser  # a submodule, so .to() moves it; its weights are not saved with the classifier
+        for p in denoiser.parameters():
+            p.requires_grad_(False)
+
+    def inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network sees: ``x_t`` or ``[x_t, x0_hat(x_t)]`` (differentiable w.r.t. ``x_t``)."""
+        if self.kind == "noisy":
+            return x_t
+        return torch.cat([x_t, self.denoiser.predict_x0(x_t, t, cond_weight=0 if self.denoiser.is_conditional
+                                                          else None, clip=True)], dim=1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(self.inputs(x_t, t), t)
+
+    def grad_log_prob(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``grad_{x_t} log p(y | x_t)`` ``[N, C, H, W]`` (through the denoiser for ``da``)."""
+        with torch.enable_grad():
+            x_in = x_t.detach().requires_grad_(True)
+            logp = F.log_softmax(self(x_in, t).float(), dim=1)
+            selected = logp[torch.arange(len(y), device=y.device), y].sum()
+            return torch.autograd.grad(selected, x_in)[0]
+
+
+def build_guidance(kind: str, denoiser: Denoiser, num_classes: int, width: int = 32, seed: int = 0):
+    from .seeding import private_seed
+
+    with private_seed(seed):
+        net = TimeConditionedCNN(denoiser.channels * (2 if kind == "da" else 1), num_classes, width=width)
+    return GuidanceClassifier(kind, net, denoiser)
+
+
+def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Tensor, *, steps: int = 100,
+                  scale: float = 1.0, sampler: str = "ddpm", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Classifier-guided samples of classes ``y`` ``[N]`` from the denoiser used unconditionally.
+
+    * ``ddpm`` (Dhariwal & Nichol, Alg. 1): ancestral steps with the posterior mean shifted by
+      ``scale * variance * grad log p(y | x_t)``;
+    * ``ddim`` (Alg. 2): ``eps_hat = eps - sqrt(1 - alpha_bar_t) * scale * grad``, then a deterministic DDIM step.
+
+    ``steps`` evenly spaced timesteps from ``T - 1`` to 0. Returns images ``[N, C, H, W]`` in [0, 1].
+    """
+    from .sampling import ddim_step, sampling_timesteps
+
+    if sampler not in ("ddpm", "ddim"):
+        raise InputError(f"unknown sampler {sampler!r}; use ddpm or ddim")
+    if not math.isfinite(scale):
+        raise InputError(f"guidance scale must be a finite number, got {scale}")
+    num_classes = guidance.net.head.out_features if hasattr(guidance.net, "head") else None
+    if num_classes is not None and ((y < 0) | (y >= num_classes)).any():
+        raise InputError(f"class index out of range: the guidance classifier has classes 0..{num_classes - 1}")
+    device = denoiser.alpha_bar.device
+    y = y.to(device)
+    n = y.shape[0]
+    H, W = denoiser.image_size
+    gen_device = generator.device if generator is not None else device
+
+    def randn():
+        return torch.randn((n, denoiser.channels, H, W), generator=generator, device=gen_device).to(device)
+
+    uncond = 0 if denoiser.is_conditional else None
+    alpha_bar = denoiser.alpha_bar.to(device)
+    ts = sampling_timesteps(denoiser.num_timesteps, steps)
+    x = randn()
+    for i, t in enumerate(ts):
+        tt = torch.full((n,), t, device=device)
+        a_t = alpha_bar[t]
+        a_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
+        grad = guidance.grad_log_prob(x, tt, y) if scale else torch.zeros_like(x)
+        with torch.no_grad():
+            eps = denoiser.predict_eps(x, tt, cond_weight=uncond)
+            if sampler == "ddim":
+                eps = eps - (1 - a_t).sqrt() * scale * grad
+                x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+                x = ddim_step(x, x0, a_t, a_prev, 0.0, torch.zeros_like(x))
+            else:
+                x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+                var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+                mean = ddim_step(x, x0, a_t, a_prev, 1.0, torch.zeros_like(x)) + scale * var * grad
+                x = mean + var.clamp(min=0).sqrt() * randn()
+    return denoiser.decode(x).clamp(0, 1)
