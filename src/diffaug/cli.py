@@ -133,6 +133,41 @@ def cmd_eval_guidance(args) -> None:
                             device=_device(args.device), progress=not args.quiet))
 
 
+def cmd_pag(args) -> None:
+    import torch
+
+    from .classifier import load_classifier
+    from .data import load_dataset
+    from .denoiser import load_denoiser
+    from .pag import write_pag
+    from .train_guidance import load_guidance
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out must name a .png file, got {out}")
+    if not args.classifier and not args.guidance:
+        raise InputError("give at least one --classifier or --guidance folder")
+    if args.n < 1:
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    device = _device(args.device)
+    den = load_denoiser(args.denoiser, device=device)
+    if not 0 <= args.t < den.num_timesteps:
+        raise InputError(f"--t must lie in [0, {den.num_timesteps}), got {args.t}")
+    models = {}
+    for folder in args.classifier or []:
+        model = load_classifier(folder, device=device).eval()
+        models[f"{model.spec.get('recipe', '?')}: {Path(folder).name}"] = model
+    for folder in args.guidance or []:
+        g = load_guidance(folder, den)
+        models[f"{g.kind} guidance: {Path(folder).name}"] = g
+    test = load_dataset(args.data, "test")
+    den.check_images(test.images[:1], name=f"images of {args.data}")
+    idx = torch.cat([torch.nonzero(test.labels == c)[:1, 0] for c in range(test.num_classes)])[: args.n]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    write_pag(den, test.images[idx].to(device), test.labels[idx].to(device), models, out, t=args.t, generator=gen)
+    print(f"wrote {out}")
+
+
 def cmd_show_augmentations(args) -> None:
     from .report import show_augmentations
 
@@ -300,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval_guidance)
+
+    p = sub.add_parser("pag", help="perceptually aligned gradients through the denoiser (the paper's Figure 3)")
+    p.add_argument("--classifier", nargs="*", help="classifier folder(s), e.g. a plain and a DiffAug-trained one")
+    p.add_argument("--guidance", nargs="*", help="guidance classifier folder(s) (noisy, da)")
+    p.add_argument("--denoiser", default="digits")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--t", type=int, default=300)
+    p.add_argument("--n", type=int, default=6, help="test images, one per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_pag)
 
     p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")

@@ -1,0 +1,86 @@
+"""Perceptually aligned gradients (the paper's Figure 3): what a classifier's gradient looks like through DiffAug.
+
+An image is diffused to ``t`` (default 300) and the gradient of ``log p(y | x0_hat(x_t))`` is taken with respect to
+``x_t``, through the denoiser's one-step estimate; a guidance classifier's gradient is ``grad log p(y | x_t)``
+(through the denoiser too for a DA classifier). Each gradient is min-max normalised per image for display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .denoiser import Denoiser
+from .errors import InputError
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max normalisation to [0, 1] of ``[N, C, H, W]`` (a constant image maps to 0.5)."""
+    flat = x.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    out = torch.where(hi > lo, (flat - lo) / (hi - lo).clamp(min=1e-12), torch.full_like(flat, 0.5))
+    return out.view_as(x)
+
+
+def classifier_gradient(classifier, den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``grad_{x_t} log p(y | x0_hat(x_t))`` for a classifier of images in [0, 1] (x_t in model space)."""
+    with torch.enable_grad():
+        x_in = x_t.detach().requires_grad_(True)
+        x0 = den.predict_x0(x_in, t, cond_weight=0 if den.is_conditional else None, clip=True)
+        logp = F.log_softmax(classifier(den.decode(x0)).float(), 1)[torch.arange(len(y), device=y.device), y]
+        return torch.autograd.grad(logp.sum(), x_in)[0]
+
+
+def pag_panel(den: Denoiser, images: torch.Tensor, labels: torch.Tensor, models: dict, *, t: int = 300,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Columns ``[image, x_t, gradient of each model]`` as ``[N, 2 + len(models), C, H, W]`` in [0, 1].
+
+    ``models``: name -> a classifier of [0, 1] images, or a :class:`~diffaug.guidance.GuidanceClassifier`.
+    """
+    from .guidance import GuidanceClassifier
+
+    if not 0 <= t < den.num_timesteps:
+        raise InputError(f"--t must lie in [0, {den.num_timesteps}), got {t}")
+    den.check_images(images)
+    n = images.shape[0]
+    tt = torch.full((n,), t, device=images.device)
+    gen_device = generator.device if generator is not None else images.device
+    noise = torch.randn(images.shape, generator=generator, device=gen_device).to(images.device)
+    x_t = den.q_sample(den.encode(images), tt, noise)
+    cols = [images, den.decode(x_t).clamp(0, 1)]
+    for model in models.values():
+        if isinstance(model, GuidanceClassifier):
+            grad = model.grad_log_prob(x_t, tt, labels)
+        else:
+            grad = classifier_gradient(model, den, x_t, tt, labels)
+        cols.append(minmax(grad))
+    return torch.stack(cols, dim=1)
+
+
+def write_pag(den: Denoiser, images, labels, models: dict, out: str | Path, *, t: int = 300,
+              generator: torch.Generator | None = None) -> Path:
+    """Draw the panel with matplotlib: one row per image, titled columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panel = pag_panel(den, images, labels, models, t=t, generator=generator).detach().cpu()
+    names = ["image", f"x_t (t={t})", *models]
+    n, k = panel.shape[:2]
+    fig, axes = plt.subplots(n, k, figsize=(1.4 * k, 1.4 * n), squeeze=False)
+    for i in range(n):
+        for j in range(k):
+            img = panel[i, j]
+            axes[i, j].imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(names[j], fontsize=6)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
