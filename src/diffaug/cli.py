@@ -168,6 +168,24 @@ def cmd_pag(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_toy(args) -> None:
+    import json
+
+    from .toy import toy_demo
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out must name a .png file, got {out}")
+    if any(not 0 <= t < 1000 for t in args.t):
+        raise InputError(f"--t values must lie in [0, 1000), got {args.t}")
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    result = toy_demo(out, times=tuple(args.t), steps=args.steps, seed=args.seed)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    for row in result["per_t"]:
+        print(f"t={row['t']}: mean distance to the data, noised {row['noisy']:.3f} -> one-step {row['one_step']:.3f}")
+
+
 def cmd_show_augmentations(args) -> None:
     from .report import show_augmentations
 
@@ -347,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device")
     p.set_defaults(func=cmd_pag)
+
+    p = sub.add_parser("toy", help="2-D demonstration: one-step denoising lands near the data (Figure 5)")
+    p.add_argument("--t", type=int, nargs="+", default=[50, 150, 300])
+    p.add_argument("--steps", type=int, default=3000, help="training steps of the 2-D model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG file to write (numbers go to the same name .json)")
+    p.set_defaults(func=cmd_toy)
 
     p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")
