@@ -150,3 +150,22 @@ def test_sample_cli_errors(tmp_path, capsys):
     assert main(["sample", "--guidance", str(tmp_path / "g"), "--class", "1", "--n", "3", "--steps", "4",
                  "--out", str(tmp_path / "a.png")]) == 0
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_semi_supervised_split_and_consistency():
+    from diffaug.train_guidance import consistency_loss, labelled_split
+
+    labels = torch.arange(10).repeat_interleave(20)
+    keep, rest = labelled_split(labels, 0.1, seed=0)
+    assert len(keep) == 20 and torch.bincount(labels[keep]).tolist() == [2] * 10
+    assert len(set(keep.tolist()) | set(rest.tolist())) == 200 and not set(keep.tolist()) & set(rest.tolist())
+    den = tiny_denoiser()
+    g = build_guidance("da", den, 10)
+    x0 = torch.rand(6, 1, 8, 8, generator=gen()) * 2 - 1
+    loss = consistency_loss(g, x0, 50, gen())
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad is not None for p in g.net.parameters() if p.requires_grad)
+    with pytest.raises(InputError, match="unlabelled"):
+        GuidanceTrainConfig(consistency_weight=1.0).validate()
+    with pytest.raises(InputError, match="labelled_fraction"):
+        GuidanceTrainConfig(labelled_fraction=0).validate()

@@ -84,7 +84,8 @@ def cmd_train_guidance(args) -> None:
     from .train_guidance import GuidanceTrainConfig, train_guidance
 
     cfg = GuidanceTrainConfig(kind=args.kind, data=args.data, denoiser=args.denoiser, seed=args.seed)
-    for name in ("steps", "batch_size", "lr", "width", "checkpoint_every"):
+    for name in ("steps", "batch_size", "lr", "width", "checkpoint_every", "labelled_fraction",
+                 "consistency_weight", "consistency_delta"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -319,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--width", type=int)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    p.add_argument("--labelled-fraction", dest="labelled_fraction", type=float,
+                   help="keep labels for this share of the train split (stratified)")
+    p.add_argument("--consistency-weight", dest="consistency_weight", type=float,
+                   help="> 0: semi-supervised temporal consistency on the unlabelled rest")
+    p.add_argument("--consistency-delta", dest="consistency_delta", type=int, help="t vs t + delta (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", required=True)

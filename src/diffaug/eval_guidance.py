@@ -47,7 +47,7 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
 
     rows = {}
     for name, g in models.items():
-        rows[name] = {"kind": g.kind, **accuracy_over_t(g, images, labels,
+        rows[name] = {"kind": _label(g), **accuracy_over_t(g, images, labels,
                                                         generator=torch.Generator(device=device).manual_seed(seed))}
     if clean is not None:
         class _Clean(torch.nn.Module):  # a clean classifier sees the noisy image mapped back to [0, 1]
@@ -68,7 +68,7 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     for name, g in tqdm(models.items(), disable=not progress, desc="guided sampling"):
         samples = guided_sample(den, g, y, steps=steps, scale=scale, sampler=sampler,
                                 generator=torch.Generator(device=device).manual_seed(seed))
-        gen_rows[name] = {"kind": g.kind, **generation_metrics(judge, images, samples, y)}
+        gen_rows[name] = {"kind": _label(g), **generation_metrics(judge, images, samples, y)}
         _save_grid(samples, y, out / f"samples_{g.kind}_{Path(name).name}.png")
     write_json(out / "results.json", {"accuracy_over_t": rows, "generation": gen_rows,
                                       "settings": {"per_class": per_class, "steps": steps, "scale": scale,
@@ -94,6 +94,14 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
+
+
+def _label(g) -> str:
+    """``noisy``, ``da``, or e.g. ``da 10% labels + consistency`` for semi-supervised runs."""
+    frac = g.spec.get("labelled_fraction", 1.0)
+    if frac >= 1:
+        return g.kind
+    return f"{g.kind} {100 * frac:g}% labels" + (" + consistency" if g.spec.get("consistency_weight") else "")
 
 
 def _save_grid(samples, y, path):

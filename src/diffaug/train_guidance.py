@@ -42,8 +42,18 @@ class GuidanceTrainConfig:
     width: int = 32
     seed: int = 0
     checkpoint_every: int = 500
+    labelled_fraction: float = 1.0  # < 1: keep labels for this stratified share of the train split only
+    consistency_weight: float = 0.0  # > 0: semi-supervised, temporal consistency on the unlabelled rest
+    consistency_delta: int = 50  # the nearby time is t + delta (clamped to T - 1)
 
     def validate(self) -> None:
+        if not 0 < self.labelled_fraction <= 1:
+            raise InputError(f"labelled_fraction must lie in (0, 1], got {self.labelled_fraction}")
+        if self.consistency_weight < 0 or self.consistency_delta < 1:
+            raise InputError(f"consistency_weight must be >= 0 and consistency_delta >= 1, got "
+                             f"{self.consistency_weight} and {self.consistency_delta}")
+        if self.consistency_weight > 0 and self.labelled_fraction == 1:
+            raise InputError("consistency_weight > 0 needs unlabelled images: set labelled_fraction below 1")
         if self.kind not in KINDS:
             raise InputError(f"unknown --kind {self.kind!r}; use noisy or da")
         if self.steps < 1 or self.batch_size < 1 or self.width < 1:
@@ -59,6 +69,33 @@ def noisy_batch(den: Denoiser, images: torch.Tensor, generator: torch.Generator 
     t = torch.randint(0, den.num_timesteps, (n,), generator=generator, device=images.device)
     noise = torch.randn(images.shape, generator=generator, device=images.device)
     return den.q_sample(den.encode(images), t, noise), t
+
+
+def labelled_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified ``(labelled, unlabelled)`` indices: ``max(1, round(fraction * n_c))`` of each class labelled."""
+    gen = torch.Generator().manual_seed(seed)
+    keep, rest = [], []
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c)[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = max(1, round(fraction * len(idx)))
+        keep.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.cat(keep).sort().values, torch.cat(rest).sort().values
+
+
+def consistency_loss(model: GuidanceClassifier, x0: torch.Tensor, delta: int, generator) -> torch.Tensor:
+    """Temporal consistency on unlabelled model-space images: the prediction at ``t + delta`` is pulled towards
+    the (stop-gradient) prediction at ``t``, both from the same noise draw."""
+    den = model.denoiser
+    n = x0.shape[0]
+    t = torch.randint(0, den.num_timesteps, (n,), generator=generator, device=x0.device)
+    t2 = (t + delta).clamp(max=den.num_timesteps - 1)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    with torch.no_grad():
+        target = model(den.q_sample(x0, t, noise), t).softmax(1)
+        inputs2 = model.inputs(den.q_sample(x0, t2, noise), t2)
+    return F.cross_entropy(model.net(inputs2, t2), target)
 
 
 def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: bool = False,
@@ -100,16 +137,22 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out_dir / "train_config.json", config_json)
-    images, labels = train.images.to(device), train.labels.to(device)
+    labelled, unlabelled = labelled_split(train.labels, cfg.labelled_fraction, cfg.seed)
+    images, labels = train.images[labelled].to(device), train.labels[labelled].to(device)
+    extra_images = train.images[unlabelled].to(device)
     model.net.train()
     log, t0 = [], time.perf_counter()
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                      desc=f"train-guidance ({cfg.kind})"):
-        idx = _batch_indices(len(train), cfg.batch_size, step, cfg.seed).to(device)
+        idx = _batch_indices(len(images), min(cfg.batch_size, len(images)), step, cfg.seed).to(device)
         x_t, t = noisy_batch(den, images[idx], gen)
         with torch.no_grad():
             inputs = model.inputs(x_t, t)
         loss = F.cross_entropy(model.net(inputs, t), labels[idx])
+        if cfg.consistency_weight > 0:
+            uidx = _batch_indices(len(extra_images), cfg.batch_size, step, cfg.seed + 1).to(device)
+            loss = loss + cfg.consistency_weight * consistency_loss(
+                model, den.encode(extra_images[uidx]), cfg.consistency_delta, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -125,8 +168,10 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
             ckpt.save_safetensors(tensors, ckpt_path, metadata={
                 "step": step + 1, "config": config_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict()})
     model.net.eval()
-    save_guidance(model, out_dir, classes=train.classes, extra={"data": cfg.data, "denoiser": cfg.denoiser,
-                                                                "seed": cfg.seed, "steps": cfg.steps})
+    save_guidance(model, out_dir, classes=train.classes, extra={
+        "data": cfg.data, "denoiser": cfg.denoiser, "seed": cfg.seed, "steps": cfg.steps,
+        "labelled_fraction": cfg.labelled_fraction, "consistency_weight": cfg.consistency_weight,
+        "labelled_images": len(labelled)})
     metrics = accuracy_over_t(model, test.images.to(device), test.labels.to(device),
                               generator=torch.Generator(device=device).manual_seed(cfg.seed + 1))
     metrics["seconds"] = time.perf_counter() - t0
