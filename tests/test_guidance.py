@@ -169,3 +169,29 @@ def test_semi_supervised_split_and_consistency():
         GuidanceTrainConfig(consistency_weight=1.0).validate()
     with pytest.raises(InputError, match="labelled_fraction"):
         GuidanceTrainConfig(labelled_fraction=0).validate()
+
+
+@pytest.mark.slow
+def test_eval_guidance_cli_end_to_end(tmp_path):
+    import json
+
+    from diffaug.classifier import create_classifier, save_classifier
+
+    for kind in ("noisy", "da"):
+        assert main(["train-guidance", "--kind", kind, "--steps", "4", "--batch-size", "16", "--out",
+                     str(tmp_path / kind), "--quiet"]) == 0
+        assert 0 <= json.loads((tmp_path / kind / "metrics.json").read_text())["accuracy"] <= 1
+    save_classifier(create_classifier("small_cnn", 10, 1, seed=0), tmp_path / "clean")
+    out = tmp_path / "o"
+    assert main(["eval-guidance", "--guidance", str(tmp_path / "noisy"), str(tmp_path / "da"), "--clean-classifier",
+                 str(tmp_path / "clean"), "--per-class", "3", "--steps", "3", "--out", str(out), "--quiet"]) == 0
+    table = (out / "table.md").read_text()
+    assert "| noisy (1) |" in table and "| da (1) |" in table and "| clean (1) |" in table
+    assert "| guidance (n) | FID (lower better) |" in table
+    results = json.loads((out / "results.json").read_text())
+    assert {r["kind"] for r in results["generation"].values()} == {"noisy", "da"}
+    assert (out / "accuracy_vs_t.png").stat().st_size > 0 and list(out.glob("samples_da_*.png"))
+    only = tmp_path / "only"
+    assert main(["eval-guidance", "--guidance", str(tmp_path / "da"), "--no-generation", "--out", str(only),
+                 "--quiet"]) == 0
+    assert "Guided generation" not in (only / "table.md").read_text()

@@ -131,7 +131,8 @@ def cmd_eval_guidance(args) -> None:
     print(run_eval_guidance(guidance=args.guidance, denoiser=args.denoiser, data=args.data,
                             clean_classifier=args.clean_classifier, per_class=args.per_class, steps=args.steps,
                             scale=args.scale, sampler=args.sampler, seed=args.seed, out=args.out,
-                            device=_device(args.device), progress=not args.quiet))
+                            device=_device(args.device), generation=not args.no_generation,
+                            progress=not args.quiet))
 
 
 def cmd_pag(args) -> None:
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoiser", default="digits")
     p.add_argument("--data", default="digits")
     p.add_argument("--clean-classifier", dest="clean_classifier", help="a classifier folder for the clean line")
+    p.add_argument("--no-generation", dest="no_generation", action="store_true",
+                   help="only the accuracy table and plot (no guided sampling)")
     p.add_argument("--per-class", dest="per_class", type=int, default=50)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--scale", type=float, default=1.0)

@@ -20,7 +20,8 @@ from .report import mean_std
 
 def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits", clean_classifier: str | None = None,
                       per_class: int = 50, steps: int = 100, scale: float = 1.0, sampler: str = "ddpm",
-                      seed: int = 0, out: str | Path, device: str = "cpu", progress: bool = True) -> str:
+                      seed: int = 0, out: str | Path, device: str = "cpu", generation: bool = True,
+                      progress: bool = True) -> str:
     from tqdm.auto import tqdm
 
     from .classifier import create_classifier, load_classifier
@@ -61,11 +62,14 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
         rows[str(clean_classifier)] = {"kind": "clean", **accuracy_over_t(
             _Clean(), images, labels, generator=torch.Generator(device=device).manual_seed(seed))}
 
-    judge = fit_classifier(create_classifier("small_cnn", train.num_classes, train.images.shape[1], seed=seed),
-                           train, generator=torch.Generator().manual_seed(seed), device=device)
+    models_for_generation = models if generation else {}
+    judge = None
+    if models_for_generation:
+        judge = fit_classifier(create_classifier("small_cnn", train.num_classes, train.images.shape[1], seed=seed),
+                               train, generator=torch.Generator().manual_seed(seed), device=device)
     y = torch.arange(train.num_classes, device=device).repeat_interleave(per_class)
     gen_rows = {}
-    for name, g in tqdm(models.items(), disable=not progress, desc="guided sampling"):
+    for name, g in tqdm(models_for_generation.items(), disable=not progress, desc="guided sampling"):
         samples = guided_sample(den, g, y, steps=steps, scale=scale, sampler=sampler,
                                 generator=torch.Generator(device=device).manual_seed(seed))
         gen_rows[name] = {"kind": _label(g), **generation_metrics(judge, images, samples, y)}
@@ -81,6 +85,10 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     for kind in kinds:
         vals = [r["accuracy"] for r in rows.values() if r["kind"] == kind]
         lines.append(f"| {kind} ({len(vals)}) | {mean_std(vals)} |")
+    if not gen_rows:
+        text = "\n".join(lines) + "\n"
+        (out / "table.md").write_text(text)
+        return text
     lines += ["", f"## Guided generation ({sampler}, {steps} steps, scale {scale}, {per_class} per class)", "",
               "Feature network and judge: a small CNN trained on the real train split (Inception weights cannot be "
               "fetched here), so FID / IS are in its feature space. Real set: the test split.", "",
