@@ -188,6 +188,18 @@ def cmd_toy(args) -> None:
         print(f"t={row['t']}: mean distance to the data, noised {row['noisy']:.3f} -> one-step {row['one_step']:.3f}")
 
 
+def cmd_study(args) -> None:
+    from .study import StudyConfig, run_study
+
+    cfg = StudyConfig.from_file(args.config, quick=args.quick)
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    cfg.device = _device(args.device)
+    results = run_study(cfg, args.out, only=args.only, progress=not args.quiet)
+    held = sum(1 for c in results["claims"] if c["holds"])
+    print(f"study: {held} of {len(results['claims'])} claims hold here; report: {Path(args.out) / 'report.html'}")
+
+
 def cmd_show_augmentations(args) -> None:
     from .report import show_augmentations
 
@@ -381,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG file to write (numbers go to the same name .json)")
     p.set_defaults(func=cmd_toy)
+
+    p = sub.add_parser("study", help="the paper's whole evaluation, cached per stage, with a report (the main job)")
+    p.add_argument("--config", help="JSON file of settings (see diffaug.study.StudyConfig)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--quick", action="store_true", help="a small, fast configuration (smoke tests, CI)")
+    p.add_argument("--only", help="run this stage (and any stage it needs that is missing)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")

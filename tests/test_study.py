@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from diffaug import InputError
+from diffaug.cli import main
+from diffaug.study import STAGES, StudyConfig, build_claims
+
+
+@pytest.mark.slow
+def test_quick_study_writes_the_report_and_reuses_stages(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["study", "--quick", "--out", str(out), "--quiet"]) == 0
+    for name in ("report.html", "report.md", "results.json"):
+        assert (out / name).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["stages"]) == set(STAGES) and all(results["stages"][s]["seconds"] for s in STAGES)
+    claims = results["claims"]
+    assert len(claims) >= 10
+    for c in claims:
+        assert {"claim", "paper", "measured", "holds"} <= set(c)
+        assert set(c["measured"]) == {"mean", "std", "n_seeds"} and isinstance(c["holds"], bool)
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+    keys = {s: results["stages"][s]["key"] for s in STAGES}
+
+    # a settings change reruns only the stages that depend on it
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**{k: v for k, v in json.loads(json.dumps(StudyConfig.quick().__dict__)).items()
+                                  if k != "device"}, "toy_steps": 50}))
+    capsys.readouterr()
+    assert main(["study", "--config", str(cfg), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[study] classifiers: cached" in printed and "[study] toy: done" in printed
+    again = json.loads((out / "results.json").read_text())
+    changed = [s for s in STAGES if again["stages"][s]["key"] != keys[s]]
+    assert changed == ["toy"]
+
+
+def test_config_file_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    for text, message in (("{", "not valid JSON"), ('{"epochz": 3}', "unknown setting(s) epochz"),
+                          ('{"epochs": "ten"}', "must be a int"), ("[1]", "JSON object")):
+        bad.write_text(text)
+        assert main(["study", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert main(["study", "--quick", "--only", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+    with pytest.raises(InputError, match="keep both"):
+        StudyConfig(recipes=["plain"]).validate()
+    assert not (tmp_path / "o").exists()
+
+
+def test_claims_hold_only_when_the_difference_beats_its_spread():
+    numbers = {"ood": {"auroc": {"plain": [0.80, 0.82, 0.81], "diffaug": [0.90, 0.91, 0.92]}},
+               "semi": {"fraction": 0.05, "accuracy": {"supervised": [0.5, 0.6, 0.4], "consistency": [0.52, 0.5, 0.5]}}}
+    ood, semi = build_claims(numbers)
+    assert ood["holds"] is True and ood["measured"]["n_seeds"] == 3
+    assert abs(ood["measured"]["mean"] - 10.0) < 1e-9
+    assert semi["holds"] is False  # mean +0.67 points, std 11 points
