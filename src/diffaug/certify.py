@@ -81,6 +81,8 @@ def write_report(out: Path, results: dict[str, dict[float, list[list[str]]]]) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import save_figure
+
     sigmas = sorted({s for per in results.values() for s in per})
     radii = default_radii(max(2.0, 2 * max(sigmas)))
     lines = ["# Certified accuracy (L2, pixel space [0, 1])", "",
@@ -103,9 +105,7 @@ def write_report(out: Path, results: dict[str, dict[float, list[list[str]]]]) ->
     ax.set_ylabel("certified accuracy")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "certified_accuracy.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "certified_accuracy.png")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text

@@ -117,6 +117,14 @@ def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def check_run_folder(ckpt_path: Path, out_dir: Path, resume: bool) -> None:
+    """A training run's folder rule: ``resume`` needs the checkpoint, a new run needs a folder without one."""
+    if resume and not ckpt_path.is_file():
+        raise InputError(f"--resume given but {ckpt_path} does not exist; drop --resume to start a new run")
+    if not resume and ckpt_path.exists():
+        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+
 def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
     """Keys of ``now`` whose values differ from a checkpoint's ``saved`` config, except ``may_change``."""
     return sorted(k for k in now if k not in may_change and saved.get(k) != now[k])

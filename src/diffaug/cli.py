@@ -17,6 +17,13 @@ def _device(name: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _png_path(value: str) -> Path:
+    out = Path(value)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out must name a .png file, got {out}")
+    return out
+
+
 def cmd_train_diffusion(args) -> None:
     from .train import DiffusionTrainConfig, train_diffusion
 
@@ -102,9 +109,7 @@ def cmd_sample(args) -> None:
     from .guidance import guided_sample
     from .train_guidance import load_guidance
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise InputError(f"--out must name a .png file, got {out}")
+    out = _png_path(args.out)
     if args.n < 1:
         raise InputError(f"--n must be >= 1, got {args.n}")
     if not math.isfinite(args.scale):
@@ -136,37 +141,11 @@ def cmd_eval_guidance(args) -> None:
 
 
 def cmd_pag(args) -> None:
-    import torch
+    from .pag import run_pag
 
-    from .classifier import load_classifier
-    from .data import load_dataset
-    from .denoiser import load_denoiser
-    from .pag import write_pag
-    from .train_guidance import load_guidance
-
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise InputError(f"--out must name a .png file, got {out}")
-    if not args.classifier and not args.guidance:
-        raise InputError("give at least one --classifier or --guidance folder")
-    if args.n < 1:
-        raise InputError(f"--n must be >= 1, got {args.n}")
-    device = _device(args.device)
-    den = load_denoiser(args.denoiser, device=device)
-    if not 0 <= args.t < den.num_timesteps:
-        raise InputError(f"--t must lie in [0, {den.num_timesteps}), got {args.t}")
-    models = {}
-    for folder in args.classifier or []:
-        model = load_classifier(folder, device=device).eval()
-        models[f"{model.spec.get('recipe', '?')}: {Path(folder).name}"] = model
-    for folder in args.guidance or []:
-        g = load_guidance(folder, den)
-        models[f"{g.kind} guidance: {Path(folder).name}"] = g
-    test = load_dataset(args.data, "test")
-    den.check_images(test.images[:1], name=f"images of {args.data}")
-    idx = torch.cat([torch.nonzero(test.labels == c)[:1, 0] for c in range(test.num_classes)])[: args.n]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    write_pag(den, test.images[idx].to(device), test.labels[idx].to(device), models, out, t=args.t, generator=gen)
+    out = _png_path(args.out)
+    run_pag(classifiers=args.classifier or [], guidance=args.guidance or [], denoiser=args.denoiser, data=args.data,
+            t=args.t, n=args.n, seed=args.seed, out=out, device=_device(args.device))
     print(f"wrote {out}")
 
 
@@ -175,9 +154,7 @@ def cmd_toy(args) -> None:
 
     from .toy import toy_demo
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise InputError(f"--out must name a .png file, got {out}")
+    out = _png_path(args.out)
     if any(not 0 <= t < 1000 for t in args.t):
         raise InputError(f"--t values must lie in [0, 1000), got {args.t}")
     if args.steps < 1:
@@ -203,9 +180,7 @@ def cmd_study(args) -> None:
 def cmd_show_augmentations(args) -> None:
     from .report import show_augmentations
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise InputError(f"--out must name a .png file, got {out}")
+    out = _png_path(args.out)
     show_augmentations(args.denoiser, out, data=args.data, seed=args.seed, device=_device(args.device))
     print(f"wrote {out}")
 

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import write_json
 from .errors import InputError
-from .report import mean_std
+from .report import mean_std, save_figure
 
 
 def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits", clean_classifier: str | None = None,
@@ -141,6 +141,4 @@ def _plot_bins(rows: dict, path: Path) -> None:
     ax.set_title("accuracy vs noise level (Fig. 19)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -26,7 +26,7 @@ import torch
 
 from .corruptions import ALL_CORRUPTIONS, parse_corruptions, parse_severities
 from .errors import InputError
-from .report import mean_std
+from .report import mean_std, save_figure
 
 MODES = ("default", "de", "dda", "dda-se")
 TABLE_COLUMNS = (("dda", "DDA"), ("dda-se", "DDA-SE"), ("de", "DE"), ("default", "Default"))
@@ -314,9 +314,7 @@ def _plot(path: Path, series: dict, xlabel: str, ylabel: str, title: str) -> Non
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _series(rows, x_key, y_key, group_keys):

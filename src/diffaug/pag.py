@@ -59,6 +59,35 @@ def pag_panel(den: Denoiser, images: torch.Tensor, labels: torch.Tensor, models:
     return torch.stack(cols, dim=1)
 
 
+def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data: str = "digits", t: int = 300,
+            n: int = 6, seed: int = 0, out: str | Path, device: str = "cpu") -> Path:
+    """The ``diffaug pag`` job: load the models, take one test image per class (the first ``n``), draw the panel."""
+    from .classifier import load_classifier
+    from .data import load_dataset
+    from .denoiser import load_denoiser
+    from .train_guidance import load_guidance
+
+    if not classifiers and not guidance:
+        raise InputError("give at least one --classifier or --guidance folder")
+    if n < 1:
+        raise InputError(f"--n must be >= 1, got {n}")
+    den = load_denoiser(denoiser, device=device)
+    if not 0 <= t < den.num_timesteps:
+        raise InputError(f"--t must lie in [0, {den.num_timesteps}), got {t}")
+    models = {}
+    for folder in classifiers:
+        model = load_classifier(folder, device=device).eval()
+        models[f"{model.spec.get('recipe', '?')}: {Path(folder).name}"] = model
+    for folder in guidance:
+        g = load_guidance(folder, den)
+        models[f"{g.kind} guidance: {Path(folder).name}"] = g
+    test = load_dataset(data, "test")
+    den.check_images(test.images[:1], name=f"images of {data}")
+    idx = torch.cat([torch.nonzero(test.labels == c)[:1, 0] for c in range(test.num_classes)])[:n]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return write_pag(den, test.images[idx].to(device), test.labels[idx].to(device), models, out, t=t, generator=gen)
+
+
 def write_pag(den: Denoiser, images, labels, models: dict, out: str | Path, *, t: int = 300,
               generator: torch.Generator | None = None) -> Path:
     """Draw the panel with matplotlib: one row per image, titled columns."""
@@ -66,6 +95,8 @@ def write_pag(den: Denoiser, images, labels, models: dict, out: str | Path, *, t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .report import save_figure
 
     panel = pag_panel(den, images, labels, models, t=t, generator=generator).detach().cpu()
     names = ["image", f"x_t (t={t})", *models]
@@ -78,9 +109,4 @@ def write_pag(den: Denoiser, images, labels, models: dict, out: str | Path, *, t
             axes[i, j].axis("off")
             if i == 0:
                 axes[i, j].set_title(names[j], fontsize=6)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=150)

@@ -6,6 +6,18 @@ from pathlib import Path
 
 import torch
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def mean_std(values, scale: float = 100.0, digits: int = 1) -> str:
     """``"mean +- std"`` of ``values`` times ``scale`` (sample std; 0 for a single value)."""
     import statistics
@@ -70,9 +82,4 @@ def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_i
                 ax.set_title("x0" if c == 0 else f"t={times[c - 1]}", fontsize=8)
         axes[r, 0].set_ylabel(train.classes[int(train.labels[pick[r]])], fontsize=8)
     fig.suptitle("DiffAug views: diffuse to t, denoise in one step", fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -281,17 +281,14 @@ def stage_semi(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
 
 
 def stage_pag(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
-    from .cli import main as cli_main
+    from .pag import run_pag
 
     dirs = _classifier_dirs(root, cfg, ["plain", "diffaug"])
     seed = cfg.seeds[0]
     guid = root / "stages" / "guidance"
-    args = ["pag", "--classifier", str(dirs[("plain", seed)]), str(dirs[("diffaug", seed)]), "--denoiser", cfg.denoiser,
-            "--data", cfg.data, "--out", str(out / "pag.png")]
-    if (guid / f"noisy-s{seed}").is_dir():
-        args += ["--guidance", str(guid / f"noisy-s{seed}"), str(guid / f"da-s{seed}")]
-    if cli_main(args) != 0:
-        raise InputError("the pag stage failed; see the message above")
+    guidance = [str(guid / f"{k}-s{seed}") for k in ("noisy", "da")] if (guid / f"noisy-s{seed}").is_dir() else []
+    run_pag(classifiers=[str(dirs[("plain", seed)]), str(dirs[("diffaug", seed)])], guidance=guidance,
+            denoiser=cfg.denoiser, data=cfg.data, out=out / "pag.png", device=cfg.device)
     return {}
 
 

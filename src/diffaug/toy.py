@@ -17,6 +17,7 @@ from torch import nn
 from . import schedule
 from .denoiser import Denoiser
 from .guidance import timestep_embedding
+from .report import save_figure
 
 
 class PointEpsModel(nn.Module):
@@ -99,9 +100,5 @@ def toy_demo(out: str | Path, *, times=(50, 150, 300), n: int = 300, steps: int 
             ax.set_title(title, fontsize=9)
             ax.set_xlim(-2, 2)
             ax.set_ylim(-2, 2)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return result

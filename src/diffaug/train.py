@@ -101,10 +101,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     if H < 4 or H & (H - 1):
         raise InputError(f"train-diffusion needs a power-of-two image size >= 4, got {H}; resize the images")
     ckpt_path = out_dir / CHECKPOINT_FILE
-    if resume and not ckpt_path.is_file():
-        raise InputError(f"--resume given but {ckpt_path} does not exist; drop --resume to start a new run")
-    if not resume and ckpt_path.exists():
-        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    ckpt.check_run_folder(ckpt_path, out_dir, resume)
 
     device = torch.device(device)
     num_classes = data.num_classes if cfg.conditional else None

@@ -107,10 +107,7 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     cfg.validate()
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    if resume and not ckpt_path.is_file():
-        raise InputError(f"--resume given but {ckpt_path} does not exist; drop --resume to start a new run")
-    if not resume and ckpt_path.exists():
-        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    ckpt.check_run_folder(ckpt_path, out_dir, resume)
     device = torch.device(device)
     den = load_denoiser(cfg.denoiser, device=device)
     train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
