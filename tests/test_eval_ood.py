@@ -41,12 +41,12 @@ def test_eval_ood_cli_writes_table_and_csv(tmp_path, subset_clf):
     twin = tmp_path / "plain-twin"
     shutil.copytree(subset_clf, twin)
     assert main(["eval-ood", "--classifier", str(subset_clf), str(twin), "--out", str(tmp_path / "o"),
-                 "--ood", "digits-holdout", "noise", f"near={tmp_path / 'ood_folder'}"]) == 0
+                 "--ood", "holdout", "noise", f"near={tmp_path / 'ood_folder'}"]) == 0
     table = (tmp_path / "o" / "table.md").read_text()
-    assert "## near-OOD (digits-holdout, ood_folder): AUROC" in table and "| plain (2) |" in table
+    assert "## near-OOD (holdout, ood_folder): AUROC" in table and "| plain (2) |" in table
     rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
     assert len(rows) == 2 * 7 * 3  # classifiers x scores x sets
-    msp = [r for r in rows if r["score"] == "msp" and r["set"] == "digits-holdout"][0]
+    msp = [r for r in rows if r["score"] == "msp" and r["set"] == "holdout"][0]
     assert float(msp["auroc"]) > 0.8  # a trained classifier separates held-out digits better than chance
 
 

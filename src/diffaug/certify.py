@@ -7,13 +7,13 @@ ranks or on resuming. Each rank appends finished rows to its own TSV; rank 0 mer
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import append_text, write_text
 from .errors import InputError
 from .smoothing import Smooth, check_sampling_args
 
@@ -22,10 +22,11 @@ PAPER_SIGMAS = (0.25, 0.5, 1.0)
 
 
 def _read_rows(path: Path) -> list[list[str]]:
+    """The complete rows of a ``certify.tsv`` (a torn last line, left by a crash, is skipped)."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
-    return [ln.split("\t") for ln in lines[1:] if ln.count("\t") == 5]
+    lines = path.read_text().split("\n")[1:-1]  # the piece after the last newline is torn or empty
+    return [ln.split("\t") for ln in lines if ln.count("\t") == 5]
 
 
 def certify_images(smooth: Smooth, images: torch.Tensor, labels: torch.Tensor, out_tsv: Path, *, n0: int, n: int,
@@ -33,21 +34,18 @@ def certify_images(smooth: Smooth, images: torch.Tensor, labels: torch.Tensor, o
     """Certify ``images[i]`` for ``i`` in ``indices``, appending rows to ``out_tsv``; already-done rows are kept."""
     from tqdm.auto import tqdm
 
-    done = {int(r[0]) for r in _read_rows(out_tsv)}
-    if not out_tsv.exists():
-        out_tsv.parent.mkdir(parents=True, exist_ok=True)
-        out_tsv.write_text(HEADER)
+    rows = _read_rows(out_tsv)
+    done = {int(r[0]) for r in rows}
+    # start from the complete rows only, so a line torn by a crash is not glued to the next one
+    write_text(out_tsv, HEADER + "".join("\t".join(r) + "\n" for r in rows))
     todo = [i for i in indices if i not in done]
     device = images.device
-    with open(out_tsv, "a") as f:
-        for i in tqdm(todo, disable=not progress, desc=f"certify sigma={smooth.sigma}"):
-            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
-            t0 = time.perf_counter()
-            pred, radius = smooth.certify(images[i], n0, n, alpha, batch_size, generator=gen)
-            label = int(labels[i])
-            f.write(f"{i}\t{label}\t{pred}\t{radius:.4f}\t{int(pred == label)}\t{time.perf_counter() - t0:.4f}\n")
-            f.flush()
-            os.fsync(f.fileno())
+    for i in tqdm(todo, disable=not progress, desc=f"certify sigma={smooth.sigma}"):
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+        t0 = time.perf_counter()
+        pred, radius = smooth.certify(images[i], n0, n, alpha, batch_size, generator=gen)
+        label = int(labels[i])
+        append_text(out_tsv, f"{i}\t{label}\t{pred}\t{radius:.4f}\t{int(pred == label)}\t{time.perf_counter() - t0:.4f}\n")
 
 
 def merge_shards(folder: Path) -> list[list[str]]:
@@ -57,7 +55,7 @@ def merge_shards(folder: Path) -> list[list[str]]:
         for r in _read_rows(part):
             rows[int(r[0])] = r
     merged = [rows[k] for k in sorted(rows)]
-    (folder / "certify.tsv").write_text(HEADER + "".join("\t".join(r) + "\n" for r in merged))
+    write_text(folder / "certify.tsv", HEADER + "".join("\t".join(r) + "\n" for r in merged))
     return merged
 
 
@@ -107,7 +105,7 @@ def write_report(out: Path, results: dict[str, dict[float, list[list[str]]]]) ->
     ax.grid(alpha=0.3)
     save_figure(fig, out / "certified_accuracy.png")
     text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
+    write_text(out / "table.md", text)
     return text
 
 
@@ -160,6 +158,6 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
         notes = [f"- sigma={s:g}: t*={sm.t_star}, model-space noise at t* / 2 sigma = {sm.dds_mismatch:.4f}"
                  for (name, s), sm in smooths.items() if name == first]
         text = (table + "\nDenoised smoothing with " + str(denoiser) + ":\n" + "\n".join(notes) + "\n")
-        (out / "table.md").write_text(text)
+        write_text(out / "table.md", text)
         table = text
     return table

@@ -7,6 +7,8 @@ a crash leaves either the old file or the new one, never a torn one. Nothing her
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -17,11 +19,43 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save
 
-from .errors import InputError
+from .errors import InputError, StorageError
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+# Fault injection for the crash tests: DIFFAUG_TEST_KILL_AT_WRITE=N sends SIGKILL to this process halfway
+# through its N-th write (atomic write or log append); "N+" kills right after the N-th write completes.
+_KILL_AT = os.environ.get("DIFFAUG_TEST_KILL_AT_WRITE", "")
+_writes = 0
+
+
+def _write_fault_point(after: bool) -> None:
+    if not _KILL_AT or _KILL_AT.endswith("+") != after or int(_KILL_AT.rstrip("+")) != _writes:
+        return
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _counted_write(f, data: bytes | str) -> None:
+    """``f.write(data)`` with the fault point halfway, and a disk-full error that names the file and the fix."""
+    global _writes
+    _writes += 1
+    try:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        _write_fault_point(after=False)
+        f.write(data[len(data) // 2 :])
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"no space left on the device while writing {Path(f.name).name} in "
+                               f"{Path(f.name).parent}; the previous file is intact: free space and rerun "
+                               "(training resumes with --resume)") from None
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -41,15 +75,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            _counted_write(f, data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a process killed mid-write
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    _write_fault_point(after=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write a text file (tables, reports, CSV)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Atomically write ``rows`` (dicts with the first row's keys) as CSV with a header."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -106,15 +159,46 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):  # left by a process killed mid-build
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Append one JSON object per line (a log: rows are only ever added)."""
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` (whole lines) to a log and fsync it. A crash can tear only the last line; readers skip
+    it (:func:`read_jsonl`) and resumes rewrite the log without it before appending."""
     with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        _counted_write(f, text)
+    _write_fault_point(after=True)
+
+
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append one JSON object per line (a log: rows are only ever added; see :func:`rewind_jsonl`)."""
+    append_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The complete rows of a log written by :func:`append_jsonl` (a torn last line, left by a crash, is
+    skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines if line]
+
+
+def rewind_jsonl(path: str | os.PathLike, step: int, final_key: str | None = None) -> None:
+    """On resume: keep the log's rows up to ``step`` (the checkpoint's), dropping rows logged after it, rows
+    holding ``final_key`` (an end-of-run row, written again when the run ends) and a torn last line, so the
+    resumed run's log equals an uninterrupted one."""
+    if Path(path).exists():
+        rows = [r for r in read_jsonl(path) if r["step"] <= step and (final_key is None or final_key not in r)]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def check_run_folder(ckpt_path: Path, out_dir: Path, resume: bool) -> None:

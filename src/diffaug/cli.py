@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from .checkpoint import write_text
+from .errors import InputError, StorageError
 
 
 def _device(name: str | None) -> str:
@@ -103,10 +104,9 @@ def cmd_sample(args) -> None:
     import math
 
     import torch
-    from torchvision.utils import save_image
-
     from .denoiser import load_denoiser
     from .guidance import guided_sample
+    from .report import save_grid
     from .train_guidance import load_guidance
 
     out = _png_path(args.out)
@@ -123,10 +123,7 @@ def cmd_sample(args) -> None:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     y = torch.full((args.n,), args.cls, dtype=torch.long)
     samples = guided_sample(den, guidance, y, steps=args.steps, scale=args.scale, sampler=args.sampler, generator=gen)
-    scale = max(1, 64 // samples.shape[-1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.nn.functional.interpolate(samples.cpu(), scale_factor=scale, mode="nearest"), out,
-               nrow=min(args.n, 10), padding=2, pad_value=0.5)
+    save_grid(samples, out, nrow=min(args.n, 10))
     print(f"wrote {out}")
 
 
@@ -160,7 +157,7 @@ def cmd_toy(args) -> None:
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
     result = toy_demo(out, times=tuple(args.t), steps=args.steps, seed=args.seed)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     for row in result["per_t"]:
         print(f"t={row['t']}: mean distance to the data, noised {row['noisy']:.3f} -> one-step {row['one_step']:.3f}")
 
@@ -265,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-ood", help="OOD detection (MSP, ReAct, ASH, SCALE): the paper's Table 3")
     p.add_argument("--data", default="digits", help="the ID data: 'digits' or a folder")
     p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
-    p.add_argument("--ood", nargs="+", help="digits-holdout | photo-patches | noise | PATH | near=PATH "
+    p.add_argument("--ood", nargs="+", help="holdout | photo-patches | noise | PATH | near=PATH "
                                             "(default: all that apply)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic noise set")
     p.add_argument("--search-percentile", dest="search_percentile", action="store_true",
@@ -404,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"diffaug {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        print(f"diffaug {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

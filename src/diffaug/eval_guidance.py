@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_json
+from .checkpoint import write_json, write_text
 from .errors import InputError
 from .report import mean_std, save_figure
 
@@ -87,7 +87,7 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
         lines.append(f"| {kind} ({len(vals)}) | {mean_std(vals)} |")
     if not gen_rows:
         text = "\n".join(lines) + "\n"
-        (out / "table.md").write_text(text)
+        write_text(out / "table.md", text)
         return text
     lines += ["", f"## Guided generation ({sampler}, {steps} steps, scale {scale}, {per_class} per class)", "",
               "Feature network and judge: a small CNN trained on the real train split (Inception weights cannot be "
@@ -100,7 +100,7 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
                      f"{mean_std(cell['precision'], 1, 3)} | {mean_std(cell['recall'], 1, 3)} | "
                      f"{mean_std(cell['accuracy'])} |")
     text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
+    write_text(out / "table.md", text)
     return text
 
 
@@ -113,15 +113,12 @@ def _label(g) -> str:
 
 
 def _save_grid(samples, y, path):
-    import torch.nn.functional as F
-    from torchvision.utils import save_image
+    from .report import save_grid
 
     per = int((y == y[0]).sum())
     order = torch.argsort(y, stable=True)
     grid = samples[order].reshape(-1, per, *samples.shape[1:])[:, : min(per, 10)].flatten(0, 1)
-    scale = max(1, 64 // samples.shape[-1])
-    save_image(F.interpolate(grid.cpu(), scale_factor=scale, mode="nearest"), path, nrow=min(per, 10), padding=2,
-               pad_value=0.5)
+    save_grid(grid, path, nrow=min(per, 10))
 
 
 def _plot_bins(rows: dict, path: Path) -> None:

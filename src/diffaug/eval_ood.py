@@ -3,8 +3,8 @@
 ID data is the test split of the classes a classifier was trained on (its ``model.json`` records them); ReAct is
 fitted on the val split of the same classes. OOD sets:
 
-* ``digits-holdout`` (near-OOD, digits only): test digits of the classes the classifier did not see
-  (train with ``diffaug train --classes 0 1 2 3 4 5`` to hold classes out);
+* ``holdout`` (near-OOD): test images of the data's classes the classifier did not see (train with
+  ``diffaug train --classes 0 1 2 3 4`` to hold classes out); on digits, unseen digits;
 * ``photo-patches`` (far): scikit-learn's bundled photographs cut into patches at the data's size;
 * ``noise`` (far): seeded uniform noise and blurred Gaussian blobs;
 * ``PATH`` or ``near=PATH``: an image folder of OOD images (far unless prefixed with ``near=``).
@@ -17,12 +17,12 @@ as mean +- std over them (their seeds).
 
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
 
 import torch
 
+from .checkpoint import write_csv, write_text
 from .classifier import load_classifier
 from .data import FAR_OOD_SETS, load_dataset, noise_images, photo_patches, subset_classes
 from .errors import InputError
@@ -36,12 +36,10 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
     """``{name: (group, images)}``; every set is checked for emptiness and shape before any scoring."""
     sets = {}
     for name in names:
-        if name == "digits-holdout":
-            if data != "digits":
-                raise InputError("digits-holdout needs --data digits")
+        if name == "holdout":
             if classes is None:
-                raise InputError("digits-holdout needs a classifier trained on a subset of classes (--classes)")
-            test = load_dataset("digits", "test")
+                raise InputError("holdout needs a classifier trained on a subset of classes (diffaug train --classes)")
+            test = load_dataset(data, "test")
             held = [c for c in range(test.num_classes) if c not in classes]
             sets[name] = ("near", subset_classes(test, held).images if len(held) > 1
                           else test.images[test.labels == held[0]])
@@ -52,7 +50,7 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
         else:
             group, path = ("near", name[5:]) if name.startswith("near=") else ("far", name)
             if not Path(path).exists():
-                raise InputError(f"unknown OOD set {name!r}: use digits-holdout, {', '.join(FAR_OOD_SETS)} or a folder")
+                raise InputError(f"unknown OOD set {name!r}: use holdout, {', '.join(FAR_OOD_SETS)} or a folder")
             sets[Path(path).name] = (group, load_dataset(path, "test").images)
     for name, (_, images) in sets.items():
         if images.shape[0] == 0:
@@ -73,7 +71,7 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
         val, test = subset_classes(val, classes), subset_classes(test, classes)
     if model.spec["num_classes"] != test.num_classes:
         raise InputError(f"classifier {folder} has {model.spec['num_classes']} classes, the ID data {test.num_classes}")
-    names = ood if ood else (["digits-holdout"] if data == "digits" and classes else []) + list(FAR_OOD_SETS)
+    names = ood if ood else (["holdout"] if classes else []) + list(FAR_OOD_SETS)
     _, C, H, _ = test.images.shape
     sets = _ood_sets(names, data, classes, H, C, seed)
     rows = []
@@ -116,10 +114,7 @@ def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, se
     rows = [r for c in classifiers
             for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile)]
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", rows)
     lines = ["# OOD detection (the paper's Table 3 layout)", "",
              "Scores: higher = more ID. AUROC and FPR@95 in %, OpenOOD v1.5 conventions (FPR@95 = share of ID "
              "flagged OOD when 95 % of OOD are flagged). ASH = ASH-S. Cells: mean +- std over the classifiers of "
@@ -131,5 +126,5 @@ def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, se
         for metric, label in (("auroc", "AUROC (higher is better)"), ("fpr95", "FPR@95 (lower is better)")):
             lines += [f"## {group}-OOD ({', '.join(sets)}): {label}", ""] + _group_table(rows, metric, group) + [""]
     text = "\n".join(lines)
-    (out / "table.md").write_text(text)
+    write_text(out / "table.md", text)
     return text

@@ -15,7 +15,6 @@ Analyses (rank 0): DE accuracy against the largest member time for member steps 
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_csv, write_text
 from .corruptions import ALL_CORRUPTIONS, parse_corruptions, parse_severities
 from .errors import InputError
 from .report import mean_std, save_figure
@@ -254,12 +254,6 @@ def _mode_table(rows, modes, select, title) -> list[str]:
     return lines + [""]
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
 
 def write_tables(out: Path, rows: list[dict], modes, severities) -> str:
     corrupted = [r for r in rows if r["corruption"] != CLEAN]
@@ -294,7 +288,7 @@ def write_tables(out: Path, rows: list[dict], modes, severities) -> str:
                  for m, _ in TABLE_COLUMNS if m in modes]
         lines.append(f"| {recipe} | " + " | ".join(f"{v:.2e}" for v in cells) + " |")
     text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
+    write_text(out / "table.md", text)
     return text
 
 
@@ -396,7 +390,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         import torch.distributed as dist
 
         shard = out / f"rows.rank{dist_info.rank}.json"
-        shard.write_text(json.dumps(rows))
+        write_text(shard, json.dumps(rows))
         dist.barrier()
         if not dist_info.main:
             return ""
@@ -406,22 +400,22 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     order = {cond: i for i, cond in enumerate(conditions)}
     rows.sort(key=lambda r: (order[(r["corruption"], r["severity"])], list(models).index(r["classifier"]),
                              MODES.index(r["mode"])))
-    _write_csv(out / "results.csv", rows)
+    write_csv(out / "results.csv", rows)
     text = write_tables(out, rows, modes, severities)
     if analyses:
         top = max(severities)
         batches = [((c, top), *condition_batch(c, top)) for c in names]
         de_rows = de_accuracy_vs_t(models, den, batches, seed=seed, batch_size=batch_size)
-        _write_csv(out / "de_vs_t.csv", de_rows)
+        write_csv(out / "de_vs_t.csv", de_rows)
         _plot(out / "de_vs_t.png", _series(de_rows, "t_max", "accuracy", ("recipe", "step")), "largest member t",
               "DE accuracy", f"DE accuracy vs t, severity {top}, mean over {len(names)} corruptions (Fig. 12)")
         entropy_images = clean_images if test is not None else batches[0][1]
         ent_rows = entropy_vs_t(models, den, entropy_images, seed=seed, batch_size=batch_size)
-        _write_csv(out / "entropy_vs_t.csv", ent_rows)
+        write_csv(out / "entropy_vs_t.csv", ent_rows)
         _plot(out / "entropy_vs_t.png", _series(ent_rows, "t", "entropy", ("recipe",)), "t",
               "mean entropy (nats)", "prediction entropy on DiffAug views vs t (Fig. 2)")
         text += _analyses_text(de_rows, ent_rows)
-        (out / "table.md").write_text(text)
+        write_text(out / "table.md", text)
     return text
 
 

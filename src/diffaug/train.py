@@ -117,6 +117,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     config_json = dataclasses.asdict(cfg)
     if resume:
         start = _load_diffusion_state(ckpt_path, cfg, unet, ema, opt, sched, gen)
+        ckpt.rewind_jsonl(out_dir / "log.jsonl", start)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out_dir / "train_config.json", config_json)
@@ -192,8 +193,7 @@ def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen) -> int:
 
 
 def _write_sample_grid(den: Denoiser, path: Path, cfg: DiffusionTrainConfig, data: ImageDataset, per_class: int = 10):
-    from torchvision.utils import save_image
-
+    from .report import save_grid
     from .sampling import ddim_sample
 
     gen = torch.Generator(device=den.alpha_bar.device).manual_seed(cfg.seed)
@@ -203,9 +203,7 @@ def _write_sample_grid(den: Denoiser, path: Path, cfg: DiffusionTrainConfig, dat
         y = None
     with torch.no_grad():
         samples = ddim_sample(den, len(y) if y is not None else 100, y, steps=cfg.sample_steps, generator=gen)
-    scale = max(1, 64 // samples.shape[-1])
-    samples = F.interpolate(samples, scale_factor=scale, mode="nearest")
-    save_image(samples.cpu(), path, nrow=per_class, padding=2, pad_value=0.5)
+    save_grid(samples, path, nrow=per_class)
 
 
 # ---------------------------------------------------------------------- small classifiers

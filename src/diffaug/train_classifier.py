@@ -17,7 +17,6 @@ uninterrupted run on the same machine. Under ``torchrun`` the same code runs Dis
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -283,9 +282,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         sched.load_state_dict(saved_meta["lr_scheduler"])
         gen.set_state(tensors[f"rng.rank{dist_info.rank}"])
         start = int(saved_meta["step"])
-        if dist_info.main and (out / METRICS_FILE).exists():  # drop rows logged after the checkpoint we resume
-            kept = [r for r in (out / METRICS_FILE).read_text().splitlines() if r and json.loads(r)["step"] <= start]
-            ckpt.atomic_write_bytes(out / METRICS_FILE, "".join(r + "\n" for r in kept).encode())
+        if dist_info.main:
+            ckpt.rewind_jsonl(out / METRICS_FILE, start, final_key="test_acc")
     elif dist_info.main:
         if force and out.exists():
             for p in _checkpoint_paths(out) + [out / METRICS_FILE, out / "model.safetensors", out / "model.json"]:
@@ -347,11 +345,11 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     result = {"test_acc": accuracy(model, test.images.to(device), test.labels.to(device)),
               "val_acc": accuracy(model, val.images.to(device), val.labels.to(device)),
               "steps": total, "seconds": time.perf_counter() - t0}
-    if dist_info.main:
+    if dist_info.main:  # model.json is written last: its presence means the run is complete
+        ckpt.append_jsonl(out / METRICS_FILE, [{"step": total, **result}])
         save_classifier(model, out, extra={"classes": train.classes, "class_indices": cfg.classes,
                                            "recipe": cfg.recipe, "data": cfg.data,
                                            "seed": cfg.seed, **result})
-        ckpt.append_jsonl(out / METRICS_FILE, [{"step": total, **result}])
         if progress:
             print(f"train {cfg.recipe}: test acc {result['test_acc']:.4f} val acc {result['val_acc']:.4f} -> {out}")
     return model

@@ -131,6 +131,7 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         sched.load_state_dict(meta["lr_scheduler"])
         gen.set_state(tensors["rng.generator"])
         start = int(meta["step"])
+        ckpt.rewind_jsonl(out_dir / "log.jsonl", start)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out_dir / "train_config.json", config_json)
