@@ -47,6 +47,14 @@ def cond_den():
     return tiny_denoiser(conditional=True)
 
 
+@pytest.fixture(scope="module")
+def den_dir(tmp_path_factory):
+    """A tiny class-conditional denoiser saved as a folder."""
+    path = tmp_path_factory.mktemp("den") / "d"
+    tiny_denoiser(conditional=True).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def images():
     return torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))

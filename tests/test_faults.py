@@ -43,8 +43,8 @@ def _kill_points(seed: int, count: int = 5, most: int = 4) -> list[str]:
 def _assert_complete(folder: Path) -> None:
     """Every file a reader opens is whole: JSON parses, safetensors load, logs hold only whole rows."""
     for path in folder.rglob("*"):
-        if not path.is_file() or path.name.startswith("."):
-            continue
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue  # temporary files and folders: never read, swept by the next write
         if path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".safetensors":
@@ -54,17 +54,15 @@ def _assert_complete(folder: Path) -> None:
             assert text == "" or text.endswith("\n") or len(read_jsonl(path)) == text.count("\n"), path
 
 
-def _chain(args_first, args_resume, out: Path, seed: int) -> list[str]:
-    """Run, kill, resume, kill, ... (five kills), then finish; returns the kill points used."""
+def _chain(args_first, args_resume, out: Path, seed: int, resumable=lambda out: True) -> list[str]:
+    """Run, kill, resume, kill, ... (five kills), then finish; returns the kill points used. A run killed before
+    its first checkpoint (``resumable(out)`` false) is started anew, as a user would."""
     points = _kill_points(seed)
-    args = args_first
     for point in points:
-        done = _cli(args, kill_at=point)
+        done = _cli(args_resume if resumable(out) else args_first, kill_at=point)
         assert done.returncode == -signal.SIGKILL, (point, done.returncode, done.stderr[-2000:])
         _assert_complete(out)
-        if out.exists() and any(out.iterdir()):
-            args = args_resume
-    done = _cli(args)
+    done = _cli(args_resume if resumable(out) else args_first)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_complete(out)
     return points
@@ -80,7 +78,8 @@ def test_train_diffusion_survives_sigkill(tmp_path):
             "--quiet", "--device", "cpu", "--out"]
     assert _cli(args + [str(tmp_path / "ref")]).returncode == 0
     cut = tmp_path / "cut"
-    _chain(args + [str(cut)], args + [str(cut), "--resume"], cut, seed=1)
+    _chain(args + [str(cut)], args + [str(cut), "--resume"], cut, seed=1,
+           resumable=lambda out: (out / "checkpoint.safetensors").is_file())
     _equal_tensors(tmp_path / "ref" / "unet" / "diffusion_pytorch_model.safetensors",
                    cut / "unet" / "diffusion_pytorch_model.safetensors")
     ref_log = [r["step"] for r in read_jsonl(tmp_path / "ref" / "log.jsonl")]
@@ -92,7 +91,8 @@ def test_train_survives_sigkill(tmp_path, den_dir):
             "--checkpoint-every", "1", "--quiet", "--device", "cpu", "--out"]
     assert _cli(args + [str(tmp_path / "ref")]).returncode == 0
     cut = tmp_path / "cut"
-    _chain(args + [str(cut)], args + [str(cut), "--resume"], cut, seed=2)
+    _chain(args + [str(cut)], args + [str(cut), "--resume"], cut, seed=2,
+           resumable=lambda out: any((out / "checkpoints").glob("step-*.safetensors")))
     _equal_tensors(tmp_path / "ref" / "model.safetensors", cut / "model.safetensors")
     steps = [r["step"] for r in read_jsonl(cut / "metrics.jsonl")]
     assert steps == [r["step"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")]
@@ -131,7 +131,7 @@ def test_study_survives_sigkill(tmp_path):
     config.write_text(json.dumps({"seeds": [0], "recipes": ["plain", "diffaug"], "epochs": 1, "shift_limit": 6,
                                   "shift_corruptions": "gaussian_noise", "shift_severities": "5",
                                   "certify_sigmas": [0.5], "certify_n0": 10, "certify_n": 20, "certify_limit": 3,
-                                  "guidance_steps": 6, "guidance_per_class": 1, "guidance_sample_steps": 2,
+                                  "guidance_steps": 6, "guidance_per_class": 2, "guidance_sample_steps": 2,
                                   "semi_steps": 6, "toy_steps": 20}))
     args = ["study", "--config", str(config), "--quiet", "--out"]
     assert _cli(args + [str(tmp_path / "ref")]).returncode == 0
@@ -143,29 +143,44 @@ def test_study_survives_sigkill(tmp_path):
     assert _numbers(got) == _numbers(ref)
 
 
+def _disk_full_for(monkeypatch, name_part: str) -> None:
+    """Make fsync fail with ENOSPC for files whose name contains ``name_part`` (the data never reaches disk)."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if name_part in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name a file descriptor's file")
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     path = tmp_path / "ckpt.safetensors"
     save_safetensors({"w": torch.ones(3)}, path, metadata={"step": 1})
-    real_fsync = os.fsync
-
-    def full(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(StorageError, match=r"no space left on the device while writing ckpt.safetensors .*intact"):
-        save_safetensors({"w": torch.zeros(3)}, path, metadata={"step": 2})
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    with monkeypatch.context() as m:
+        _disk_full_for(m, "ckpt.safetensors")
+        with pytest.raises(StorageError, match=r"no space left on the device while writing ckpt.safetensors .*intact"):
+            save_safetensors({"w": torch.zeros(3)}, path, metadata={"step": 2})
     tensors, meta = load_safetensors(path)
     assert torch.equal(tensors["w"], torch.ones(3)) and meta["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]  # no temp file left behind
 
-    # through the CLI: one line on stderr, exit status 1, no traceback
+    # through the CLI: a run with a checkpoint at step 2 is continued to step 4 on a disk that is full
     out = tmp_path / "run"
-    monkeypatch.setattr(os, "fsync", full)
-    assert main(["train-diffusion", "--steps", "2", "--batch-size", "8", "--width", "8", "--quiet",
-                 "--device", "cpu", "--out", str(out)]) == 1
+    args = ["train-diffusion", "--batch-size", "8", "--width", "8", "--quiet", "--device", "cpu", "--out", str(out)]
+    assert main(args + ["--steps", "2"]) == 0
+    before = load_safetensors(out / "checkpoint.safetensors")
+    with monkeypatch.context() as m:
+        _disk_full_for(m, "checkpoint.safetensors")
+        assert main(args + ["--steps", "4", "--resume"]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no space left on the device" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "no space left on the device while writing checkpoint" in err
+    after = load_safetensors(out / "checkpoint.safetensors")
+    assert after[1]["step"] == 2 and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert main(args + ["--steps", "4", "--resume"]) == 0  # space freed: the run goes on
+    assert load_safetensors(out / "checkpoint.safetensors")[1]["step"] == 4
 
 
 def test_a_torn_log_line_is_skipped_and_rewound(tmp_path):

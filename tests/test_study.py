@@ -57,6 +57,10 @@ def test_config_file_errors(tmp_path, capsys):
         StudyConfig(recipes=["plain"]).validate()
     with pytest.raises(InputError, match="ood_holdout_recipes compares plain with diffaug"):
         StudyConfig(ood_holdout_recipes=["diffaug"]).validate()
+    with pytest.raises(InputError, match="guidance_per_class must be >= 2, got 1"):
+        StudyConfig(guidance_per_class=1).validate()
+    with pytest.raises(InputError, match="semi_fraction must lie in"):
+        StudyConfig(semi_fraction=1.0).validate()
     with pytest.raises(InputError, match="distinct class indices"):
         StudyConfig(ood_id_classes=[1, 1]).validate()
     for classes in ([0, 10], list(range(10))):

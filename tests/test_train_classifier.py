@@ -18,13 +18,6 @@ from diffaug.train_classifier import RECIPES, TrainConfig, recipe_loss, train_cl
 from conftest import tiny_denoiser
 
 
-@pytest.fixture(scope="module")
-def den_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("den") / "d"
-    tiny_denoiser(conditional=True).save_pretrained(path)
-    return path
-
-
 def cfg(den_dir, **kw):
     base = dict(recipe="diffaug", denoiser=str(den_dir), steps=4, batch_size=32, checkpoint_every=2)
     base.update(kw)

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ def _write_fault_point(after: bool) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _counted_write(f, data: bytes | str) -> None:
+def _counted_write(f, data: bytes | str, path: Path) -> None:
     """``f.write(data)`` with the fault point halfway, and a disk-full error that names the file and the fix."""
     global _writes
     _writes += 1
@@ -52,8 +53,8 @@ def _counted_write(f, data: bytes | str) -> None:
         os.fsync(f.fileno())
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageError(f"no space left on the device while writing {Path(f.name).name} in "
-                               f"{Path(f.name).parent}; the previous file is intact: free space and rerun "
+            raise StorageError(f"no space left on the device while writing {path.name} in "
+                               f"{path.parent}; the previous file is intact: free space and rerun "
                                "(training resumes with --resume)") from None
         raise
 
@@ -75,7 +76,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            _counted_write(f, data)
+            _counted_write(f, data, path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -125,20 +126,106 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by :func:`save_safetensors`: ``(tensors, metadata)``."""
-    from safetensors import safe_open
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 * 2**20
 
+
+def check_safetensors_header(path: str | os.PathLike) -> dict:
+    """Validate a safetensors file's header before any tensor is read: its length, JSON, every tensor's dtype,
+    shape and byte range (inside the file, sized ``prod(shape) * itemsize``, not overlapping). Returns the
+    header; raises :class:`InputError` naming the problem otherwise."""
+    path = Path(path)
+    size = path.stat().st_size
+    damaged = f"{path} is damaged (not a valid safetensors file)"
+    fix = "copy or train it again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{damaged}: {size} bytes, too short for a header; {fix}")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, size - 8):
+            raise InputError(f"{damaged}: header length {n} exceeds the file ({size} bytes); {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{damaged}: its header is not JSON; {fix}") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{damaged}: its header is not a JSON object; {fix}")
+    data_bytes, spans = size - 8 - n, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise InputError(f"{damaged}: tensor {name!r} lacks dtype, shape or data_offsets; {fix}") from None
+        if dtype not in _DTYPE_BYTES:
+            raise InputError(f"{damaged}: tensor {name!r} has unknown dtype {dtype!r}; {fix}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise InputError(f"{damaged}: tensor {name!r} has shape {shape!r}; {fix}")
+        want = _DTYPE_BYTES[dtype] * math.prod(shape)
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_bytes) \
+                or end - begin != want:
+            raise InputError(f"{damaged}: tensor {name!r} ({dtype} {shape}, {want} bytes) has byte range "
+                             f"[{begin}, {end}) in a {data_bytes}-byte buffer; {fix}")
+        spans.append((begin, end))
+    spans.sort()
+    if any(a_end > b_begin for (_, a_end), (b_begin, _) in zip(spans, spans[1:])):
+        raise InputError(f"{damaged}: tensors overlap in the buffer; {fix}")
+    return header
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, its header validated first; one-line :class:`InputError` otherwise."""
+    return _read_safetensors(path, what)[0]
+
+
+def _read_safetensors(path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
+    header = check_safetensors_header(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise InputError(f"cannot read {path}: {e}; the file is damaged") from None
-    return tensors, json.loads(meta.get("json", "null")) or {}
+        return load_file(str(path)), header
+    except Exception as e:  # safetensors' own error types
+        raise InputError(f"cannot read {path}: {str(e).splitlines()[0]}; the file is damaged, copy or train it "
+                         "again") from None
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`save_safetensors`: ``(tensors, metadata)``."""
+    tensors, header = _read_safetensors(path, "checkpoint")
+    raw = (header.get("__metadata__") or {}).get("json", "null")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"{path} has damaged metadata (not JSON); copy or train it again") from None
+    return tensors, meta or {}
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
+               strict: bool = True) -> None:
+    """``module.load_state_dict(state)`` after checking names, shapes and dtypes (floating weights stay
+    floating), with a one-line error naming the first mismatch and the fix."""
+    own = module.state_dict()
+    fix = "use weights saved from the same architecture and config"
+    if strict:
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise InputError(f"{source} does not match the model: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}; {fix}")
+    for name, value in state.items():
+        if name not in own:
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(own[name].shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"{source} does not match the model: {name} has shape {got}, the model needs "
+                             f"{tuple(own[name].shape)}; {fix}")
+        if own[name].is_floating_point() != value.is_floating_point():
+            raise InputError(f"{source} does not match the model: {name} is {value.dtype}, the model needs "
+                             f"{own[name].dtype}; {fix}")
+    module.load_state_dict(state, strict=strict)
 
 
 @contextlib.contextmanager
@@ -170,7 +257,7 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     """Append ``text`` (whole lines) to a log and fsync it. A crash can tear only the last line; readers skip
     it (:func:`read_jsonl`) and resumes rewrite the log without it before appending."""
     with open(path, "a") as f:
-        _counted_write(f, text)
+        _counted_write(f, text, Path(path))
     _write_fault_point(after=True)
 
 

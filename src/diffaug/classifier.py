@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import save_safetensors, write_json
+from .checkpoint import load_state, read_safetensors, save_safetensors, write_json
 from .errors import InputError
 from .seeding import private_seed
 
@@ -152,9 +152,7 @@ def load_weights(clf: Classifier, path: str | os.PathLike) -> None:
     if not path.is_file():
         raise InputError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
+        state = read_safetensors(path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -166,11 +164,12 @@ def load_weights(clf: Classifier, path: str | os.PathLike) -> None:
     own = set(clf.state_dict())
     if not own & set(state):  # a bare backbone: map its keys onto features / head
         state = _map_backbone_keys(clf, state)
-    missing, unexpected = clf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in ("mean", "std")]
+    missing = [k for k in clf.state_dict() if k not in state and k not in ("mean", "std")]
+    unexpected = [k for k in state if k not in clf.state_dict()]
     if missing or unexpected:
         raise InputError(f"{path} does not fit model {clf.spec['name']}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}; use weights saved from the same architecture")
+    load_state(clf, state, path, strict=False)
 
 
 def _map_backbone_keys(clf: Classifier, state: dict) -> dict:

@@ -287,7 +287,8 @@ class Denoiser(nn.Module):
         Only safetensors weights are read (never pickles); nothing is fetched from a hub.
         """
         from diffusers import UNet2DModel
-        from safetensors.torch import load_file
+
+        from .checkpoint import load_state, read_safetensors
 
         folder = Path(path)
         if not folder.is_dir():
@@ -309,17 +310,7 @@ class Denoiser(nn.Module):
         if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
             raise InputError(f"{unet_cfg_path} describes a {unet_cfg['_class_name']}; diffaug loads UNet2DModel folders")
         unet = UNet2DModel.from_config(unet_cfg)
-        try:
-            state = load_file(weights_path)
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise InputError(f"cannot read {weights_path}: {e}; the file is damaged, copy or train it again") from None
-        try:
-            unet.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise InputError(
-                f"{weights_path} does not match {unet_cfg_path} ({first}); use the config saved with these weights"
-            ) from None
+        load_state(unet, read_safetensors(weights_path), weights_path)
         unet.eval()
         scheduler = _scheduler_from_config(_read_json(sched_path), sched_path)
         meta = _read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}

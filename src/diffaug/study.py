@@ -114,6 +114,16 @@ class StudyConfig:
         for r in self.certify_recipes:
             if r not in self.recipes:
                 raise InputError(f"certify recipe {r} is not among the trained recipes {self.recipes}")
+        at_least = {"epochs": 1, "shift_limit": 1, "certify_n0": 1, "certify_n": 1, "certify_limit": 1,
+                    "guidance_steps": 1, "guidance_per_class": 2, "guidance_sample_steps": 1, "semi_steps": 1,
+                    "toy_steps": 1}
+        for name, least in at_least.items():
+            if getattr(self, name) < least:
+                raise InputError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
+        if not 0 < self.semi_fraction < 1:
+            raise InputError(f"setting semi_fraction must lie in (0, 1), got {self.semi_fraction}")
+        if not self.certify_sigmas or any(not s > 0 for s in self.certify_sigmas):
+            raise InputError(f"setting certify_sigmas must hold noise levels > 0, got {self.certify_sigmas}")
         if "plain" not in self.ood_holdout_recipes or "diffaug" not in self.ood_holdout_recipes:
             raise InputError("ood_holdout_recipes compares plain with diffaug; keep both")
         bad = [r for r in self.ood_holdout_recipes if r not in RECIPES]

@@ -119,8 +119,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
         start = _load_diffusion_state(ckpt_path, cfg, unet, ema, opt, sched, gen)
         ckpt.rewind_jsonl(out_dir / "log.jsonl", start)
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out_dir / "train_config.json", config_json)
+        ckpt.write_text(out_dir / "log.jsonl", "")  # a new run starts a new log
 
     den = Denoiser.from_diffusers(unet, scheduler, num_classes=num_classes, null_class=num_classes)
     images, labels = data.images.to(device), data.labels.to(device)
@@ -182,8 +182,8 @@ def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen) -> int:
         raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
                          "resume with the original settings (only --steps may change)")
     device = next(unet.parameters()).device
-    unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    ckpt.load_state(unet, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    ckpt.load_state(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
     opt.load_state_dict(ckpt.unflatten_optimizer_state(
         {k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v for k, v in tensors.items()},
         meta["optimizer"]))

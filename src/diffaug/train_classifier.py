@@ -277,7 +277,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     if resume:
         if saved_meta.get("world", 1) != dist_info.world:
             raise InputError(f"the run in {out} used {saved_meta['world']} processes; resume with the same number")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ckpt.load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, _checkpoint_paths(out)[-1])
         opt.load_state_dict(ckpt.unflatten_optimizer_state(tensors, saved_meta["optimizer"]))
         sched.load_state_dict(saved_meta["lr_scheduler"])
         gen.set_state(tensors[f"rng.rank{dist_info.rank}"])
@@ -288,8 +288,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         if force and out.exists():
             for p in _checkpoint_paths(out) + [out / METRICS_FILE, out / "model.safetensors", out / "model.json"]:
                 p.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / CONFIG_FILE, cfg_json)
+        ckpt.write_text(out / METRICS_FILE, "")  # a new run starts a new log
 
     net: nn.Module = model
     if dist_info.world > 1:

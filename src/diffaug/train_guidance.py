@@ -124,7 +124,7 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         if changed:
             raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
                              "resume with the original settings")
-        model.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        ckpt.load_state(model.net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, ckpt_path)
         opt.load_state_dict(ckpt.unflatten_optimizer_state(
             {k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v for k, v in tensors.items()},
             meta["optimizer"]))
@@ -133,8 +133,8 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         start = int(meta["step"])
         ckpt.rewind_jsonl(out_dir / "log.jsonl", start)
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out_dir / "train_config.json", config_json)
+        ckpt.write_text(out_dir / "log.jsonl", "")  # a new run starts a new log
     labelled, unlabelled = labelled_split(train.labels, cfg.labelled_fraction, cfg.seed)
     images, labels = train.images[labelled].to(device), train.labels[labelled].to(device)
     extra_images = train.images[unlabelled].to(device)
@@ -223,6 +223,10 @@ def load_guidance(folder: str | Path, denoiser: Denoiser) -> GuidanceClassifier:
     spec = json.loads((folder / SPEC).read_text()) if (folder / SPEC).is_file() else None
     tensors, meta = ckpt.load_safetensors(folder / WEIGHTS)
     spec = spec or meta
+    lacking = [k for k in ("kind", "num_classes", "width", "channels", "image_size") if k not in spec]
+    if lacking or "schedule.alpha_bar" not in tensors:
+        raise InputError(f"{folder} is not a guidance classifier saved by diffaug (no {(lacking or ['schedule'])[0]}); "
+                         "train one with diffaug train-guidance")
     if list(denoiser.image_size) != list(spec["image_size"]) or denoiser.channels != spec["channels"]:
         raise InputError(f"guidance classifier {folder} was trained for {spec['channels']}x{spec['image_size']} "
                          f"images, the denoiser makes {denoiser.channels}x{list(denoiser.image_size)}")
@@ -231,6 +235,6 @@ def load_guidance(folder: str | Path, denoiser: Denoiser) -> GuidanceClassifier:
         raise InputError(f"guidance classifier {folder} was trained for another noise schedule (T={saved_ab.numel()}) "
                          f"than this denoiser's (T={denoiser.num_timesteps}); train it with this denoiser")
     model = build_guidance(spec["kind"], denoiser, spec["num_classes"], width=spec["width"])
-    model.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    ckpt.load_state(model.net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, folder / WEIGHTS)
     model.spec = spec
     return model.to(denoiser.alpha_bar.device).eval()
