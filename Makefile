@@ -15,10 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The main job on the embedded default (digits + the shipped denoiser).
+# The main job: the whole study on the embedded default (digits + the shipped denoiser) -> $(OUT)/study/report.html
 main: setup
-	$(BIN)/diffaug show-augmentations --denoiser digits --out $(OUT)/augmentations.png
-	$(BIN)/diffaug denoiser-quality --denoiser digits --seeds 0 1 2 --out $(OUT)/denoiser_quality.json
+	$(BIN)/diffaug study --out $(OUT)/study
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q

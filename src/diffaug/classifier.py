@@ -38,6 +38,9 @@ class Classifier(nn.Module):
         self.spec = dict(spec)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:  # the normalisation would broadcast 1 channel to 3
+            raise InputError(f"images of shape {tuple(x.shape)} for a classifier of {self.mean.shape[1]} channels; "
+                             "give [N, C, H, W] images with the channels it was trained on")
         return self.features((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .errors import InputError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -22,11 +24,13 @@ def linear_alpha_bar(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_e
     """DDPM's linear beta schedule (Ho et al. 2020), rescaled to ``num_timesteps`` as in improved-DDPM.
 
     For ``num_timesteps=1000`` this is exactly ``betas = linspace(1e-4, 0.02, 1000)``; for other lengths the
-    end points are scaled by ``1000 / num_timesteps`` so the process ends at the same noise level.
+    end points are scaled by ``1000 / num_timesteps`` so the process ends at the same noise level. Betas are
+    clipped at 0.999 (as the cosine schedule's), which only matters below 21 steps, where the scaled end point
+    would exceed 1 and make ``alpha_bar`` negative.
     """
     _check_num_timesteps(num_timesteps)
     scale = 1000.0 / num_timesteps
-    betas = torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
+    betas = torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64).clamp(max=0.999)
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
@@ -55,7 +59,7 @@ def alpha_bar_from_scheduler(scheduler) -> torch.Tensor:
 
 def _check_num_timesteps(num_timesteps: int) -> None:
     if int(num_timesteps) != num_timesteps or num_timesteps < 2:
-        raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+        raise InputError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,7 @@ def x0_from_model_output(
         return alpha_bar_t.sqrt() * x_t - (1 - alpha_bar_t).sqrt() * model_output
     if prediction_type == "sample":
         return model_output
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    raise InputError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
 
 def eps_from_x0(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
@@ -111,7 +115,7 @@ def sigma_to_t(sigma: float | torch.Tensor, alpha_bar: torch.Tensor) -> torch.Te
     """The integer timestep whose noise level is nearest to ``sigma`` (in log space). Returns a LongTensor."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     if (sigma <= 0).any() or not torch.isfinite(sigma).all():
-        raise ValueError(f"sigma must be positive and finite, got {sigma.tolist()}")
+        raise InputError(f"sigma must be positive and finite, got {sigma.tolist()}")
     log_sigmas = sigma_from_alpha_bar(alpha_bar.double()).log()
     dist = (sigma.log().reshape(-1, 1) - log_sigmas.reshape(1, -1)).abs()
     return dist.argmin(dim=1).reshape(sigma.shape)
@@ -121,7 +125,7 @@ def fraction_to_t(fraction: float | torch.Tensor, num_timesteps: int) -> torch.T
     """Map a fraction of the schedule in [0, 1] to an integer t in [0, T): ``round(fraction * (T - 1))``."""
     fraction = torch.as_tensor(fraction, dtype=torch.float64)
     if (fraction < 0).any() or (fraction > 1).any():
-        raise ValueError(f"fraction of T must lie in [0, 1], got {fraction.tolist()}")
+        raise InputError(f"fraction of T must lie in [0, 1], got {fraction.tolist()}")
     return torch.round(fraction * (num_timesteps - 1)).long()
 
 
@@ -145,4 +149,4 @@ def eps_from_model_output(
         return alpha_bar_t.sqrt() * model_output + (1 - alpha_bar_t).sqrt() * x_t
     if prediction_type == "sample":
         return eps_from_x0(model_output, x_t, alpha_bar_t)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    raise InputError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")

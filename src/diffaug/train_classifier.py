@@ -93,6 +93,10 @@ class TrainConfig:
             raise InputError(f"diffaug_fraction must lie in (0, 1], got {self.diffaug_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not self.lr > 0 or not self.weight_decay >= 0 or not self.diffaug_weight >= 0 or self.warmup_steps < 0:
+            raise InputError(f"lr must be > 0 and weight_decay, diffaug_weight, warmup_steps >= 0; got lr {self.lr}, "
+                             f"weight_decay {self.weight_decay}, diffaug_weight {self.diffaug_weight}, "
+                             f"warmup_steps {self.warmup_steps}")
 
 
 # ---------------------------------------------------------------------- distributed helpers

@@ -1,0 +1,203 @@
+"""The bad-input battery: every CLI command and the public Python entry points driven with wrong inputs.
+
+For the CLI each case asserts exit status 2, exactly one line on stderr that names the offending value, no
+traceback, and that nothing was written to the output path. For Python each case asserts ``InputError``
+(a ``ValueError``) with a message naming the value.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import diffaug
+from diffaug import InputError
+from diffaug.classifier import create_classifier, save_classifier
+from diffaug.cli import main
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, den_dir):
+    """A workspace of good and broken files the cases point at."""
+    from diffaug.guidance import build_guidance
+    from diffaug.train_guidance import save_guidance
+
+    root = tmp_path_factory.mktemp("ws")
+    save_classifier(create_classifier("small_cnn", 10, 1, seed=0), root / "clf")
+    save_classifier(create_classifier("small_cnn", 4, 1, seed=0), root / "clf4")
+    save_classifier(create_classifier("small_cnn", 10, 3, seed=0), root / "clf_rgb")
+    den = diffaug.load_denoiser(den_dir)
+    save_guidance(build_guidance("da", den, 10, width=8), root / "guid", classes=[str(i) for i in range(10)], extra={})
+    truncated = root / "truncated"
+    save_classifier(create_classifier("small_cnn", 10, 1, seed=0), truncated)
+    blob = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(blob[: len(blob) // 3])
+    (root / "empty_dir").mkdir()
+    (root / "cfg_types.json").write_text(json.dumps({"epochs": "ten"}))
+    (root / "cfg_keys.json").write_text(json.dumps({"epochz": 3}))
+    (root / "not_json.json").write_text("{")
+    return root
+
+
+def _cases(ws, den_dir):
+    d, D = str(den_dir), "digits"
+    clf, missing = str(ws / "clf"), str(ws / "nope")
+    return [
+        # (argv, text the one-line message must contain)
+        (["train-diffusion", "--steps", "0"], "steps"),
+        (["train-diffusion", "--data", missing], missing),
+        (["train-diffusion", "--schedule", "quadratic"], "quadratic"),
+        (["train-diffusion", "--batch-size", "-4"], "-4"),
+        (["train", "--recipe", "mixup"], "mixup"),
+        (["train", "--recipe", "diffaug", "--denoiser", missing], missing),
+        (["train", "--recipe", "plain", "--model", "no_such_net"], "no_such_net"),
+        (["train", "--recipe", "plain", "--lr", "-1"], "-1"),
+        (["train", "--recipe", "plain", "--classes", "3", "99"], "99"),
+        (["train", "--recipe", "plain", "--pretrained", missing], missing),
+        (["train", "--recipe", "plain", "--pretrained", str(ws / "truncated" / "model.safetensors")], "damaged"),
+        (["train", "--recipe", "diffaug", "--denoiser", d, "--t-min", "5", "--t-max", "2000"], "2000"),
+        (["train", "--recipe", "plain", "--resume"], "--resume"),
+        (["certify", "--classifier", clf, "--sigma", "-0.5"], "-0.5"),
+        (["certify", "--classifier", clf, "--sigma", "0.5", "--alpha", "2"], "alpha"),
+        (["certify", "--classifier", clf, "--sigma", "0.5", "--n", "0"], "n"),
+        (["certify", "--classifier", missing, "--sigma", "0.5"], missing),
+        (["certify", "--classifier", str(ws / "truncated"), "--sigma", "0.5"], "damaged"),
+        (["certify", "--classifier", str(ws / "clf4"), "--sigma", "0.5"], "4 classes"),
+        (["certify", "--classifier", clf, "--sigma", "0.5", "--denoiser", str(ws / "empty_dir")], "unet"),
+        (["eval-ood", "--classifier", clf, "--ood", "imagenet-o"], "imagenet-o"),
+        (["eval-ood", "--classifier", clf, "--ood", "holdout"], "holdout"),
+        (["eval-ood", "--classifier", str(ws / "clf_rgb")], "channels"),
+        (["eval-shift", "--classifier", clf, "--corruptions", "rain"], "rain"),
+        (["eval-shift", "--classifier", clf, "--severities", "7"], "7"),
+        (["eval-shift", "--classifier", clf, "--modes", "tta"], "tta"),
+        (["eval-shift", "--classifier", clf, "--limit", "0"], "limit"),
+        (["eval-shift", "--classifier", str(ws / "clf4")], "classes"),
+        (["train-guidance", "--kind", "da", "--denoiser", d, "--steps", "0"], "steps"),
+        (["train-guidance", "--kind", "da", "--denoiser", d, "--labelled-fraction", "1.5"], "1.5"),
+        (["train-guidance", "--kind", "da", "--denoiser", d, "--consistency-weight", "1"], "labelled_fraction"),
+        (["sample", "--denoiser", d, "--guidance", str(ws / "guid"), "--class", "12"], "12"),
+        (["sample", "--denoiser", d, "--guidance", str(ws / "guid"), "--class", "1", "--n", "0"], "--n"),
+        (["sample", "--denoiser", d, "--guidance", str(ws / "guid"), "--class", "1", "--scale", "nan"], "nan"),
+        (["sample", "--denoiser", d, "--guidance", missing, "--class", "1"], missing),
+        (["eval-guidance", "--guidance", str(ws / "guid"), "--denoiser", d, "--per-class", "1"], "per-class"),
+        (["pag", "--classifier", clf, "--denoiser", d, "--t", "5000"], "5000"),
+        (["pag", "--classifier", clf, "--denoiser", missing], missing),
+        (["toy", "--t", "-3"], "-3"),
+        (["toy", "--steps", "0"], "steps"),
+        (["study", "--config", str(ws / "cfg_types.json")], "epochs"),
+        (["study", "--config", str(ws / "cfg_keys.json")], "epochz"),
+        (["study", "--config", str(ws / "not_json.json")], "not valid JSON"),
+        (["study", "--config", missing], missing),
+        (["study", "--only", "everything"], "everything"),
+        (["show-augmentations", "--denoiser", missing], missing),
+        (["show-augmentations", "--denoiser", D, "--data", missing], missing),
+        (["denoiser-quality", "--denoiser", D, "--seeds"], None),  # argparse: exit 2 with usage (not our line)
+    ]
+
+
+OUTPUT = {"sample": "s.png", "pag": "p.png", "toy": "t.png", "show-augmentations": "a.png",
+          "denoiser-quality": "q.json"}
+
+
+def test_every_cli_command_rejects_bad_input_in_one_line(ws, den_dir, tmp_path, capsys):
+    failures = []
+    for argv, expected in _cases(ws, den_dir):
+        out = tmp_path / f"out-{len(failures)}-{argv[0]}" / OUTPUT.get(argv[0], "dir")
+        full = argv + ["--out", str(out)] + (["--quiet"] if argv[0] in ("train", "train-diffusion", "certify",
+                                                                         "eval-shift", "train-guidance", "study",
+                                                                         "eval-guidance") else [])
+        try:
+            code = main(full)
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+        except Exception as e:  # an error that escaped as a traceback
+            code = f"{type(e).__name__}: {e}"
+        err = capsys.readouterr().err.strip()
+        problems = []
+        if code != 2:
+            problems.append(f"exit {code}")
+        if expected is not None:
+            if len(err.splitlines()) != 1:
+                problems.append(f"{len(err.splitlines())} lines")
+            if expected not in err:
+                problems.append(f"message lacks {expected!r}")
+        if "Traceback" in err:
+            problems.append("traceback")
+        if out.parent.exists() and any(out.parent.rglob("*")) or out.exists():
+            problems.append("wrote output")
+        if problems:
+            failures.append(f"{' '.join(argv)}: {', '.join(problems)} | {err[-300:]}")
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------- Python entry points
+@pytest.mark.parametrize("bad, message", [
+    (torch.ones(2, 1, 8, 8, dtype=torch.int64), "float"),
+    (torch.full((2, 1, 8, 8), 1.5), "1.5"),
+    (torch.full((2, 1, 8, 8), -0.25), "-0.25"),
+    (torch.full((2, 1, 8, 8), math.nan), "NaN"),
+    (torch.full((2, 1, 8, 8), math.inf), "Inf"),
+    (torch.rand(1, 8, 8), r"\(1, 8, 8\)"),
+    (torch.rand(2, 3, 8, 8), "channels"),
+    (torch.rand(2, 1, 16, 16), "16"),
+])
+def test_diffaug_rejects_bad_images(den, bad, message):
+    aug = diffaug.DiffAug(den)
+    with pytest.raises(InputError, match=message):
+        aug(bad, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match=message):
+        diffaug.diffaug_ensemble(create_classifier("small_cnn", 10, 1), den, bad,
+                                 generator=torch.Generator().manual_seed(0))
+
+
+def test_empty_batches_pass_through(den):
+    empty = torch.rand(0, 1, 8, 8)
+    assert diffaug.DiffAug(den)(empty).shape == (0, 1, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"t_range": (5, 1000)}, "1000"),
+    ({"t_range": (-1, 10)}, "-1"),
+    ({"t_range": (10, 5)}, "10"),
+    ({"sampler": "ddim-50"}, "ddim-50"),
+    ({"sigma_range": (0.0, 1.0)}, "sigma"),
+    ({"fraction_range": (0.2, 1.5)}, "1.5"),
+])
+def test_diffaug_rejects_bad_settings(den, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        diffaug.DiffAug(den, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sigma": 0.0}, "sigma"),
+    ({"sigma": -1.0}, "-1"),
+    ({"sigma": math.nan}, "nan"),
+    ({"num_classes": 1}, "num_classes"),
+])
+def test_smooth_rejects_bad_settings(kwargs, message):
+    args = {"num_classes": 10, "sigma": 0.5, **kwargs}
+    with pytest.raises(InputError, match=message):
+        diffaug.Smooth(create_classifier("small_cnn", 10, 1), **args)
+
+
+def test_smooth_rejects_bad_sampling_arguments():
+    smooth = diffaug.Smooth(create_classifier("small_cnn", 10, 1), num_classes=10, sigma=0.5)
+    x = torch.rand(1, 8, 8)
+    for kwargs, message in (({"batch_size": 0}, "batch_size"), ({"alpha": 1.5}, "alpha"), ({"n": 0}, "n"),
+                            ({"n0": 0}, "n0")):
+        args = {"n0": 5, "n": 20, "alpha": 0.001, "batch_size": 10, **kwargs}
+        with pytest.raises(InputError, match=message):
+            smooth.certify(x, args["n0"], args["n"], args["alpha"], args["batch_size"],
+                           generator=torch.Generator().manual_seed(0))
+
+
+def test_loaders_name_what_is_missing(tmp_path):
+    with pytest.raises(InputError, match="nope"):
+        diffaug.load_denoiser(tmp_path / "nope")
+    with pytest.raises(InputError, match="missing model.json"):
+        diffaug.load_classifier(tmp_path)
+    with pytest.raises(InputError, match="unknown denoiser 'imagenet'"):
+        diffaug.load_denoiser("imagenet")
+    with pytest.raises(InputError, match="no_such_model"):
+        create_classifier("no_such_model", 10, 1)
