@@ -92,7 +92,12 @@ def _cases(ws, den_dir):
         (["study", "--only", "everything"], "everything"),
         (["show-augmentations", "--denoiser", missing], missing),
         (["show-augmentations", "--denoiser", D, "--data", missing], missing),
+        (["denoiser-quality", "--denoiser", missing], missing),
+        (["denoiser-quality", "--denoiser", D, "--data", missing], missing),
         (["denoiser-quality", "--denoiser", D, "--seeds"], None),  # argparse: exit 2 with usage (not our line)
+        # a folder where a file is expected (an unreadable "file")
+        (["train", "--recipe", "plain", "--pretrained", str(ws / "empty_dir")], "empty_dir"),
+        (["study", "--config", str(ws / "empty_dir")], "empty_dir"),
     ]
 
 
