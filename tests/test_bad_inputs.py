@@ -93,6 +93,9 @@ def _cases(ws, den_dir):
         (["show-augmentations", "--denoiser", missing], missing),
         (["show-augmentations", "--denoiser", D, "--data", missing], missing),
         (["denoiser-quality", "--denoiser", missing], missing),
+        (["train", "--recipe", "plain", "--device", "tpu9"], "tpu9"),
+        *([(["train", "--recipe", "plain", "--device", "cuda"], "no CUDA GPU")] if not torch.cuda.is_available()
+          else []),
         (["denoiser-quality", "--denoiser", D, "--data", missing], missing),
         (["denoiser-quality", "--denoiser", D, "--seeds"], None),  # argparse: exit 2 with usage (not our line)
         # a folder where a file is expected (an unreadable "file")

@@ -13,9 +13,18 @@ from .errors import InputError, StorageError
 def _device(name: str | None) -> str:
     import torch
 
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name} requested but this machine has no CUDA GPU (or this PyTorch build has no "
+                         "CUDA); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def _png_path(value: str) -> Path:
@@ -168,7 +177,7 @@ def cmd_study(args) -> None:
     cfg = StudyConfig.from_file(args.config, quick=args.quick)
     if args.seeds is not None:
         cfg.seeds = args.seeds
-    cfg.device = _device(args.device)
+    cfg.device = _device(args.device or (cfg.device if args.config else None))  # --device, the config's, or auto
     results = run_study(cfg, args.out, only=args.only, progress=not args.quiet)
     held = sum(1 for c in results["claims"] if c["holds"])
     print(f"study: {held} of {len(results['claims'])} claims hold here; report: {Path(args.out) / 'report.html'}")
