@@ -358,6 +358,51 @@ def _read_json(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read {path}: {e}; the file is damaged") from None
 
+    @classmethod
+    def from_guided_diffusion(cls, path: str | os.PathLike, preset: str | None = None, *,
+                              noise_schedule: str | None = None, diffusion_steps: int | None = None,
+                              rescale_timesteps: bool | None = None, **flags) -> "Denoiser":
+        """Load an OpenAI guided-diffusion / improved-diffusion checkpoint into the project's ADM UNet.
+
+        Args:
+            path: the ``.pt`` state dict (read with ``torch.load(..., weights_only=True)``: pickled objects are
+                refused, never run) or a ``.safetensors`` file with the same keys.
+            preset: a name in ``diffaug.adm.PRESETS`` (e.g. ``"256x256_diffusion_uncond"``, the paper's model),
+                giving the network flags and the schedule; flags and the schedule arguments override it.
+            noise_schedule, diffusion_steps, rescale_timesteps: the diffusion flags of the original scripts.
+            **flags: network flags of ``diffaug.adm.ADMConfig`` (image_size, num_channels, num_res_blocks,
+                channel_mult, attention_resolutions, num_heads, num_head_channels, num_heads_upsample,
+                learn_sigma, class_cond, use_scale_shift_norm, resblock_updown, use_new_attention_order,
+                dropout); comma strings are accepted as in the scripts.
+        """
+        from .adm import ADMUNet, adm_config, check_adm_state
+        from .checkpoint import read_safetensors
+
+        config, base = adm_config(preset, **flags)
+        noise_schedule = noise_schedule or (base.noise_schedule if base else "linear")
+        steps = diffusion_steps or (base.diffusion_steps if base else 1000)
+        rescale = rescale_timesteps if rescale_timesteps is not None else (base.rescale_timesteps if base else False)
+        if noise_schedule not in ("linear", "cosine"):
+            raise InputError(f"unknown noise_schedule {noise_schedule!r}; use linear or cosine")
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            state = read_safetensors(path)
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise InputError(f"{path} is not a plain state dict ({type(e).__name__}); it was not unpickled") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise InputError(f"{path} does not hold a state dict of tensors")
+        net = ADMUNet(config, time_scale=1000.0 / steps if rescale else 1.0)
+        check_adm_state(state, net, path)
+        net.load_state_dict(state)
+        alpha_bar = (schedule.cosine_alpha_bar if noise_schedule == "cosine" else schedule.linear_alpha_bar)(steps)
+        return cls(net.eval(), alpha_bar, "epsilon", image_size=(config.image_size, config.image_size),
+                   channels=config.in_channels, num_classes=config.num_classes if config.class_cond else None)
+
 
 def _scheduler_from_config(cfg: dict, path: Path):
     import diffusers

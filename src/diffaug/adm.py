@@ -1,0 +1,322 @@
+"""The ADM UNet (Dhariwal & Nichol 2021; Nichol & Dhariwal 2021), written here to load OpenAI's guided-diffusion
+and improved-diffusion checkpoints key for key.
+
+The network is configured by the same flags as their scripts (``ADMConfig``); ``PRESETS`` holds the published
+checkpoints' flags and schedules. Parameter names follow the original modules (``input_blocks.N.M...``,
+``middle_block``, ``output_blocks``, ``out``; ResBlocks with ``in_layers`` / ``emb_layers`` / ``out_layers`` /
+``skip_connection``; attention with ``norm`` / ``qkv`` / ``proj_out``), so a state dict loads with
+``strict=True``. Attention uses PyTorch's ``scaled_dot_product_attention`` (both head orders of the originals);
+GroupNorm is computed in float32 as in the originals, so the network runs under bf16/fp16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ADMConfig:
+    """The flags of guided-diffusion's ``create_model`` (improved-diffusion's are a subset)."""
+
+    image_size: int = 64
+    in_channels: int = 3
+    num_channels: int = 128
+    num_res_blocks: int = 2
+    channel_mult: tuple[float, ...] | None = None  # None: guided-diffusion's default for the image size
+    attention_resolutions: tuple[int, ...] = (16, 8)  # image resolutions (pixels) that get attention
+    num_heads: int = 4
+    num_head_channels: int = -1  # > 0 overrides num_heads with channels // num_head_channels
+    num_heads_upsample: int = -1  # -1: num_heads
+    learn_sigma: bool = False
+    class_cond: bool = False
+    num_classes: int = 1000
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    dropout: float = 0.0
+
+    def resolved_channel_mult(self) -> tuple[float, ...]:
+        if self.channel_mult is not None:
+            return tuple(self.channel_mult)
+        defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4),
+                    32: (1, 2, 2, 2)}
+        if self.image_size not in defaults:
+            raise InputError(f"no default channel_mult for image_size {self.image_size}; pass channel_mult")
+        return defaults[self.image_size]
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+
+@dataclass(frozen=True)
+class ADMPreset:
+    """A published checkpoint: its network flags and its diffusion (schedule, steps, time input scaling)."""
+
+    config: ADMConfig
+    noise_schedule: str  # "linear" or "cosine"
+    diffusion_steps: int = 1000
+    rescale_timesteps: bool = False  # improved-diffusion feeds t * 1000 / T to the network
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_ATT = (32, 16, 8)
+PRESETS: dict[str, ADMPreset] = {
+    # the paper's DiffAug / DDA model (guided-diffusion, ImageNet 256, unconditional)
+    "256x256_diffusion_uncond": ADMPreset(ADMConfig(
+        image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions=_ATT, num_head_channels=64,
+        learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True), "linear"),
+    "256x256_diffusion": ADMPreset(ADMConfig(
+        image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions=_ATT, num_head_channels=64,
+        learn_sigma=True, class_cond=True, use_scale_shift_norm=True, resblock_updown=True), "linear"),
+    "128x128_diffusion": ADMPreset(ADMConfig(
+        image_size=128, num_channels=256, num_res_blocks=2, attention_resolutions=_ATT, num_heads=4,
+        learn_sigma=True, class_cond=True, use_scale_shift_norm=True, resblock_updown=True), "linear"),
+    "64x64_diffusion": ADMPreset(ADMConfig(
+        image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions=_ATT, num_head_channels=64,
+        learn_sigma=True, class_cond=True, use_scale_shift_norm=True, resblock_updown=True,
+        use_new_attention_order=True, dropout=0.1), "cosine"),
+    # improved-diffusion's CIFAR-10 model (cosine schedule, 4000 steps, rescaled timesteps)
+    "cifar10_uncond_50M_500K": ADMPreset(ADMConfig(
+        image_size=32, num_channels=128, num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4,
+        learn_sigma=True, use_scale_shift_norm=True, dropout=0.3), "cosine", 4000, rescale_timesteps=True),
+}
+
+
+# ---------------------------------------------------------------------- building blocks
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) computed in float32 (as the originals do), cast back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def _norm(channels: int) -> GroupNorm32:
+    return GroupNorm32(32, channels)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """``[cos(t w_i), sin(t w_i)]`` with ``w_i = max_period^(-i / half)``; float timesteps allowed."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x) if self.use_conv else F.avg_pool2d(x, 2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, time embedding (added, or FiLM scale-shift after the second norm), dropout, conv;
+    optional resampling inside (``up`` / ``down``: BigGAN-style ResBlocks)."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int, scale_shift: bool,
+                 up: bool = False, down: bool = False):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.resample = (Upsample(channels, False) if up else Downsample(channels, False)) if up or down else None
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
+        self.out_layers = nn.Sequential(_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.resample is not None:  # resample between the first norm/activation and the first conv
+            h = self.in_layers[:-1](x)
+            h, x = self.in_layers[-1](self.resample(h)), self.resample(x)
+        else:
+            h = self.in_layers(x)
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels. ``new_order``: qkv is split into q, k, v first, then heads (guided-
+    diffusion's QKVAttention); otherwise heads first (QKVAttentionLegacy, also improved-diffusion's)."""
+
+    def __init__(self, channels: int, num_heads: int, num_head_channels: int, new_order: bool):
+        super().__init__()
+        if num_head_channels > 0:
+            if channels % num_head_channels:
+                raise InputError(f"{channels} channels are not divisible by num_head_channels={num_head_channels}")
+            num_heads = channels // num_head_channels
+        self.num_heads = num_heads
+        self.new_order = new_order
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))  # [b, 3c, L]
+        heads, length = self.num_heads, qkv.shape[-1]
+        if self.new_order:
+            q, k, v = (z.reshape(b, heads, c // heads, length) for z in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(b, heads, 3 * c // heads, length).chunk(3, dim=2)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        h = h.transpose(-1, -2).reshape(b, c, length)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+class _Sequential(nn.Sequential):
+    """Passes the time embedding to the ResBlocks it holds."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------- the network
+class ADMUNet(nn.Module):
+    """``net(x, t, y=None) -> output``: eps (and the variance interpolation v when ``learn_sigma``), for
+    ``x`` ``[N, C, S, S]`` in [-1, 1], ``t`` ``[N]`` timesteps (scaled by ``time_scale`` before embedding)."""
+
+    def __init__(self, config: ADMConfig, time_scale: float = 1.0):
+        super().__init__()
+        self.config = config
+        self.time_scale = time_scale
+        mc, cfg = config.num_channels, config
+        mult = config.resolved_channel_mult()
+        attention_ds = {config.image_size // r for r in config.attention_resolutions}
+        heads_up = config.num_heads if config.num_heads_upsample == -1 else config.num_heads_upsample
+        emb_dim = 4 * mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if config.class_cond:
+            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+
+        def res(cin, cout, **kw):
+            return ResBlock(cin, emb_dim, cfg.dropout, cout, cfg.use_scale_shift_norm, **kw)
+
+        def attn(ch, heads):
+            return AttentionBlock(ch, heads, cfg.num_head_channels, cfg.use_new_attention_order)
+
+        ch = int(mult[0] * mc)
+        self.input_blocks = nn.ModuleList([_Sequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1
+        for level, m in enumerate(mult):
+            for _ in range(config.num_res_blocks):
+                layers = [res(ch, int(m * mc))]
+                ch = int(m * mc)
+                if ds in attention_ds:
+                    layers.append(attn(ch, config.num_heads))
+                self.input_blocks.append(_Sequential(*layers))
+                skips.append(ch)
+            if level != len(mult) - 1:
+                down = res(ch, ch, down=True) if config.resblock_updown else Downsample(ch, True, ch)
+                self.input_blocks.append(_Sequential(down))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = _Sequential(res(ch, ch), attn(ch, config.num_heads), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, m in list(enumerate(mult))[::-1]:
+            for i in range(config.num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), int(mc * m))]
+                ch = int(mc * m)
+                if ds in attention_ds:
+                    layers.append(attn(ch, heads_up))
+                if level and i == config.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if config.resblock_updown else Upsample(ch, True, ch))
+                    ds //= 2
+                self.output_blocks.append(_Sequential(*layers))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, config.out_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t.float() * self.time_scale, self.config.num_channels))
+        if self.config.class_cond:
+            if y is None:
+                raise InputError("this ADM model is class-conditional; pass class labels y")
+            emb = emb + self.label_emb(y)
+        h, hs = x, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def adm_config(preset: str | None = None, **flags) -> tuple[ADMConfig, ADMPreset | None]:
+    """An ``ADMConfig`` from a preset name and/or flags (flags override the preset's)."""
+    base = None
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError(f"unknown ADM preset {preset!r}; use one of {', '.join(PRESETS)}")
+        base = PRESETS[preset]
+    known = set(asdict(ADMConfig()))
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        raise InputError(f"unknown ADM flag(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key in ("channel_mult", "attention_resolutions"):
+        if isinstance(flags.get(key), str):  # the original scripts' comma strings
+            flags[key] = tuple(float(v) if key == "channel_mult" else int(v) for v in flags[key].split(",") if v)
+    return replace(base.config if base else ADMConfig(), **flags), base
+
+
+def check_adm_state(state: dict, net: ADMUNet, source) -> None:
+    """One-line errors for a state dict that does not fit ``net``, with the flag that is likely wrong."""
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    cfg = net.config
+    hint = ""
+    if "out.2.weight" in state and "out.2.weight" in own and state["out.2.weight"].shape != own["out.2.weight"].shape:
+        got = state["out.2.weight"].shape[0]
+        if got == 2 * cfg.in_channels and not cfg.learn_sigma:
+            hint = "; the output has 2x the image channels: set learn_sigma=True"
+        elif got == cfg.in_channels and cfg.learn_sigma:
+            hint = "; the output has the image channels only: set learn_sigma=False"
+    elif any(k.startswith("label_emb") for k in missing):
+        hint = "; the checkpoint has no label embedding: set class_cond=False"
+    elif any(k.startswith("label_emb") for k in unexpected):
+        hint = "; the checkpoint has a label embedding: set class_cond=True"
+    if missing or unexpected:
+        raise InputError(f"{source} does not fit the ADM flags: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                         f"{hint}")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise InputError(f"{source}: {name} has shape {tuple(value.shape)}, the flags give "
+                             f"{tuple(own[name].shape)}{hint or '; check num_channels, channel_mult and num_heads'}")

@@ -1,0 +1,185 @@
+"""The ADM UNet and guided-/improved-diffusion checkpoints (random weights: no checkpoint is fetched)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import diffaug
+from diffaug import InputError
+from diffaug.adm import PRESETS, ADMUNet, AttentionBlock, adm_config
+
+
+def _small(name: str) -> dict:
+    """Flags that shrink a preset for a CPU test but keep its structure (attention orders, updown, sigma)."""
+    full = PRESETS[name].config
+    small = {"num_channels": 32, "dropout": 0.0, "num_classes": 10}
+    if full.num_head_channels > 0:
+        small["num_head_channels"] = 16
+    if full.image_size > 32:
+        small.update(image_size=16, channel_mult=full.resolved_channel_mult()[:3], attention_resolutions=(16, 8))
+    return small
+
+
+def _randomised(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the zero-initialised output convs would hide every mismatch
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_each_preset_round_trips_through_a_pt_state_dict(tmp_path, name):
+    flags = _small(name)
+    cfg, preset = adm_config(name, **flags)
+    net = _randomised(ADMUNet(cfg))
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    den = diffaug.Denoiser.from_guided_diffusion(tmp_path / "model.pt", name, **flags)
+    assert den.num_timesteps == preset.diffusion_steps and den.channels == 3
+    assert den.is_conditional == cfg.class_cond
+    s = cfg.image_size
+    x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([5, preset.diffusion_steps - 1])
+    y = torch.tensor([1, 7]) if cfg.class_cond else None
+    with torch.no_grad():
+        out = net(x, t.float() * den.net.time_scale, y)
+        assert out.shape == (2, 6 if cfg.learn_sigma else 3, s, s)
+        torch.testing.assert_close(den.model_output(x, t, y), out[:, :3], rtol=0, atol=0)
+        x0 = den.predict_x0(x, t, y)
+    assert torch.isfinite(x0).all()
+    expected_scale = 1000 / preset.diffusion_steps if preset.rescale_timesteps else 1.0
+    assert den.net.time_scale == expected_scale
+
+
+def _resblock(cin, cout, emb, scale_shift):
+    return (2 * cin + cin * cout * 9 + cout + emb * cout * (2 if scale_shift else 1) + cout * (2 if scale_shift else 1)
+            + 2 * cout + cout * cout * 9 + cout + (cin * cout + cout if cin != cout else 0))
+
+
+def _attention(c):
+    return 2 * c + c * 3 * c + 3 * c + c * c + c
+
+
+def _expected_params(cfg) -> int:
+    """An independent count from the flags (the published architecture, block by block)."""
+    mc, emb = cfg.num_channels, 4 * cfg.num_channels
+    mult = cfg.resolved_channel_mult()
+    att = {cfg.image_size // r for r in cfg.attention_resolutions}
+    n = mc * emb + emb + emb * emb + emb + (cfg.num_classes * emb if cfg.class_cond else 0)
+    ch = int(mult[0] * mc)
+    n += cfg.in_channels * ch * 9 + ch
+    skips, ds = [ch], 1
+    for level, m in enumerate(mult):
+        for _ in range(cfg.num_res_blocks):
+            n += _resblock(ch, int(m * mc), emb, cfg.use_scale_shift_norm)
+            ch = int(m * mc)
+            n += _attention(ch) if ds in att else 0
+            skips.append(ch)
+        if level < len(mult) - 1:
+            n += _resblock(ch, ch, emb, cfg.use_scale_shift_norm) if cfg.resblock_updown else ch * ch * 9 + ch
+            skips.append(ch)
+            ds *= 2
+    n += 2 * _resblock(ch, ch, emb, cfg.use_scale_shift_norm) + _attention(ch)
+    for level, m in reversed(list(enumerate(mult))):
+        for i in range(cfg.num_res_blocks + 1):
+            n += _resblock(ch + skips.pop(), int(m * mc), emb, cfg.use_scale_shift_norm)
+            ch = int(m * mc)
+            n += _attention(ch) if ds in att else 0
+            if level and i == cfg.num_res_blocks:
+                n += _resblock(ch, ch, emb, cfg.use_scale_shift_norm) if cfg.resblock_updown else ch * ch * 9 + ch
+                ds //= 2
+    return n + 2 * ch + ch * cfg.out_channels * 9 + cfg.out_channels
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_full_size_parameter_counts_match_the_architecture(name):
+    cfg = PRESETS[name].config
+    with torch.device("meta"):  # no memory: shapes only
+        net = ADMUNet(cfg)
+    assert sum(p.numel() for p in net.parameters()) == _expected_params(cfg)
+
+
+def test_the_papers_model_is_the_published_size():
+    with torch.device("meta"):
+        net = ADMUNet(PRESETS["256x256_diffusion_uncond"].config)
+    n = sum(p.numel() for p in net.parameters())
+    assert 550e6 < n < 556e6  # guided-diffusion's ImageNet 256 unconditional model: ~554 M parameters
+    assert net.out[-1].out_channels == 6  # eps and the variance interpolation
+
+
+def test_attention_equals_softmax_reference_in_both_head_orders():
+    torch.manual_seed(0)
+    c, heads, length = 64, 4, 20
+    x = torch.randn(2, c, 4, 5)
+    for new_order in (False, True):
+        block = _randomised(AttentionBlock(c, heads, -1, new_order))
+        qkv = block.qkv(block.norm(x.reshape(2, c, -1)))
+        if new_order:
+            q, k, v = (z.reshape(2 * heads, c // heads, length) for z in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(2 * heads, 3 * c // heads, length).split(c // heads, dim=1)
+        w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / (c // heads) ** 0.5, dim=-1)
+        ref = x.reshape(2, c, -1) + block.proj_out(torch.einsum("bts,bcs->bct", w, v).reshape(2, c, length))
+        torch.testing.assert_close(block(x), ref.reshape(x.shape), atol=1e-5, rtol=1e-5)
+    one_a, one_b = AttentionBlock(c, 1, -1, False), AttentionBlock(c, 1, -1, True)
+    one_b.load_state_dict(_randomised(one_a).state_dict())
+    torch.testing.assert_close(one_a(x), one_b.eval()(x))  # with one head the orders coincide
+
+
+def test_schedules_match_diffusers():
+    from diffusers import DDPMScheduler
+
+    from diffaug.schedule import linear_alpha_bar
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod
+    torch.testing.assert_close(linear_alpha_bar(1000), ref.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_diffaug_runs_on_an_adm_denoiser(tmp_path):
+    flags = _small("256x256_diffusion_uncond")
+    net = _randomised(ADMUNet(adm_config("256x256_diffusion_uncond", **flags)[0]))
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    den = diffaug.Denoiser.from_guided_diffusion(tmp_path / "m.pt", "256x256_diffusion_uncond", **flags)
+    x = torch.rand(3, 3, 16, 16)
+    out = diffaug.DiffAug(den)(x, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+
+
+def test_wrong_flags_and_bad_files_name_the_problem(tmp_path):
+    flags = _small("cifar10_uncond_50M_500K")
+    cfg, _ = adm_config("cifar10_uncond_50M_500K", **flags)
+    torch.save(ADMUNet(cfg).state_dict(), tmp_path / "m.pt")
+    load = diffaug.Denoiser.from_guided_diffusion
+    with pytest.raises(InputError, match="set learn_sigma=True"):
+        load(tmp_path / "m.pt", "cifar10_uncond_50M_500K", **{**flags, "learn_sigma": False})
+    with pytest.raises(InputError, match="set class_cond=False"):
+        load(tmp_path / "m.pt", "cifar10_uncond_50M_500K", **{**flags, "class_cond": True})
+    with pytest.raises(InputError, match=r"has shape .* the flags give"):
+        load(tmp_path / "m.pt", "cifar10_uncond_50M_500K", **{**flags, "num_channels": 64})
+    with pytest.raises(InputError, match="unknown ADM preset"):
+        load(tmp_path / "m.pt", "imagenet_512")
+    with pytest.raises(InputError, match="unknown ADM flag"):
+        load(tmp_path / "m.pt", num_chanels=3)
+    with pytest.raises(InputError, match="does not exist"):
+        load(tmp_path / "none.pt", "cifar10_uncond_50M_500K")
+    blob = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(InputError, match="not a plain state dict"):
+        load(tmp_path / "cut.pt", "cifar10_uncond_50M_500K", **flags)
+    marker = tmp_path / "RAN"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"input_blocks.0.0.weight": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="not unpickled"):
+        load(tmp_path / "evil.pt", "cifar10_uncond_50M_500K", **flags)
+    assert not marker.exists()
+
+
+def test_comma_string_flags_as_in_the_original_scripts():
+    cfg, _ = adm_config(None, image_size=32, attention_resolutions="16,8", channel_mult="1,2,2")
+    assert cfg.attention_resolutions == (16, 8) and cfg.channel_mult == (1.0, 2.0, 2.0)
+    assert dataclasses.asdict(cfg)["num_res_blocks"] == 2
