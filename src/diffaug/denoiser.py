@@ -318,46 +318,6 @@ class Denoiser(nn.Module):
             unet, scheduler, num_classes=meta.get("num_classes"), null_class=meta.get("null_class")
         )
 
-    def save_pretrained(self, path: str | os.PathLike, *, extra: dict | None = None) -> None:
-        """Write this denoiser (diffusers UNet only) as ``unet/``, ``scheduler/`` and ``diffaug.json``.
-
-        ``unet/`` and ``scheduler/`` are each built in a temporary folder and swapped into place, so a crash
-        never leaves a torn sub-folder; other files in ``path`` (e.g. a training checkpoint) are kept.
-        """
-        from diffusers import DDPMScheduler
-
-        from .checkpoint import atomic_folder, save_safetensors, write_json
-
-        if not isinstance(self.net, _DiffusersUNet):
-            raise InputError("save_pretrained supports denoisers built from a diffusers UNet2DModel")
-        unet = self.net.unet
-        scheduler_config = self.scheduler_config or dict(
-            DDPMScheduler(num_train_timesteps=self.num_timesteps, prediction_type=self.prediction_type,
-                          trained_betas=_betas_from_alpha_bar(self.alpha_bar).tolist()).config,
-            _class_name="DDPMScheduler",
-        )
-        path = Path(path)
-        with atomic_folder(path / UNET_DIR) as tmp:
-            write_json(tmp / UNET_CONFIG, dict(unet.config, _class_name="UNet2DModel"))
-            save_safetensors({k: v.detach().float().contiguous() for k, v in unet.state_dict().items()},
-                             tmp / UNET_WEIGHTS)
-        with atomic_folder(path / SCHEDULER_DIR) as tmp:
-            write_json(tmp / SCHEDULER_CONFIG, scheduler_config)
-        write_json(path / META_FILE, {"num_classes": self.num_classes, "null_class": self.null_class,
-                                      **(extra or {})})
-
-
-def _betas_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
-    a = alpha_bar.double().cpu()
-    return 1 - a / torch.cat([a.new_ones(1), a[:-1]])
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}; the file is damaged") from None
-
     @classmethod
     def from_guided_diffusion(cls, path: str | os.PathLike, preset: str | None = None, *,
                               noise_schedule: str | None = None, diffusion_steps: int | None = None,
@@ -402,6 +362,46 @@ def _read_json(path: Path) -> dict:
         alpha_bar = (schedule.cosine_alpha_bar if noise_schedule == "cosine" else schedule.linear_alpha_bar)(steps)
         return cls(net.eval(), alpha_bar, "epsilon", image_size=(config.image_size, config.image_size),
                    channels=config.in_channels, num_classes=config.num_classes if config.class_cond else None)
+
+    def save_pretrained(self, path: str | os.PathLike, *, extra: dict | None = None) -> None:
+        """Write this denoiser (diffusers UNet only) as ``unet/``, ``scheduler/`` and ``diffaug.json``.
+
+        ``unet/`` and ``scheduler/`` are each built in a temporary folder and swapped into place, so a crash
+        never leaves a torn sub-folder; other files in ``path`` (e.g. a training checkpoint) are kept.
+        """
+        from diffusers import DDPMScheduler
+
+        from .checkpoint import atomic_folder, save_safetensors, write_json
+
+        if not isinstance(self.net, _DiffusersUNet):
+            raise InputError("save_pretrained supports denoisers built from a diffusers UNet2DModel")
+        unet = self.net.unet
+        scheduler_config = self.scheduler_config or dict(
+            DDPMScheduler(num_train_timesteps=self.num_timesteps, prediction_type=self.prediction_type,
+                          trained_betas=_betas_from_alpha_bar(self.alpha_bar).tolist()).config,
+            _class_name="DDPMScheduler",
+        )
+        path = Path(path)
+        with atomic_folder(path / UNET_DIR) as tmp:
+            write_json(tmp / UNET_CONFIG, dict(unet.config, _class_name="UNet2DModel"))
+            save_safetensors({k: v.detach().float().contiguous() for k, v in unet.state_dict().items()},
+                             tmp / UNET_WEIGHTS)
+        with atomic_folder(path / SCHEDULER_DIR) as tmp:
+            write_json(tmp / SCHEDULER_CONFIG, scheduler_config)
+        write_json(path / META_FILE, {"num_classes": self.num_classes, "null_class": self.null_class,
+                                      **(extra or {})})
+
+
+def _betas_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    a = alpha_bar.double().cpu()
+    return 1 - a / torch.cat([a.new_ones(1), a[:-1]])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}; the file is damaged") from None
 
 
 def _scheduler_from_config(cfg: dict, path: Path):
