@@ -17,12 +17,13 @@ from .errors import InputError
 SAMPLERS = ("tweedie", "dpm-solver-2")
 
 
-def one_step_tweedie(den: Denoiser, x_t, t, y=None, *, cond_weight=None) -> torch.Tensor:
+def one_step_tweedie(den: Denoiser, x_t, t, y=None, *, cond_weight=None, validate: bool = True) -> torch.Tensor:
     """The x0 (Tweedie) estimate: one network evaluation, equal to one deterministic DDIM jump to t = 0."""
-    return den.predict_x0(x_t, t, y, cond_weight=cond_weight)
+    return den.predict_x0(x_t, t, y, cond_weight=cond_weight, validate=validate)
 
 
-def one_step_dpm_solver_2(den: Denoiser, x_t, t, y=None, *, cond_weight=None, t_end: int = 0) -> torch.Tensor:
+def one_step_dpm_solver_2(den: Denoiser, x_t, t, y=None, *, cond_weight=None, t_end: int = 0,
+                          validate: bool = True) -> torch.Tensor:
     """One second-order step of the probability-flow ODE from t to ``t_end``: DPM-Solver++(2S) (Lu et al. 2022).
 
     With ``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``, ``lambda = log(alpha / sigma)``,
@@ -39,7 +40,7 @@ def one_step_dpm_solver_2(den: Denoiser, x_t, t, y=None, *, cond_weight=None, t_
     (default the first discrete step, ``alpha_bar[0] ~ 1``). Images already at ``t <= t_end`` are returned as is.
     """
     n = x_t.shape[0]
-    t = den._timesteps(t, n, x_t.device)
+    t = den._timesteps(t, n, x_t.device, validate)
     ab = den.alpha_bar.to(x_t.device).double()
     lam_all = schedule.log_snr(ab)
     end = torch.full_like(t, t_end)
@@ -57,9 +58,9 @@ def one_step_dpm_solver_2(den: Denoiser, x_t, t, y=None, *, cond_weight=None, t_
 
     alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
     x_t = x_t.float()
-    d_t = den.predict_x0(x_t, t, y, cond_weight=cond_weight)
+    d_t = den.predict_x0(x_t, t, y, cond_weight=cond_weight, validate=validate)
     x_u = view(sigma[u] / sigma[t]) * x_t - view(alpha[u] * torch.expm1(-r1 * h)) * d_t
-    d_u = den.predict_x0(x_u, u, y, cond_weight=cond_weight)
+    d_u = den.predict_x0(x_u, u, y, cond_weight=cond_weight, validate=False)
     x_end = view(sigma[end] / sigma[t]) * x_t - view(alpha[end] * torch.expm1(-h)) * (d_t + (d_u - d_t) / view(2 * r1))
     return torch.where(view(moving) > 0, x_end, x_t)
 
@@ -80,6 +81,9 @@ class DiffAug(nn.Module):
             ``(1 - lambda) * out(x_t, t, null) + lambda * out(x_t, t, y)``; 0 = unconditional (default),
             1 = conditional. Needs labels ``y`` when > 0.
         clip: clamp the estimate to the data range (on by default for augmentation).
+        validate: check the values of the images (range, NaN) and labels on every call: one host-device
+            synchronisation each. False makes a call free of syncs (for trusted data in a GPU loop); shapes,
+            dtypes and channels are always checked.
 
     Shapes: ``x`` is ``[N, C, H, W]`` float in [0, 1]; the output has the same shape and dtype.
     Gradients flow to ``x`` (not into the denoiser); under ``torch.no_grad()`` no graph is kept.
@@ -95,6 +99,7 @@ class DiffAug(nn.Module):
         sampler: str = "tweedie",
         cond_weight: float = 0.0,
         clip: bool = True,
+        validate: bool = True,
     ):
         super().__init__()
         if not isinstance(denoiser, Denoiser):
@@ -113,6 +118,7 @@ class DiffAug(nn.Module):
         self.sampler = sampler
         self.cond_weight = float(cond_weight)
         self.clip = clip
+        self.validate = validate
 
     def train(self, mode: bool = True) -> "DiffAug":
         super().train(mode)
@@ -131,13 +137,19 @@ class DiffAug(nn.Module):
 
     def apply(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None):
         """Deterministic part: diffuse ``x`` (in [0, 1]) to ``t`` with ``noise`` and denoise in one step."""
+        return self._apply(x, self.denoiser._timesteps(t, x.shape[0], x.device, self.validate), noise, y)
+
+    def _apply(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None):
+        """:meth:`apply` for timesteps already known to be a valid LongTensor ``[N]`` (no checks, no syncs)."""
         den = self.denoiser
-        x_t = den.q_sample(den.encode(x.float()), t, noise)
-        step = one_step_tweedie if self.sampler == "tweedie" else one_step_dpm_solver_2
         cond_weight = self.cond_weight if den.is_conditional else None
         if den.is_conditional and cond_weight > 0 and y is None:
             raise InputError("conditional DiffAug (cond_weight > 0) needs class labels y; pass y=labels")
-        x0_hat = step(den, x_t, t, y if den.is_conditional else None, cond_weight=cond_weight)
+        if y is not None and den.is_conditional:
+            y = den._labels(y, x.shape[0], x.device, self.validate)
+        x_t = schedule.q_sample(den.encode(x.float()), t, noise, den.alpha_bar)
+        step = one_step_tweedie if self.sampler == "tweedie" else one_step_dpm_solver_2
+        x0_hat = step(den, x_t, t, y if den.is_conditional else None, cond_weight=cond_weight, validate=False)
         if self.clip:
             x0_hat = x0_hat.clamp(-1, 1)
         return den.decode(x0_hat).to(x.dtype)
@@ -152,11 +164,12 @@ class DiffAug(nn.Module):
             generator: source of randomness for t and the noise (None: the global RNG).
             return_t: also return the drawn timesteps ``[N]``.
         """
-        self.denoiser.check_images(x)
+        if self.validate:
+            self.denoiser.check_images(x)
         if y is not None and not self.denoiser.is_conditional:
             raise InputError("class labels y were given but the denoiser is unconditional; pass y=None")
         t, noise = self.draw(x, generator)
-        out = x.clone() if x.shape[0] == 0 else self.apply(x, t, noise, y)
+        out = x.clone() if x.shape[0] == 0 else self._apply(x, t, noise, y)
         return (out, t) if return_t else out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import accel
 from .checkpoint import load_state, read_safetensors, save_safetensors, write_json
 from .errors import InputError
 from .seeding import private_seed
@@ -36,12 +37,17 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.spec = dict(spec)
+        self.precision = "fp32"  # autocast dtype of the backbone; see diffaug.accel.accelerate
+        self.channels_last = False
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:  # the normalisation would broadcast 1 channel to 3
             raise InputError(f"images of shape {tuple(x.shape)} for a classifier of {self.mean.shape[1]} channels; "
                              "give [N, C, H, W] images with the channels it was trained on")
-        return self.features((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        x = accel.memory_format((x - self.mean.to(x.dtype)) / self.std.to(x.dtype), self.channels_last)
+        with accel.autocast(x.device, self.precision):
+            features = self.features(x)
+        return features if self.precision == "fp32" else features.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))

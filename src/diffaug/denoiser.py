@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import schedule
+from . import accel, schedule
 from .errors import InputError
 
 SHIPPED = {"digits": Path(__file__).resolve().parent / "weights" / "digits"}
@@ -85,6 +85,8 @@ class Denoiser(nn.Module):
         self.num_classes = num_classes
         self.null_class = null_class
         self.scheduler_config: dict | None = None  # kept from from_diffusers, written back by save_pretrained
+        self.precision = "fp32"  # autocast dtype of the network call; see diffaug.accel.accelerate
+        self.channels_last = False
 
     # ------------------------------------------------------------------ properties and conversions
     @property
@@ -144,14 +146,17 @@ class Denoiser(nn.Module):
             )
         if x.numel() == 0:
             return
-        lo, hi = (v.item() for v in torch.aminmax(x.detach()))  # NaN propagates into both
+        lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # one host-device sync; NaN propagates
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise InputError(f"{name} contains NaN or Inf values; clean the input first")
         if lo < 0 or hi > 1:
             raise InputError(f"{name} must lie in [0, 1], got min {lo:.4g} max {hi:.4g}; rescale it (e.g. x / 255)")
 
-    def _labels(self, y: torch.Tensor | int | None, n: int, device: torch.device) -> torch.Tensor | None:
-        """Validate class labels and fill in the null label for unconditional use of a conditional net."""
+    def _labels(self, y: torch.Tensor | int | None, n: int, device: torch.device,
+                validate: bool = True) -> torch.Tensor | None:
+        """Validate class labels and fill in the null label for unconditional use of a conditional net.
+
+        ``validate=False`` skips the range check of tensor labels (the only part that syncs with a GPU)."""
         if y is None:
             if not self.is_conditional:
                 return None
@@ -169,25 +174,32 @@ class Denoiser(nn.Module):
         if y.shape[0] != n:
             raise InputError(f"y has {y.shape[0]} labels for a batch of {n} images; pass one label per image")
         top = self.num_classes if self.null_class is None else max(self.num_classes, self.null_class + 1)
-        if n and (y.min() < 0 or y.max() >= top):
+        if validate and n and (y.min() < 0 or y.max() >= top):
             raise InputError(f"class labels must lie in [0, {self.num_classes}), got {y.min().item()}..{y.max().item()}")
         return y
 
-    def _timesteps(self, t: torch.Tensor | int, n: int, device: torch.device) -> torch.Tensor:
+    def _timesteps(self, t: torch.Tensor | int, n: int, device: torch.device, validate: bool = True) -> torch.Tensor:
+        """``t`` as LongTensor ``[n]``; ``validate=False`` skips the range check of a tensor ``t`` (a GPU sync)."""
+        if isinstance(t, int) and not isinstance(t, bool):  # checked on the host: no sync
+            if not 0 <= t < self.num_timesteps:
+                raise InputError(f"t must lie in [0, {self.num_timesteps}), got {t}")
+            return torch.full((n,), t, dtype=torch.long, device=device)
         t = torch.as_tensor(t, device=device)
         if t.is_floating_point():
             raise InputError(f"t must be integer timesteps (LongTensor), got {t.dtype}; see Denoiser.t_from_sigma")
         t = t.long().expand(n) if t.ndim == 0 else t.long()
         if t.shape != (n,):
             raise InputError(f"t must have shape [{n}] (one timestep per image), got {tuple(t.shape)}")
-        if n and (t.min() < 0 or t.max() >= self.num_timesteps):
+        if validate and n and (t.min() < 0 or t.max() >= self.num_timesteps):
             raise InputError(f"t must lie in [0, {self.num_timesteps}), got {t.min().item()}..{t.max().item()}")
         return t
 
     # ------------------------------------------------------------------ the contract
     def _net_output(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The network on already-validated ``t`` and ``y``; variance channels dropped, float32."""
-        out = self.net(x_t.to(self.dtype), t, y)
+        x_in = accel.memory_format(x_t.to(self.dtype), self.channels_last)
+        with accel.autocast(x_t.device, self.precision):
+            out = self.net(x_in, t, y)
         if out.shape[1] == 2 * x_t.shape[1]:  # learned variance (improved-DDPM): keep the mean half
             out = out[:, : x_t.shape[1]]
         return out.float()
@@ -197,17 +209,18 @@ class Denoiser(nn.Module):
         n = x_t.shape[0]
         return self._net_output(x_t, self._timesteps(t, n, x_t.device), self._labels(y, n, x_t.device))
 
-    def _mixed_output(self, x_t, t, y, cond_weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed_output(self, x_t, t, y, cond_weight: float | None,
+                      validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``t`` and ``(1 - w) * out(x_t, t, null) + w * out(x_t, t, y)`` (halves batched in one call)."""
         n, device = x_t.shape[0], x_t.device
-        t = self._timesteps(t, n, device)
+        t = self._timesteps(t, n, device, validate)
         if cond_weight is not None and not 0 <= cond_weight <= 1:
             raise InputError(f"cond_weight must lie in [0, 1], got {cond_weight}")
         if cond_weight not in (None, 0) and y is None:
             raise InputError("cond_weight > 0 needs class labels y; pass y or set cond_weight=0")
         if cond_weight in (None, 0, 1):
-            return t, self._net_output(x_t, t, self._labels(None if cond_weight == 0 else y, n, device))
-        labels = torch.cat([self._labels(None, n, device), self._labels(y, n, device)])
+            return t, self._net_output(x_t, t, self._labels(None if cond_weight == 0 else y, n, device, validate))
+        labels = torch.cat([self._labels(None, n, device), self._labels(y, n, device, validate)])
         out = self._net_output(torch.cat([x_t, x_t]), torch.cat([t, t]), labels)
         return t, torch.lerp(out[:n], out[n:], cond_weight)
 
@@ -219,6 +232,7 @@ class Denoiser(nn.Module):
         *,
         cond_weight: float | None = None,
         clip: bool = False,
+        validate: bool = True,
     ) -> torch.Tensor:
         """One-step (Tweedie) estimate of the clean image from ``x_t``.
 
@@ -230,24 +244,27 @@ class Denoiser(nn.Module):
                 cond`` (0 = unconditional, 1 = conditional; in between costs two network evaluations). None
                 means "conditional if y is given".
             clip: clamp the estimate to the data range [-1, 1].
+            validate: check the values of tensor ``t`` and ``y`` (shapes and dtypes are always checked).
+                False skips the two checks that make a GPU wait for the host; pass it for trusted inputs.
 
         Returns:
             ``x0_hat`` in model space, float32, shape of ``x_t``. Differentiable w.r.t. ``x_t``.
         """
-        t, out = self._mixed_output(x_t, t, y, cond_weight)
+        t, out = self._mixed_output(x_t, t, y, cond_weight, validate)
         a = schedule._gather(self.alpha_bar, t, out)
         x0_hat = schedule.x0_from_model_output(out, x_t.float(), a, self.prediction_type)
         return x0_hat.clamp(-1, 1) if clip else x0_hat
 
-    def predict_eps(self, x_t, t, y=None, *, cond_weight: float | None = None) -> torch.Tensor:
+    def predict_eps(self, x_t, t, y=None, *, cond_weight: float | None = None, validate: bool = True) -> torch.Tensor:
         """The noise estimate at ``(x_t, t)``, float32 (same arguments as :meth:`predict_x0`)."""
-        t, out = self._mixed_output(x_t, t, y, cond_weight)
+        t, out = self._mixed_output(x_t, t, y, cond_weight, validate)
         a = schedule._gather(self.alpha_bar, t, out)
         return schedule.eps_from_model_output(out, x_t.float(), a, self.prediction_type)
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor, *,
+                 validate: bool = True) -> torch.Tensor:
         """Forward-diffuse model-space images ``x0`` to integer times ``t`` with the given noise."""
-        t = self._timesteps(t, x0.shape[0], x0.device)
+        t = self._timesteps(t, x0.shape[0], x0.device, validate)
         return schedule.q_sample(x0, t, noise, self.alpha_bar)
 
     # ------------------------------------------------------------------ adapters

@@ -32,11 +32,13 @@ def ensemble_views(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     sampler: str = "tweedie",
+    validate: bool = True,
 ) -> torch.Tensor:
     """The DiffAug views of DE: ``[M, N, C, H, W]`` in [0, 1], member ``k`` at time ``members[k]`` (0: ``x``).
 
     One noise draw per member and image. Separate from the classifier so that several classifiers can be
-    compared on the same views.
+    compared on the same views. ``validate=False`` skips the value check of ``x`` (the call's only
+    host-device sync; see :class:`~diffaug.augment.DiffAug`).
     """
     members = [int(t) for t in members]
     if not members:
@@ -46,18 +48,19 @@ def ensemble_views(
         raise InputError(f"ensemble members {bad} lie outside [0, {denoiser.num_timesteps})")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    denoiser.check_images(x)
+    if validate:
+        denoiser.check_images(x)
     n = x.shape[0]
-    aug = DiffAug(denoiser, sampler=sampler)
+    aug = DiffAug(denoiser, sampler=sampler, validate=False)
     noisy = [t for t in members if t > 0]
     views = {}
     if noisy:
         rep = x.repeat(len(noisy), 1, 1, 1)  # member-major: rows k*n .. (k+1)*n - 1 are member k
-        t = torch.tensor(noisy, device=x.device).repeat_interleave(n)
+        t = torch.cat([torch.full((n,), t, dtype=torch.long, device=x.device) for t in noisy])  # no host copy
         gen_device = generator.device if generator is not None else x.device
         noise = torch.randn(rep.shape, generator=generator, device=gen_device).to(x.device)
         chunk = batch_size or rep.shape[0]
-        out = torch.cat([aug.apply(rep[i : i + chunk], t[i : i + chunk], noise[i : i + chunk])
+        out = torch.cat([aug._apply(rep[i : i + chunk], t[i : i + chunk], noise[i : i + chunk])
                          for i in range(0, rep.shape[0], chunk)])
         views = dict(zip(noisy, out.reshape(len(noisy), *x.shape)))
     return torch.stack([views[t] if t > 0 else x.to(views[noisy[0]].dtype if noisy else x.dtype)
@@ -81,6 +84,7 @@ def diffaug_ensemble(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     sampler: str = "tweedie",
+    validate: bool = True,
 ) -> torch.Tensor:
     """DE prediction: mean softmax over the members' views.
 
@@ -91,9 +95,11 @@ def diffaug_ensemble(
         members: integer times in ``[0, T)``; 0 is the image itself.
         generator: noise source for the views.
         batch_size: at most this many images per network call (None: all ``N * len(members)`` at once).
+        validate: check the values of ``x`` (one host-device sync); False for trusted data in a GPU loop.
 
     Returns:
         probabilities ``[N, K]`` (float32). Differentiable w.r.t. ``x`` unless called under no_grad.
     """
-    views = ensemble_views(denoiser, x, members, generator=generator, batch_size=batch_size, sampler=sampler)
+    views = ensemble_views(denoiser, x, members, generator=generator, batch_size=batch_size, sampler=sampler,
+                           validate=validate)
     return ensemble_probs(classifier, views, batch_size).mean(dim=0)
