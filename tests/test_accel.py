@@ -169,3 +169,25 @@ def test_cuda_batches_come_from_pinned_memory():
     x = torch.rand(10, 3)
     (first,) = next(accel.batches(x, batch_size=4, device="cuda"))
     assert first.is_cuda and accel.pinned(x, "cuda").is_pinned()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_training_resumes_exactly(tmp_path, precision):
+    from safetensors.torch import load_file
+
+    from diffaug.checkpoint import load_safetensors
+    from diffaug.train_classifier import TrainConfig, train_classifier
+
+    cfg = TrainConfig(recipe="diffaug", steps=6, batch_size=32, checkpoint_every=3, precision=precision,
+                      channels_last=True)
+    train_classifier(cfg, tmp_path / "full", progress=False)
+    train_classifier(cfg, tmp_path / "cut", progress=False)
+    ckpts = sorted((tmp_path / "cut" / "checkpoints").glob("step-*.safetensors"))
+    _, meta = load_safetensors(ckpts[0])
+    assert meta["config"]["precision"] == precision
+    assert (meta["grad_scaler"].get("scale") == 65536.0) == (precision == "fp16")  # fp16 checkpoints its loss scale
+    for p in [ckpts[-1], tmp_path / "cut" / "model.safetensors", tmp_path / "cut" / "model.json"]:
+        p.unlink()  # as if killed after the step-3 checkpoint
+    train_classifier(cfg, tmp_path / "cut", resume=True, progress=False)
+    full, cut = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)

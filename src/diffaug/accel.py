@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,6 +44,22 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
 def memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``x`` in NHWC memory order when ``channels_last`` and it is a 4-D tensor; otherwise ``x`` unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Settings for :func:`accelerate`, validated when made (so a bad name fails before any work)."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        autocast_dtype(self.precision)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """``accelerate(model, ...)`` with these settings."""
+        return accelerate(model, precision=self.precision, channels_last=self.channels_last, compile=self.compile)
 
 
 def accelerate(model: nn.Module, *, precision: str = "fp32", channels_last: bool = False,

@@ -111,7 +111,7 @@ def write_report(out: Path, results: dict[str, dict[float, list[list[str]]]]) ->
 
 def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigmas: list[float], n0: int, n: int,
                 alpha: float, batch_size: int, skip: int, limit: int | None, seed: int, out: str | Path,
-                device: str = "cpu", progress: bool = True) -> str:
+                device: str = "cpu", progress: bool = True, speed=None) -> str:
     """The CLI's job: every classifier x sigma, sharded over torchrun ranks, resumable; returns the table."""
     from .classifier import load_classifier
     from .data import load_dataset
@@ -126,8 +126,8 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
     test = load_dataset(data, "test")
-    models = {Path(c).name or str(c): load_classifier(c, device=device) for c in classifiers}
-    den = load_denoiser(denoiser, device=device) if denoiser else None
+    models = {Path(c).name or str(c): load_classifier(c, device=device, speed=speed) for c in classifiers}
+    den = load_denoiser(denoiser, device=device, speed=speed) if denoiser else None
     if den is not None:
         den.check_images(test.images[:1], name=f"images of {data}")
     smooths = {(name, s): Smooth(m, m.spec["num_classes"], s, denoiser=den) for name, m in models.items()

@@ -204,8 +204,10 @@ def save_classifier(clf: Classifier, folder: str | os.PathLike, extra: dict | No
                                        "std": clf.std.flatten().tolist(), **(extra or {})})
 
 
-def load_classifier(folder: str | os.PathLike, *, device: str | torch.device | None = None) -> Classifier:
-    """A classifier saved by ``diffaug train`` (or :func:`save_classifier`), in eval mode."""
+def load_classifier(folder: str | os.PathLike, *, device: str | torch.device | None = None,
+                    speed: "accel.Speed | None" = None) -> Classifier:
+    """A classifier saved by ``diffaug train`` (or :func:`save_classifier`), in eval mode, on ``device``, set up
+    with ``speed`` (:class:`~diffaug.accel.Speed`: precision, channels_last, compile) if given."""
     import json
 
     folder = Path(folder)
@@ -219,4 +221,5 @@ def load_classifier(folder: str | os.PathLike, *, device: str | torch.device | N
     load_weights(clf, weights)
     clf.spec.update({k: v for k, v in spec.items() if k not in clf.spec})
     clf.eval()
-    return clf.to(device) if device is not None else clf
+    clf = clf.to(device) if device is not None else clf
+    return speed.apply(clf) if speed is not None else clf

@@ -27,6 +27,21 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _speed(args):
+    """The --precision / --channels-last / --compile settings (checked before any work)."""
+    from .accel import Speed
+
+    return Speed(args.precision, args.channels_last, args.compile)
+
+
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="fp32",
+                   help="autocast precision of the networks: fp32 (default), bf16 (GPUs: fastest) or fp16")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true",
+                   help="NHWC memory layout (faster convolutions on GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first batches)")
+
+
 def _png_path(value: str) -> Path:
     out = Path(value)
     if out.suffix.lower() != ".png":
@@ -54,7 +69,8 @@ def cmd_train(args) -> None:
 
     cfg = TrainConfig(data=args.data, recipe=args.recipe, model=args.model, denoiser=args.denoiser,
                       pretrained=args.pretrained, steps=args.steps, epochs=args.epochs, seed=args.seed,
-                      classes=args.classes)
+                      classes=args.classes, precision=args.precision, channels_last=args.channels_last,
+                      compile=args.compile)
     for name in ("batch_size", "lr", "optimizer", "lr_schedule", "weight_decay", "label_smoothing", "t_min",
                  "t_max", "diffaug_weight", "diffaug_fraction", "checkpoint_every", "eval_every", "warmup_steps"):
         value = getattr(args, name)
@@ -72,7 +88,7 @@ def cmd_certify(args) -> None:
     table = run_certify(data=args.data, classifiers=args.classifier, denoiser=args.denoiser, sigmas=args.sigma,
                         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
                         limit=args.limit, seed=args.seed, out=args.out, device=_device(args.device),
-                        progress=not args.quiet)
+                        progress=not args.quiet, speed=_speed(args))
     if table:
         print(table)
 
@@ -81,7 +97,7 @@ def cmd_eval_ood(args) -> None:
     from .eval_ood import run_eval_ood
 
     print(run_eval_ood(data=args.data, classifiers=args.classifier, ood=args.ood, seed=args.seed, out=args.out,
-                       device=_device(args.device), search_percentile=args.search_percentile))
+                       device=_device(args.device), search_percentile=args.search_percentile, speed=_speed(args)))
 
 
 def cmd_eval_shift(args) -> None:
@@ -92,7 +108,7 @@ def cmd_eval_shift(args) -> None:
                            seed=args.seed, out=args.out, device=_device(args.device), batch_size=args.batch,
                            de_step=args.de_step, dda_t=args.dda_t, dda_steps=args.dda_steps,
                            dda_scale=args.dda_scale, dda_downsample=args.dda_downsample, dda_norm=args.dda_norm,
-                           analyses=not args.no_analyses, progress=not args.quiet)
+                           analyses=not args.no_analyses, progress=not args.quiet, speed=_speed(args))
     if table:
         print(table)
 
@@ -247,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a finished or unfinished run in --out")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
+    _add_speed(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("certify", help="certified L2 accuracy by randomized / diffusion denoised smoothing")
@@ -266,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
+    _add_speed(p)
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("eval-ood", help="OOD detection (MSP, ReAct, ASH, SCALE): the paper's Table 3")
@@ -278,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pick ReAct/ASH/SCALE percentiles on ID-val vs a synthetic OOD-val set (default: OpenOOD's)")
     p.add_argument("--out", required=True)
     p.add_argument("--device")
+    _add_speed(p)
     p.set_defaults(func=cmd_eval_ood)
 
     p = sub.add_parser("eval-shift", help="accuracy under corruptions: Default / DE / DDA / DDA-SE (Table 1)")
@@ -303,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
+    _add_speed(p)
     p.set_defaults(func=cmd_eval_shift)
 
     p = sub.add_parser("train-guidance", help="train a noisy or denoise-augmented (DA) guidance classifier")

@@ -434,8 +434,10 @@ def _scheduler_from_config(cfg: dict, path: Path):
     return scheduler
 
 
-def load_denoiser(name_or_path: str | os.PathLike = "digits", *, device: torch.device | str | None = None) -> Denoiser:
-    """Load a shipped denoiser by name (``"digits"``) or a saved folder, in eval mode, on ``device``.
+def load_denoiser(name_or_path: str | os.PathLike = "digits", *, device: torch.device | str | None = None,
+                  speed: "accel.Speed | None" = None) -> Denoiser:
+    """Load a shipped denoiser by name (``"digits"``) or a saved folder, in eval mode, on ``device``, set up with
+    ``speed`` (:class:`~diffaug.accel.Speed`: precision, channels_last, compile) if given.
 
     Nothing is downloaded; a missing or incomplete folder is an :class:`InputError` (never a fallback).
     """
@@ -444,4 +446,5 @@ def load_denoiser(name_or_path: str | os.PathLike = "digits", *, device: torch.d
     if key not in SHIPPED and not Path(key).exists() and os.sep not in key and "." not in key:
         raise InputError(f"unknown denoiser {key!r}: name one of {sorted(SHIPPED)} or a folder path")
     den = Denoiser.from_pretrained(path).eval()
-    return den.to(device) if device is not None else den
+    den = den.to(device) if device is not None else den
+    return speed.apply(den) if speed is not None else den

@@ -62,9 +62,9 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
 
 
 def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int, device,
-                        search: bool = False) -> list[dict]:
+                        search: bool = False, speed=None) -> list[dict]:
     """Rows ``{classifier, recipe, score, set, group, auroc, fpr95, aupr_in, aupr_out}`` for one classifier."""
-    model = load_classifier(folder, device=device)
+    model = load_classifier(folder, device=device, speed=speed)
     classes = model.spec.get("class_indices")
     val, test = load_dataset(data, "val"), load_dataset(data, "test")
     if classes is not None:
@@ -108,11 +108,11 @@ def _group_table(rows: list[dict], metric: str, group: str) -> list[str]:
 
 
 def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, seed: int, out: str | Path,
-                 device: str = "cpu", search_percentile: bool = False) -> str:
+                 device: str = "cpu", search_percentile: bool = False, speed=None) -> str:
     """Evaluate every classifier; write ``out/results.csv`` (every number) and ``out/table.md``; return the table."""
     out = Path(out)
     rows = [r for c in classifiers
-            for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile)]
+            for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile, speed)]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", rows)
     lines = ["# OOD detection (the paper's Table 3 layout)", "",

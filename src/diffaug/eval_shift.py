@@ -67,7 +67,7 @@ class _Clock:
 
 
 def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device,
-                  analyses):
+                  analyses, speed=None):
     """Load and check everything before any work; returns what the run needs."""
     from .classifier import load_classifier
     from .data import corrupted_layout, corrupted_names, load_dataset
@@ -100,7 +100,7 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
         raise InputError("give at least one --classifier folder")
     models = {}
     for folder in classifiers:
-        model = load_classifier(folder, device=device).eval()
+        model = load_classifier(folder, device=device, speed=speed).eval()
         key = Path(folder).name or str(folder)
         if key in models:
             key = str(folder)
@@ -108,7 +108,7 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
     needs = [m for m in modes if m != "default"] + (["the analyses (or pass --no-analyses)"] if analyses else [])
     if needs and not denoiser:
         raise InputError(f"{', '.join(needs)} need --denoiser")
-    den = load_denoiser(denoiser, device=device) if needs else None
+    den = load_denoiser(denoiser, device=device, speed=speed) if needs else None
     return modes, severities, layout, names, test, models, den
 
 
@@ -328,7 +328,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
                    out: str | Path, device: str = "cpu", batch_size: int = 256, de_step: int = 50,
                    dda_t: int | None = None, dda_steps: int = 50, dda_scale: float = 6.0,
                    dda_downsample: int | None = None, dda_norm: str = "image", analyses: bool = True,
-                   progress: bool = True) -> str:
+                   progress: bool = True, speed=None) -> str:
     """The CLI's job: every classifier x mode x corruption x severity (+ clean), sharded over torchrun ranks.
 
     Writes ``out/results.csv``, ``out/table.md`` and, with ``analyses``, ``de_vs_t.{csv,png}`` and
@@ -344,7 +344,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     out = Path(out)
     device = torch.device(device)
     modes, severities, layout, names, test, models, den = _check_inputs(
-        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses)
+        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed)
     members = ensemble_members(de_step)
     dda_kwargs = {"t_start": dda_t or (den.num_timesteps // 2 if den else 500), "steps": dda_steps,
                   "guidance_scale": dda_scale, "downsample": dda_downsample, "norm": dda_norm}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import accel
 from . import checkpoint as ckpt
 from .classifier import Classifier, create_classifier, save_classifier
 from .data import load_dataset, subset_classes
@@ -67,6 +68,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: evaluate on val only at the end
     classes: list[int] | None = None  # train on these classes only (relabelled 0..k-1), e.g. for near-OOD
+    precision: str = "fp32"  # autocast of the classifier and denoiser: fp32 | bf16 | fp16 (fp16 adds loss scaling)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the classifier's and denoiser's networks
 
     def resolved(self) -> "TrainConfig":
         cfg = dataclasses.replace(self)
@@ -91,6 +95,7 @@ class TrainConfig:
             raise InputError(f"unknown lr schedule {self.lr_schedule!r}; use cosine, constant or step")
         if not 0 < self.diffaug_fraction <= 1:
             raise InputError(f"diffaug_fraction must lie in (0, 1], got {self.diffaug_fraction}")
+        accel.autocast_dtype(self.precision)
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         if not self.lr > 0 or not self.weight_decay >= 0 or not self.diffaug_weight >= 0 or self.warmup_steps < 0:
@@ -189,14 +194,15 @@ def _checkpoint_paths(out: Path) -> list[Path]:
     return sorted((out / CKPT_DIR).glob("step-*.safetensors"))
 
 
-def _save_checkpoint(out: Path, cfg_json: dict, step: int, model, opt, sched, gens: list[torch.Tensor], keep: int):
+def _save_checkpoint(out: Path, cfg_json: dict, step: int, model, opt, sched, gens: list[torch.Tensor], keep: int,
+                     scaler: torch.amp.GradScaler):
     opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(opt_tensors)
     for r, state in enumerate(gens):
         tensors[f"rng.rank{r}"] = state
     meta = {"step": step, "config": cfg_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
-            "world": len(gens)}
+            "world": len(gens), "grad_scaler": scaler.state_dict()}
     ckpt.save_safetensors(tensors, out / CKPT_DIR / f"step-{step:08d}.safetensors", metadata=meta)
     for old in _checkpoint_paths(out)[:-keep]:
         old.unlink(missing_ok=True)
@@ -244,12 +250,16 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         raise InputError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
     diffaug = None
     if "diffaug" in cfg.recipe:
-        den = load_denoiser(cfg.denoiser, device=device)
-        den.check_images(train.images[:1], name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")
+        den = load_denoiser(cfg.denoiser)
+        den.check_images(train.images, name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")  # once, here
         t_max = den.num_timesteps - 1 if cfg.t_max is None else cfg.t_max
-        diffaug = DiffAug(den, t_range=(cfg.t_min, t_max))
+        diffaug = DiffAug(den.to(device), t_range=(cfg.t_min, t_max), validate=False)  # the loop makes no syncs
+        accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
     C = train.images.shape[1]
     model = create_classifier(cfg.model, train.num_classes, C, pretrained=cfg.pretrained, seed=cfg.seed).to(device)
+    accel.accelerate(model, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
+    # float16 needs loss scaling against underflowing gradients; bfloat16 has float32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision in ("fp16", "float16"))
     cfg_json = dataclasses.asdict(cfg)
     start = 0
     saved_meta = None
@@ -284,6 +294,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         ckpt.load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, _checkpoint_paths(out)[-1])
         opt.load_state_dict(ckpt.unflatten_optimizer_state(tensors, saved_meta["optimizer"]))
         sched.load_state_dict(saved_meta["lr_scheduler"])
+        if saved_meta.get("grad_scaler"):
+            scaler.load_state_dict(saved_meta["grad_scaler"])
         gen.set_state(tensors[f"rng.rank{dist_info.rank}"])
         start = int(saved_meta["step"])
         if dist_info.main:
@@ -322,20 +334,24 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
             idx = order[pos * per_rank : (pos + 1) * per_rank]
             loss = recipe_loss(net, images[idx], labels[idx], cfg, diffaug, augmix, gen, jsd)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
-            row = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
+            # the loss stays on the device until the log is written: no host-device sync per step
+            row = {"step": step + 1, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0]}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row["val_acc"] = accuracy(model, val.images.to(device), val.labels.to(device))
             rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
             interrupted = _any_rank(stop["signal"] is not None, dist_info)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted:
+                for r, value in zip(rows, torch.stack([r["loss"] for r in rows]).tolist()):
+                    r["loss"] = value
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
                 states = _gather_generator_states(gen, dist_info)
                 if dist_info.main:
                     ckpt.append_jsonl(out / METRICS_FILE, rows)
-                    _save_checkpoint(out, cfg_json, step + 1, model, opt, sched, states, cfg.keep_checkpoints)
+                    _save_checkpoint(out, cfg_json, step + 1, model, opt, sched, states, cfg.keep_checkpoints, scaler)
                 rows = []
             if interrupted:
                 if dist_info.main:
