@@ -1,13 +1,18 @@
 """The ADM UNet and guided-/improved-diffusion checkpoints (random weights: no checkpoint is fetched)."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import diffaug
 from diffaug import InputError
-from diffaug.adm import PRESETS, ADMUNet, AttentionBlock, adm_config
+from diffaug.adm import (CLASSIFIER_PRESETS, PRESETS, ADMClassifier, ADMUNet, AttentionBlock, adm_classifier_config,
+                         adm_config)
+
+REFERENCE_FILE = Path(__file__).parent / "data" / "adm_reference.json"
 
 
 def _small(name: str) -> dict:
@@ -183,3 +188,103 @@ def test_comma_string_flags_as_in_the_original_scripts():
     cfg, _ = adm_config(None, image_size=32, attention_resolutions="16,8", channel_mult="1,2,2")
     assert cfg.attention_resolutions == (16, 8) and cfg.channel_mult == (1.0, 2.0, 2.0)
     assert dataclasses.asdict(cfg)["num_res_blocks"] == 2
+
+
+# ---------------------------------------------------------------------- against OpenAI's own code
+def seeded_state(net: torch.nn.Module, seed: int) -> dict:
+    """Weights drawn from a generator in sorted-name order: the same tensors for any implementation with these
+    parameter names (no dependence on how either one initialises)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.05 * torch.randn(v.shape, generator=g) + (1.0 if k.endswith("norm.weight") or ".0.weight" in k
+                                                             and v.ndim == 1 else 0.0)
+            for k, v in sorted(net.state_dict().items())}
+
+
+def _small_classifier(name: str) -> dict:
+    mult = (1, 1, 2) if CLASSIFIER_PRESETS[name].image_size >= 128 else (1, 2, 3)
+    return {"image_size": 16, "classifier_width": 32, "num_head_channels": 16, "channel_mult": mult,
+            "classifier_attention_resolutions": "16,8", "num_classes": 10}
+
+
+def reference_cases() -> list[dict]:
+    """Every UNet preset and classifier preset at reduced width, with seeded weights and fixed inputs."""
+    cases = []
+    for i, name in enumerate(PRESETS):
+        cfg, preset = adm_config(name, **_small(name))
+        scale = 1000 / preset.diffusion_steps if preset.rescale_timesteps else 1.0
+        cases.append({"name": name, "kind": "improved" if preset.rescale_timesteps else "guided", "config": cfg,
+                      "net": ADMUNet(cfg, time_scale=scale), "time_scale": scale,
+                      "t": torch.tensor([5, preset.diffusion_steps - 1]),
+                      "y": torch.tensor([1, 7]) if cfg.class_cond else None, "seed": 100 + i})
+    for i, name in enumerate(CLASSIFIER_PRESETS):
+        cfg, pool, _ = adm_classifier_config(name, **_small_classifier(name))
+        cases.append({"name": name, "kind": "classifier", "config": cfg, "pool": pool, "net": ADMClassifier(cfg, pool),
+                      "time_scale": 1.0, "t": torch.tensor([5, 999]), "y": None, "seed": 200 + i})
+    cfg, pool, _ = adm_classifier_config("256x256_classifier", **_small_classifier("256x256_classifier"),
+                                         classifier_pool="adaptive")
+    cases.append({"name": "256x256_classifier/adaptive", "kind": "classifier", "config": cfg, "pool": pool,
+                  "net": ADMClassifier(cfg, pool), "time_scale": 1.0, "t": torch.tensor([5, 999]), "y": None,
+                  "seed": 300})
+    for case in cases:
+        case["state"] = seeded_state(case["net"], case["seed"])
+        s = case["config"].image_size
+        case["x"] = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(case["seed"] + 1))
+    return cases
+
+
+@pytest.mark.parametrize("case", reference_cases(), ids=lambda c: c["name"])
+def test_outputs_equal_openai_code_on_fixed_weights_and_inputs(case):
+    """The numbers in adm_reference.json come from guided-/improved-diffusion's own modules (make_adm_reference.py)."""
+    ref = json.loads(REFERENCE_FILE.read_text())[case["name"]]
+    net = case["net"]
+    net.load_state_dict(case["state"])
+    with torch.no_grad():
+        args = (case["x"], case["t"]) if case["y"] is None else (case["x"], case["t"], case["y"])
+        y = net.eval()(*args).double()
+    assert list(y.shape) == ref["shape"]
+    torch.testing.assert_close(y.flatten()[:16], torch.tensor(ref["head"], dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    assert y.abs().sum().item() == pytest.approx(ref["abs_sum"], rel=1e-5)
+    assert y.sum().item() == pytest.approx(ref["sum"], rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", list(CLASSIFIER_PRESETS))
+def test_classifier_presets_have_the_published_structure(name):
+    cfg, pool, preset = adm_classifier_config(name)
+    with torch.device("meta"):
+        net = ADMClassifier(cfg, pool)
+    assert cfg.num_channels == 128 and cfg.num_res_blocks == (4 if name.startswith("64") else 2)
+    assert net.out[-1].positional_embedding.shape == (cfg.num_channels * cfg.resolved_channel_mult()[-1],
+                                                      (cfg.image_size // 2 ** (len(cfg.resolved_channel_mult()) - 1))
+                                                      ** 2 + 1)
+    assert net.out[-1].c_proj.out_channels == 1000
+    assert preset.noise_schedule == ("cosine" if name.startswith("64") else "linear")
+
+
+def test_noisy_classifier_checkpoint_guides_sampling(tmp_path):
+    from diffaug.guidance import GuidanceClassifier, guided_sample
+
+    flags = _small("256x256_diffusion_uncond")
+    den_net = _randomised(ADMUNet(adm_config("256x256_diffusion_uncond", **flags)[0]))
+    torch.save(den_net.state_dict(), tmp_path / "d.pt")
+    den = diffaug.Denoiser.from_guided_diffusion(tmp_path / "d.pt", "256x256_diffusion_uncond", **flags)
+    cflags = _small_classifier("256x256_classifier")
+    net = ADMClassifier(*adm_classifier_config("256x256_classifier", **cflags)[:2])
+    torch.save(seeded_state(net, 0), tmp_path / "c.pt")
+    guide = GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, "256x256_classifier", **cflags)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    grad = guide.grad_log_prob(x, torch.tensor([10, 900]), torch.tensor([3, 4]))
+    assert grad.shape == x.shape and grad.abs().sum() > 0
+    samples = guided_sample(den, guide, torch.tensor([3, 4]), steps=3, scale=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 3, 16, 16) and 0 <= samples.min() and samples.max() <= 1
+    with pytest.raises(InputError, match="cosine schedule of 1000 steps but the denoiser's schedule differs"):
+        GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, "64x64_classifier", **cflags)
+    with pytest.raises(InputError, match="missing .*positional_embedding"):
+        GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, "256x256_classifier",
+                                                 **{**cflags, "classifier_pool": "adaptive"})
+    with pytest.raises(InputError, match="classifier_pool 'spatial' is not supported"):
+        GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, "256x256_classifier",
+                                                 **{**cflags, "classifier_pool": "spatial"})
+    with pytest.raises(InputError, match="takes 32x32 images but the denoiser makes 16x16"):
+        GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, "256x256_classifier",
+                                                 **{**cflags, "image_size": 32})

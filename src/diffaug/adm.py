@@ -191,14 +191,20 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))  # [b, 3c, L]
-        heads, length = self.num_heads, qkv.shape[-1]
-        if self.new_order:
-            q, k, v = (z.reshape(b, heads, c // heads, length) for z in qkv.chunk(3, dim=1))
-        else:
-            q, k, v = qkv.reshape(b, heads, 3 * c // heads, length).chunk(3, dim=2)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        h = h.transpose(-1, -2).reshape(b, c, length)
-        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+        return (x + self.proj_out(qkv_attention(qkv, self.num_heads, self.new_order))).reshape(b, c, *spatial)
+
+
+def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tensor:
+    """Multi-head self-attention of ``qkv`` ``[B, 3C, L]`` -> ``[B, C, L]`` with PyTorch's fused SDPA kernels.
+    ``new_order``: split q, k, v first, then heads (QKVAttention); else heads first (QKVAttentionLegacy)."""
+    b, c3, length = qkv.shape
+    c = c3 // 3
+    if new_order:
+        q, k, v = (z.reshape(b, heads, c // heads, length) for z in qkv.chunk(3, dim=1))
+    else:
+        q, k, v = qkv.reshape(b, heads, 3 * c // heads, length).chunk(3, dim=2)
+    h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    return h.transpose(-1, -2).reshape(b, c, length)
 
 
 class _Sequential(nn.Sequential):
@@ -208,6 +214,30 @@ class _Sequential(nn.Sequential):
         for layer in self:
             x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
+
+
+def _down_path(config: ADMConfig, res, attn) -> tuple[nn.ModuleList, list[int], int, int]:
+    """The input blocks shared by the UNet and the classifier encoder: ``(blocks, skip channels, channels,
+    downsampling factor)``; ``res(cin, cout, **kw)`` and ``attn(ch, heads)`` build the layers."""
+    mult, mc = config.resolved_channel_mult(), config.num_channels
+    attention_ds = {config.image_size // r for r in config.attention_resolutions}
+    ch = int(mult[0] * mc)
+    blocks = nn.ModuleList([_Sequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
+    skips, ds = [ch], 1
+    for level, m in enumerate(mult):
+        for _ in range(config.num_res_blocks):
+            layers = [res(ch, int(m * mc))]
+            ch = int(m * mc)
+            if ds in attention_ds:
+                layers.append(attn(ch, config.num_heads))
+            blocks.append(_Sequential(*layers))
+            skips.append(ch)
+        if level != len(mult) - 1:
+            down = res(ch, ch, down=True) if config.resblock_updown else Downsample(ch, True, ch)
+            blocks.append(_Sequential(down))
+            skips.append(ch)
+            ds *= 2
+    return blocks, skips, ch, ds
 
 
 # ---------------------------------------------------------------------- the network
@@ -234,22 +264,7 @@ class ADMUNet(nn.Module):
         def attn(ch, heads):
             return AttentionBlock(ch, heads, cfg.num_head_channels, cfg.use_new_attention_order)
 
-        ch = int(mult[0] * mc)
-        self.input_blocks = nn.ModuleList([_Sequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
-        skips, ds = [ch], 1
-        for level, m in enumerate(mult):
-            for _ in range(config.num_res_blocks):
-                layers = [res(ch, int(m * mc))]
-                ch = int(m * mc)
-                if ds in attention_ds:
-                    layers.append(attn(ch, config.num_heads))
-                self.input_blocks.append(_Sequential(*layers))
-                skips.append(ch)
-            if level != len(mult) - 1:
-                down = res(ch, ch, down=True) if config.resblock_updown else Downsample(ch, True, ch)
-                self.input_blocks.append(_Sequential(down))
-                skips.append(ch)
-                ds *= 2
+        self.input_blocks, skips, ch, ds = _down_path(config, res, attn)
         self.middle_block = _Sequential(res(ch, ch), attn(ch, config.num_heads), res(ch, ch))
         self.output_blocks = nn.ModuleList()
         for level, m in list(enumerate(mult))[::-1]:
@@ -280,6 +295,121 @@ class ADMUNet(nn.Module):
         return self.out(h)
 
 
+# ---------------------------------------------------------------------- the noisy classifier (half UNet)
+@dataclass(frozen=True)
+class ADMClassifierPreset:
+    """A published noisy classifier: its flags (the ``classifier_*`` flags of guided-diffusion's scripts) and
+    the schedule of the diffusion model it guides (its t means that model's t)."""
+
+    image_size: int
+    classifier_depth: int = 2
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+
+
+CLASSIFIER_PRESETS: dict[str, ADMClassifierPreset] = {
+    "64x64_classifier": ADMClassifierPreset(64, classifier_depth=4, noise_schedule="cosine"),
+    "128x128_classifier": ADMClassifierPreset(128),
+    "256x256_classifier": ADMClassifierPreset(256),  # guides 256x256_diffusion and the paper's unconditional model
+    "512x512_classifier": ADMClassifierPreset(512),
+}
+_CLASSIFIER_DEFAULTS = {"classifier_width": 128, "classifier_depth": 2, "classifier_attention_resolutions": (32, 16, 8),
+                        "classifier_use_scale_shift_norm": True, "classifier_resblock_updown": True,
+                        "classifier_pool": "attention", "num_classes": 1000, "in_channels": 3,
+                        "num_head_channels": 64}
+POOLS = ("attention", "adaptive")
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP-style attention pooling: the mean pixel, with a learned position embedding, attends to all pixels."""
+
+    def __init__(self, spatial: int, channels: int, num_head_channels: int, out_channels: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(channels, spatial**2 + 1) / channels**0.5)
+        self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
+        self.c_proj = nn.Conv1d(channels, out_channels, 1)
+        self.num_heads = channels // num_head_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
+        return self.c_proj(qkv_attention(self.qkv_proj(x), self.num_heads, new_order=True))[:, :, 0]
+
+
+class ADMClassifier(nn.Module):
+    """guided-diffusion's noisy classifier (``EncoderUNetModel``): ``net(x_t, t) -> logits [N, num_classes]``.
+
+    The UNet's input blocks and middle block, then GroupNorm-SiLU and attention pooling (or average pooling
+    and a 1x1 conv for ``pool="adaptive"``). ``x_t`` ``[N, C, S, S]`` in the diffusion model's space, ``t`` ``[N]``.
+    """
+
+    def __init__(self, config: ADMConfig, pool: str = "attention"):
+        super().__init__()
+        if pool not in POOLS:
+            raise InputError(f"classifier_pool {pool!r} is not supported; use one of {', '.join(POOLS)}")
+        if pool == "attention" and config.num_head_channels <= 0:
+            raise InputError("attention pooling needs num_head_channels > 0")
+        self.config, self.pool = config, pool
+        self.num_classes = config.num_classes
+        mc, emb_dim = config.num_channels, 4 * config.num_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(cin, cout, **kw):
+            return ResBlock(cin, emb_dim, config.dropout, cout, config.use_scale_shift_norm, **kw)
+
+        def attn(ch, heads):
+            return AttentionBlock(ch, heads, config.num_head_channels, config.use_new_attention_order)
+
+        self.input_blocks, _, ch, ds = _down_path(config, res, attn)
+        self.middle_block = _Sequential(res(ch, ch), attn(ch, config.num_heads), res(ch, ch))
+        if pool == "attention":
+            head = AttentionPool2d(config.image_size // ds, ch, config.num_head_channels, config.num_classes)
+            self.out = nn.Sequential(_norm(ch), nn.SiLU(), head)
+        else:
+            self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                                     _zero(nn.Conv2d(ch, config.num_classes, 1)), nn.Flatten())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.config.num_channels))
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+        return self.out(self.middle_block(h, emb))
+
+
+def adm_classifier_config(preset: str | None = None, **flags) -> tuple[ADMConfig, str, ADMClassifierPreset | None]:
+    """``(network config, pool, preset)`` from a classifier preset and/or the scripts' ``classifier_*`` flags
+    (``image_size``, ``classifier_width``, ``classifier_depth``, ``classifier_attention_resolutions``,
+    ``classifier_use_scale_shift_norm``, ``classifier_resblock_updown``, ``classifier_pool``, plus
+    ``num_classes``, ``in_channels``, ``num_head_channels``, ``channel_mult``)."""
+    base = None
+    if preset is not None:
+        if preset not in CLASSIFIER_PRESETS:
+            raise InputError(f"unknown ADM classifier preset {preset!r}; use one of {', '.join(CLASSIFIER_PRESETS)}")
+        base = CLASSIFIER_PRESETS[preset]
+    known = set(_CLASSIFIER_DEFAULTS) | {"image_size", "channel_mult"}
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        raise InputError(f"unknown ADM classifier flag(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    merged = {**_CLASSIFIER_DEFAULTS, "image_size": 64, "channel_mult": None}
+    if base is not None:
+        merged.update(image_size=base.image_size, classifier_depth=base.classifier_depth)
+    merged.update(flags)
+    att = merged["classifier_attention_resolutions"]
+    if isinstance(att, str):
+        att = tuple(int(v) for v in att.split(",") if v)
+    mult = merged["channel_mult"]
+    if isinstance(mult, str):
+        mult = tuple(float(v) for v in mult.split(",") if v)
+    config = ADMConfig(image_size=merged["image_size"], in_channels=merged["in_channels"],
+                       num_channels=merged["classifier_width"], num_res_blocks=merged["classifier_depth"],
+                       channel_mult=mult, attention_resolutions=tuple(att), num_heads=1,
+                       num_head_channels=merged["num_head_channels"],
+                       use_scale_shift_norm=merged["classifier_use_scale_shift_norm"],
+                       resblock_updown=merged["classifier_resblock_updown"], num_classes=merged["num_classes"])
+    return config, merged["classifier_pool"], base
+
+
 def adm_config(preset: str | None = None, **flags) -> tuple[ADMConfig, ADMPreset | None]:
     """An ``ADMConfig`` from a preset name and/or flags (flags override the preset's)."""
     base = None
@@ -297,7 +427,28 @@ def adm_config(preset: str | None = None, **flags) -> tuple[ADMConfig, ADMPreset
     return replace(base.config if base else ADMConfig(), **flags), base
 
 
-def check_adm_state(state: dict, net: ADMUNet, source) -> None:
+def read_adm_state(path) -> dict[str, torch.Tensor]:
+    """The state dict of an OpenAI checkpoint: a ``.pt`` read with ``torch.load(..., weights_only=True)`` (pickled
+    objects are refused, never run) or a ``.safetensors`` file with the same keys."""
+    from pathlib import Path
+
+    from .checkpoint import read_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path} is not a plain state dict ({type(e).__name__}); it was not unpickled") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def check_adm_state(state: dict, net: nn.Module, source) -> None:
     """One-line errors for a state dict that does not fit ``net``, with the flag that is likely wrong."""
     own = net.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

@@ -352,8 +352,7 @@ class Denoiser(nn.Module):
                 learn_sigma, class_cond, use_scale_shift_norm, resblock_updown, use_new_attention_order,
                 dropout); comma strings are accepted as in the scripts.
         """
-        from .adm import ADMUNet, adm_config, check_adm_state
-        from .checkpoint import read_safetensors
+        from .adm import ADMUNet, adm_config, check_adm_state, read_adm_state
 
         config, base = adm_config(preset, **flags)
         noise_schedule = noise_schedule or (base.noise_schedule if base else "linear")
@@ -361,18 +360,7 @@ class Denoiser(nn.Module):
         rescale = rescale_timesteps if rescale_timesteps is not None else (base.rescale_timesteps if base else False)
         if noise_schedule not in ("linear", "cosine"):
             raise InputError(f"unknown noise_schedule {noise_schedule!r}; use linear or cosine")
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"checkpoint {path} does not exist")
-        if path.suffix == ".safetensors":
-            state = read_safetensors(path)
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise InputError(f"{path} is not a plain state dict ({type(e).__name__}); it was not unpickled") from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise InputError(f"{path} does not hold a state dict of tensors")
+        state = read_adm_state(path)
         net = ADMUNet(config, time_scale=1000.0 / steps if rescale else 1.0)
         check_adm_state(state, net, path)
         net.load_state_dict(state)

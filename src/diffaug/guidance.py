@@ -91,6 +91,39 @@ class GuidanceClassifier(nn.Module):
         for p in denoiser.parameters():
             p.requires_grad_(False)
 
+    @classmethod
+    def from_guided_diffusion(cls, path, denoiser: Denoiser, preset: str | None = None,
+                              **flags) -> "GuidanceClassifier":
+        """A guided-diffusion noisy classifier checkpoint (e.g. ``256x256_classifier.pt``) as a ``noisy``
+        guidance classifier for ``denoiser``.
+
+        Args:
+            path: the ``.pt`` state dict (``torch.load(..., weights_only=True)``) or ``.safetensors``.
+            denoiser: the diffusion model it guides; with a preset, its schedule must be the preset's.
+            preset: a name in ``diffaug.adm.CLASSIFIER_PRESETS`` (``64x64_classifier``, ``128x128_classifier``,
+                ``256x256_classifier``, ``512x512_classifier``).
+            **flags: the scripts' ``classifier_*`` flags and ``image_size`` (override the preset's).
+        """
+        from . import schedule
+        from .adm import ADMClassifier, adm_classifier_config, check_adm_state, read_adm_state
+
+        config, pool, base = adm_classifier_config(preset, **flags)
+        if denoiser.image_size is not None and denoiser.image_size != (config.image_size, config.image_size):
+            raise InputError(f"the classifier takes {config.image_size}x{config.image_size} images but the denoiser "
+                             f"makes {denoiser.image_size[0]}x{denoiser.image_size[1]}; pair models of one size")
+        if base is not None:
+            make = schedule.cosine_alpha_bar if base.noise_schedule == "cosine" else schedule.linear_alpha_bar
+            expected = make(base.diffusion_steps)
+            if expected.shape != denoiser.alpha_bar.shape or not torch.allclose(
+                    expected, denoiser.alpha_bar.cpu().float(), atol=1e-5):
+                raise InputError(f"{preset} was trained on a {base.noise_schedule} schedule of {base.diffusion_steps} "
+                                 "steps but the denoiser's schedule differs; guide the model it was trained with")
+        state = read_adm_state(path)
+        net = ADMClassifier(config, pool)
+        check_adm_state(state, net, path)
+        net.load_state_dict(state)
+        return cls("noisy", net.eval(), denoiser)
+
     def inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network sees: ``x_t`` or ``[x_t, x0_hat(x_t)]`` (differentiable w.r.t. ``x_t``)."""
         if self.kind == "noisy":
@@ -134,7 +167,8 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
         raise InputError(f"unknown sampler {sampler!r}; use ddpm or ddim")
     if not math.isfinite(scale):
         raise InputError(f"guidance scale must be a finite number, got {scale}")
-    num_classes = guidance.net.head.out_features if hasattr(guidance.net, "head") else None
+    num_classes = getattr(guidance.net, "num_classes", None) or (
+        guidance.net.head.out_features if hasattr(guidance.net, "head") else None)
     if num_classes is not None and ((y < 0) | (y >= num_classes)).any():
         raise InputError(f"class index out of range: the guidance classifier has classes 0..{num_classes - 1}")
     device = denoiser.alpha_bar.device
