@@ -133,14 +133,9 @@ def test_bad_precision_names_the_choices(den):
     assert den.precision == "fp32"  # nothing changed
 
 
-def test_batches_cover_the_data_in_order():
-    x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
-    got = list(accel.batches(x, y, batch_size=4, device="cpu"))
-    assert [len(b[1]) for b in got] == [4, 4, 2]
-    torch.testing.assert_close(torch.cat([b[0] for b in got]), x)
-    assert list(accel.batches(x[:0], batch_size=4, device="cpu")) == []
-    with pytest.raises(InputError, match="batch_size must be >= 1"):
-        list(accel.batches(x, batch_size=0, device="cpu"))
+def test_to_device_on_cpu_returns_the_data():
+    x = torch.arange(10.0)
+    assert torch.equal(accel.to_device(x, "cpu"), x) and not accel.pinned(x, "cpu").is_pinned()
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -165,10 +160,9 @@ def test_cuda_diffaug_runs_with_sync_debug_mode_error():
 
 
 @cuda
-def test_cuda_batches_come_from_pinned_memory():
+def test_cuda_copies_come_from_pinned_memory():
     x = torch.rand(10, 3)
-    (first,) = next(accel.batches(x, batch_size=4, device="cuda"))
-    assert first.is_cuda and accel.pinned(x, "cuda").is_pinned()
+    assert accel.pinned(x, "cuda").is_pinned() and accel.to_device(x, "cuda").is_cuda
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

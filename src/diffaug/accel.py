@@ -14,7 +14,6 @@ float16 is available (training then uses ``torch.amp.GradScaler``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,21 +97,6 @@ def pinned(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return x
 
 
-def batches(*tensors: torch.Tensor, batch_size: int, device: torch.device | str) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Slices ``[i : i + batch_size]`` of host tensors, copied to ``device`` from pinned memory without blocking.
-
-    The copy of the next batch is issued before the current one is handed out, so on a GPU the transfer
-    overlaps the caller's compute. On CPU the slices are returned as they are.
-    """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    hosts = [pinned(t, device) for t in tensors]
-    n = hosts[0].shape[0] if hosts else 0
-
-    def load(i):
-        return tuple(t[i : i + batch_size].to(device, non_blocking=True) for t in hosts)
-
-    upcoming = load(0) if n else None
-    for start in range(0, n, batch_size):
-        current, upcoming = upcoming, (load(start + batch_size) if start + batch_size < n else None)
-        yield current
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy host data to ``device``: from pinned memory and without blocking the host when it is a GPU."""
+    return pinned(x, device).to(device, non_blocking=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import accel
 from .checkpoint import append_text, write_text
 from .errors import InputError
 from .smoothing import Smooth, check_sampling_args
@@ -139,7 +140,7 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     dist_info = init_distributed(device)
     indices = list(range(0, len(test), skip))[:limit]
     mine = indices[dist_info.rank :: dist_info.world]
-    images, labels = test.images.to(device), test.labels
+    images, labels = accel.to_device(test.images, device), test.labels
     for (name, s), smooth in smooths.items():
         folder = out / name / f"sigma_{s:g}"
         certify_images(smooth, images, labels, folder / f"certify.rank{dist_info.rank}.tsv", n0=n0, n=n,

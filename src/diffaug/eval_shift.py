@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import accel
 from .checkpoint import write_csv, write_text
 from .corruptions import ALL_CORRUPTIONS, parse_corruptions, parse_severities
 from .errors import InputError
@@ -372,7 +373,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         if test is None:
             ds = load_corrupted(data, corruption, severity)
             keep = _subset(len(ds), limit)
-            return ds.images[keep].to(device), ds.labels[keep]
+            return accel.to_device(ds.images[keep], device), ds.labels[keep]
         if corruption == CLEAN:
             return clean_images, clean_labels
         gen = keyed_generator(seed, corruption, severity, "corrupt", device=device)

@@ -314,7 +314,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     from timm.loss import JsdCrossEntropy
 
     jsd = JsdCrossEntropy(num_splits=3, alpha=cfg.jsd_weight, smoothing=cfg.label_smoothing)
-    images, labels = train.images.to(device), train.labels.to(device)
+    images, labels = accel.to_device(train.images, device), accel.to_device(train.labels, device)
 
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
