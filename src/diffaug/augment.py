@@ -82,8 +82,9 @@ class DiffAug(nn.Module):
             1 = conditional. Needs labels ``y`` when > 0.
         clip: clamp the estimate to the data range (on by default for augmentation).
         validate: check the values of the images (range, NaN) and labels on every call: one host-device
-            synchronisation each. False makes a call free of syncs (for trusted data in a GPU loop); shapes,
-            dtypes and channels are always checked.
+            synchronisation each. False makes a call free of syncs (for trusted data in a GPU loop; pass a
+            generator on the same GPU, since a CPU generator's draws are copied over); shapes, dtypes and
+            channels are always checked.
 
     Shapes: ``x`` is ``[N, C, H, W]`` float in [0, 1]; the output has the same shape and dtype.
     Gradients flow to ``x`` (not into the denoiser); under ``torch.no_grad()`` no graph is kept.
