@@ -58,3 +58,19 @@ def den_dir(tmp_path_factory):
 @pytest.fixture
 def images():
     return torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def killed_after_first_checkpoint(monkeypatch, run) -> None:
+    """Call ``run()`` and kill it (KeyboardInterrupt) right after it writes its first checkpoint."""
+    from diffaug import checkpoint
+
+    original = checkpoint.save_safetensors
+
+    def save_then_crash(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(checkpoint, "save_safetensors", original)

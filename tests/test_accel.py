@@ -5,7 +5,7 @@ CPU checks run everywhere; the CUDA checks (sync debug mode, pinned memory) run 
 
 import pytest
 import torch
-from conftest import tiny_denoiser
+from conftest import killed_after_first_checkpoint, tiny_denoiser
 from torch.overrides import TorchFunctionMode
 
 import diffaug
@@ -185,3 +185,66 @@ def test_reduced_precision_training_resumes_exactly(tmp_path, precision):
     train_classifier(cfg, tmp_path / "cut", resume=True, progress=False)
     full, cut = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_diffusion_training_in_reduced_precision_resumes_exactly(tmp_path, precision):
+    import json
+
+    from diffaug.checkpoint import load_safetensors
+    from diffaug.train import DiffusionTrainConfig, train_diffusion
+
+    def cfg(steps, **kw):
+        return DiffusionTrainConfig(steps=steps, batch_size=16, width=8, checkpoint_every=4, sample_steps=2,
+                                    warmup_steps=2, **kw)
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    fast = dict(precision=precision, channels_last=True)
+    train_diffusion(cfg(8), tmp_path / "fp32", progress=False)
+    train_diffusion(cfg(8, **fast), tmp_path / "full", progress=False)
+    train_diffusion(cfg(4, **fast), tmp_path / "cut", progress=False)
+    _, meta = load_safetensors(tmp_path / "cut" / "checkpoint.safetensors")
+    assert meta["config"]["precision"] == precision
+    assert (meta["grad_scaler"].get("scale") == 65536.0) == (precision == "fp16")  # fp16 checkpoints its loss scale
+    train_diffusion(cfg(8, **fast), tmp_path / "cut", resume=True, progress=False)
+    a, _ = load_safetensors(tmp_path / "full" / "checkpoint.safetensors")
+    b, _ = load_safetensors(tmp_path / "cut" / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses("full") == losses("cut")
+    reference = losses("fp32")  # same seed and data: reduced precision changes the losses, but only a little
+    assert losses("full") != reference
+    assert max(abs(x - y) / y for x, y in zip(losses("full"), reference)) < 0.05
+
+
+def test_guidance_classifier_precision_and_reduced_precision_guidance_training(tmp_path, monkeypatch):
+    from diffaug import checkpoint
+    from diffaug.guidance import build_guidance
+    from diffaug.train_guidance import GuidanceTrainConfig, load_guidance, train_guidance
+
+    den = tiny_denoiser()
+    g = build_guidance("da", den, 10, width=16, seed=0)
+    x_t, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 100, 500, 900])
+    with torch.no_grad():
+        reference = g(x_t, t)
+        accel.accelerate(g, precision="bf16", channels_last=True)
+        fast = g(x_t, t)
+    assert fast.dtype == torch.float32 and g.precision == "bf16"
+    relative = ((fast - reference).norm() / reference.norm()).item()
+    assert 0 < relative < 0.05
+    grad = g.grad_log_prob(x_t, t, torch.tensor([1, 2, 3, 4]))  # gradients flow under autocast
+    assert grad.shape == x_t.shape and grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+    cfg = dict(kind="da", denoiser=str(tmp_path / "den"), steps=4, checkpoint_every=2, batch_size=16, width=8,
+               precision="fp16", channels_last=True)
+    tiny_denoiser().save_pretrained(tmp_path / "den")
+    full = train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "full", progress=False)
+    killed_after_first_checkpoint(  # dies right after the step-2 checkpoint
+        monkeypatch, lambda: train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "part", progress=False))
+    _, meta = checkpoint.load_safetensors(tmp_path / "part" / "checkpoint.safetensors")
+    assert meta["grad_scaler"]["scale"] == 65536.0
+    resumed = train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(full.net.state_dict().values(), resumed.net.state_dict().values()))
+    loaded = load_guidance(tmp_path / "full", full.denoiser, speed=accel.Speed("bf16"))
+    assert loaded.precision == "bf16"

@@ -87,20 +87,12 @@ def test_save_load_refuses_another_schedule_or_size(tmp_path):
 
 @pytest.mark.slow
 def test_train_guidance_resumes_exactly(tmp_path, monkeypatch):
-    from diffaug import checkpoint
+    from conftest import killed_after_first_checkpoint
 
     cfg = dict(kind="da", steps=30, checkpoint_every=10, batch_size=32)
     full = train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "full", progress=False)
-    original = checkpoint.save_safetensors
-
-    def save_then_crash(*args, **kwargs):
-        original(*args, **kwargs)
-        raise KeyboardInterrupt  # dies right after the step-10 checkpoint
-
-    monkeypatch.setattr(checkpoint, "save_safetensors", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "part", progress=False)
-    monkeypatch.setattr(checkpoint, "save_safetensors", original)
+    killed_after_first_checkpoint(  # dies right after the step-10 checkpoint
+        monkeypatch, lambda: train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "part", progress=False))
     resumed = train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
     for a, b in zip(full.net.state_dict().values(), resumed.net.state_dict().values()):
         assert torch.equal(a, b)

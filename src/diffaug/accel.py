@@ -90,6 +90,34 @@ def accelerate(model: nn.Module, *, precision: str = "fp32", channels_last: bool
     return model
 
 
+def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for float16 training; a disabled scaler (a pass-through) for fp32 and bf16, whose range
+    needs none. Its ``state_dict()`` belongs in the checkpoint, so a resumed run scales as the original did."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=autocast_dtype(precision) is torch.float16)
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
+                   clip_params=None, max_norm: float = 0.0) -> None:
+    """``zero_grad``, backward of the (scaled) loss, optional gradient-norm clipping of the true (unscaled)
+    gradients, and the optimiser step (skipped by the scaler when float16 gradients overflowed). No host sync."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if max_norm:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(clip_params, max_norm)
+    scaler.step(opt)
+    scaler.update()
+
+
+def losses_to_host(rows: list[dict], key: str = "loss") -> list[dict]:
+    """Replace the device scalars ``row[key]`` of a log by floats, with one host-device copy for all of them
+    (training loops keep losses on the device between log writes so a step never waits for the GPU)."""
+    if rows:
+        for row, value in zip(rows, torch.stack([r[key].detach().float() for r in rows]).tolist()):
+            row[key] = value
+    return rows
+
+
 def pinned(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``x`` in page-locked host memory when it is bound for a CUDA device (so copies can overlap compute)."""
     if torch.device(device).type == "cuda" and x.device.type == "cpu" and not x.is_pinned():

@@ -61,6 +61,7 @@ def cmd_train_diffusion(args) -> None:
         cfg.conditional = False
     if args.schedule:
         cfg.beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}.get(args.schedule, args.schedule)
+    cfg.precision, cfg.channels_last, cfg.compile = args.precision, args.channels_last, args.compile
     train_diffusion(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
 
 
@@ -116,7 +117,8 @@ def cmd_eval_shift(args) -> None:
 def cmd_train_guidance(args) -> None:
     from .train_guidance import GuidanceTrainConfig, train_guidance
 
-    cfg = GuidanceTrainConfig(kind=args.kind, data=args.data, denoiser=args.denoiser, seed=args.seed)
+    cfg = GuidanceTrainConfig(kind=args.kind, data=args.data, denoiser=args.denoiser, seed=args.seed,
+                              precision=args.precision, channels_last=args.channels_last, compile=args.compile)
     for name in ("steps", "batch_size", "lr", "width", "checkpoint_every", "labelled_fraction",
                  "consistency_weight", "consistency_delta"):
         value = getattr(args, name)
@@ -139,9 +141,9 @@ def cmd_sample(args) -> None:
         raise InputError(f"--n must be >= 1, got {args.n}")
     if not math.isfinite(args.scale):
         raise InputError(f"--scale must be a finite number, got {args.scale}")
-    device = _device(args.device)
-    den = load_denoiser(args.denoiser, device=device)
-    guidance = load_guidance(args.guidance, den)
+    device, speed = _device(args.device), _speed(args)
+    den = load_denoiser(args.denoiser, device=device, speed=speed)
+    guidance = load_guidance(args.guidance, den, speed=speed)
     k = guidance.spec["num_classes"]
     if not 0 <= args.cls < k:
         raise InputError(f"--class {args.cls} does not exist; the guidance classifier has classes 0..{k - 1}")
@@ -159,7 +161,7 @@ def cmd_eval_guidance(args) -> None:
                             clean_classifier=args.clean_classifier, per_class=args.per_class, steps=args.steps,
                             scale=args.scale, sampler=args.sampler, seed=args.seed, out=args.out,
                             device=_device(args.device), generation=not args.no_generation,
-                            progress=not args.quiet))
+                            progress=not args.quiet, speed=_speed(args)))
 
 
 def cmd_pag(args) -> None:
@@ -167,7 +169,7 @@ def cmd_pag(args) -> None:
 
     out = _png_path(args.out)
     run_pag(classifiers=args.classifier or [], guidance=args.guidance or [], denoiser=args.denoiser, data=args.data,
-            t=args.t, n=args.n, seed=args.seed, out=out, device=_device(args.device))
+            t=args.t, n=args.n, seed=args.seed, out=out, device=_device(args.device), speed=_speed(args))
     print(f"wrote {out}")
 
 
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--quiet", action="store_true")
+    _add_speed(p)
     p.set_defaults(func=cmd_train_diffusion)
 
     p = sub.add_parser("train", help="train a classifier with a recipe (plain, diffaug, augmix, augmix+diffaug)")
@@ -344,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
+    _add_speed(p)
     p.set_defaults(func=cmd_train_guidance)
 
     p = sub.add_parser("sample", help="classifier-guided samples of one class from an unconditional denoiser")
@@ -357,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device")
+    _add_speed(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval-guidance", help="guidance classifiers: Table 4, accuracy vs t, guided-generation metrics")
@@ -374,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
+    _add_speed(p)
     p.set_defaults(func=cmd_eval_guidance)
 
     p = sub.add_parser("pag", help="perceptually aligned gradients through the denoiser (the paper's Figure 3)")
@@ -386,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device")
+    _add_speed(p)
     p.set_defaults(func=cmd_pag)
 
     p = sub.add_parser("toy", help="2-D demonstration: one-step denoising lands near the data (Figure 5)")

@@ -21,7 +21,7 @@ from .report import mean_std, save_figure
 def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits", clean_classifier: str | None = None,
                       per_class: int = 50, steps: int = 100, scale: float = 1.0, sampler: str = "ddpm",
                       seed: int = 0, out: str | Path, device: str = "cpu", generation: bool = True,
-                      progress: bool = True) -> str:
+                      progress: bool = True, speed=None) -> str:
     from tqdm.auto import tqdm
 
     from .classifier import create_classifier, load_classifier
@@ -35,12 +35,12 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     device = torch.device(device)
     if per_class < 2:
         raise InputError(f"--per-class must be >= 2 (covariances need two samples), got {per_class}")
-    den = load_denoiser(denoiser, device=device)
+    den = load_denoiser(denoiser, device=device, speed=speed)
     models = {}
     for folder in guidance:
-        g = load_guidance(folder, den)
+        g = load_guidance(folder, den, speed=speed)
         models[str(folder)] = g
-    clean = load_classifier(clean_classifier, device=device) if clean_classifier else None
+    clean = load_classifier(clean_classifier, device=device, speed=speed) if clean_classifier else None
     train, test = load_dataset(data, "train"), load_dataset(data, "test")
     images, labels = test.images.to(device), test.labels.to(device)
     out = Path(out)

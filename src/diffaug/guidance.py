@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import accel
 from .denoiser import Denoiser
 from .errors import InputError
 
@@ -87,6 +88,8 @@ class GuidanceClassifier(nn.Module):
             raise InputError(f"unknown guidance kind {kind!r}; use noisy or da")
         self.kind = kind
         self.net = net
+        self.precision = "fp32"  # autocast dtype of the network call; see diffaug.accel.accelerate
+        self.channels_last = False
         self.denoiser = denoiser  # a submodule, so .to() moves it; its weights are not saved with the classifier
         for p in denoiser.parameters():
             p.requires_grad_(False)
@@ -131,8 +134,15 @@ class GuidanceClassifier(nn.Module):
         return torch.cat([x_t, self.denoiser.predict_x0(x_t, t, cond_weight=0 if self.denoiser.is_conditional
                                                           else None, clip=True)], dim=1)
 
+    def logits(self, inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network on prepared :meth:`inputs` -> float32 logits ``[N, K]`` (under this model's autocast)."""
+        inputs = accel.memory_format(inputs, self.channels_last)
+        with accel.autocast(inputs.device, self.precision):
+            out = self.net(inputs, t)
+        return out.float()
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(self.inputs(x_t, t), t)
+        return self.logits(self.inputs(x_t, t), t)
 
     def grad_log_prob(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``grad_{x_t} log p(y | x_t)`` ``[N, C, H, W]`` (through the denoiser for ``da``)."""

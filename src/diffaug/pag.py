@@ -60,8 +60,9 @@ def pag_panel(den: Denoiser, images: torch.Tensor, labels: torch.Tensor, models:
 
 
 def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data: str = "digits", t: int = 300,
-            n: int = 6, seed: int = 0, out: str | Path, device: str = "cpu") -> Path:
-    """The ``diffaug pag`` job: load the models, take one test image per class (the first ``n``), draw the panel."""
+            n: int = 6, seed: int = 0, out: str | Path, device: str = "cpu", speed=None) -> Path:
+    """The ``diffaug pag`` job: load the models, take one test image per class (the first ``n``), draw the panel.
+    ``speed``: an :class:`~diffaug.accel.Speed` for every network (gradients flow through all of them)."""
     from .classifier import load_classifier
     from .data import load_dataset
     from .denoiser import load_denoiser
@@ -71,15 +72,15 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
         raise InputError("give at least one --classifier or --guidance folder")
     if n < 1:
         raise InputError(f"--n must be >= 1, got {n}")
-    den = load_denoiser(denoiser, device=device)
+    den = load_denoiser(denoiser, device=device, speed=speed)
     if not 0 <= t < den.num_timesteps:
         raise InputError(f"--t must lie in [0, {den.num_timesteps}), got {t}")
     models = {}
     for folder in classifiers:
-        model = load_classifier(folder, device=device).eval()
+        model = load_classifier(folder, device=device, speed=speed).eval()
         models[f"{model.spec.get('recipe', '?')}: {Path(folder).name}"] = model
     for folder in guidance:
-        g = load_guidance(folder, den)
+        g = load_guidance(folder, den, speed=speed)
         models[f"{g.kind} guidance: {Path(folder).name}"] = g
     test = load_dataset(data, "test")
     den.check_images(test.images[:1], name=f"images of {data}")

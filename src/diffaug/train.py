@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import accel
 from . import checkpoint as ckpt
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
@@ -48,12 +49,16 @@ class DiffusionTrainConfig:
     checkpoint_every: int = 1000
     sample_steps: int = 100  # DDIM steps for the final sample grid
     unet_overrides: dict = field(default_factory=dict)
+    precision: str = "fp32"  # autocast of the UNet: fp32 | bf16 | fp16 (fp16 adds loss scaling)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the UNet
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise InputError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
         if not 0 <= self.label_dropout < 1:
             raise InputError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        accel.autocast_dtype(self.precision)
         if self.beta_schedule not in ("linear", "squaredcos_cap_v2"):
             raise InputError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'squaredcos_cap_v2'")
 
@@ -113,17 +118,19 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    scaler = accel.grad_scaler(device, cfg.precision)
     start = 0
     config_json = dataclasses.asdict(cfg)
     if resume:
-        start = _load_diffusion_state(ckpt_path, cfg, unet, ema, opt, sched, gen)
+        start = _load_diffusion_state(ckpt_path, cfg, unet, ema, opt, sched, gen, scaler)
         ckpt.rewind_jsonl(out_dir / "log.jsonl", start)
     else:
         ckpt.write_json(out_dir / "train_config.json", config_json)
         ckpt.write_text(out_dir / "log.jsonl", "")  # a new run starts a new log
 
     den = Denoiser.from_diffusers(unet, scheduler, num_classes=num_classes, null_class=num_classes)
-    images, labels = data.images.to(device), data.labels.to(device)
+    accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
+    images, labels = accel.to_device(data.images, device), accel.to_device(data.labels, device)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train-diffusion")
     unet.train()
     t0, log = time.perf_counter(), []
@@ -137,20 +144,16 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
             drop = torch.rand(y.shape, generator=gen, device=device) < cfg.label_dropout
             y = torch.where(drop, torch.full_like(y, num_classes), y)
         loss = F.mse_loss(den.model_output(den.q_sample(x0, t, noise), t, y), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
+        accel.optimizer_step(loss, opt, scaler, clip_params=unet.parameters(), max_norm=cfg.grad_clip)
         sched.step()
         ema.update_parameters(unet)
-        log.append({"step": step + 1, "loss": loss.item()})
-        if (step + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-50:]) / 50:.4f}")
+        log.append({"step": step + 1, "loss": loss.detach()})  # on the device until the log is written
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            accel.losses_to_host(log)
+            bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-50:]) / len(log[-50:]):.4f}")
             ckpt.append_jsonl(out_dir / "log.jsonl", log)
             log = []
-            _save_diffusion_state(ckpt_path, config_json, step + 1, unet, ema, opt, sched, gen)
+            _save_diffusion_state(ckpt_path, config_json, step + 1, unet, ema, opt, sched, gen, scaler)
     bar.close()
 
     ema_unet = ema.module.eval()
@@ -163,17 +166,18 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     return result
 
 
-def _save_diffusion_state(path, config_json, step, unet, ema, opt, sched, gen) -> None:
+def _save_diffusion_state(path, config_json, step, unet, ema, opt, sched, gen, scaler) -> None:
     opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
     tensors = {f"model.{k}": v for k, v in unet.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     tensors.update(opt_tensors)
     tensors["rng.generator"] = gen.get_state()
-    meta = {"step": step, "config": config_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict()}
+    meta = {"step": step, "config": config_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
+            "grad_scaler": scaler.state_dict()}
     ckpt.save_safetensors(tensors, path, metadata=meta)
 
 
-def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen) -> int:
+def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen, scaler) -> int:
     tensors, meta = ckpt.load_safetensors(path)
     saved = dict(meta.get("config", {}))
     now = dataclasses.asdict(cfg)
@@ -188,6 +192,8 @@ def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen) -> int:
         {k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v for k, v in tensors.items()},
         meta["optimizer"]))
     sched.load_state_dict(meta["lr_scheduler"])
+    if meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
     gen.set_state(tensors["rng.generator"])
     return int(meta["step"])
 

@@ -258,8 +258,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     C = train.images.shape[1]
     model = create_classifier(cfg.model, train.num_classes, C, pretrained=cfg.pretrained, seed=cfg.seed).to(device)
     accel.accelerate(model, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
-    # float16 needs loss scaling against underflowing gradients; bfloat16 has float32's range and needs none
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision in ("fp16", "float16"))
+    scaler = accel.grad_scaler(device, cfg.precision)
     cfg_json = dataclasses.asdict(cfg)
     start = 0
     saved_meta = None
@@ -333,10 +332,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
                 order, order_epoch = torch.tensor(list(sampler), device=device), epoch
             idx = order[pos * per_rank : (pos + 1) * per_rank]
             loss = recipe_loss(net, images[idx], labels[idx], cfg, diffaug, augmix, gen, jsd)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            accel.optimizer_step(loss, opt, scaler)
             sched.step()
             # the loss stays on the device until the log is written: no host-device sync per step
             row = {"step": step + 1, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0]}
@@ -345,8 +341,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
             rows.append(row)
             interrupted = _any_rank(stop["signal"] is not None, dist_info)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted:
-                for r, value in zip(rows, torch.stack([r["loss"] for r in rows]).tolist()):
-                    r["loss"] = value
+                accel.losses_to_host(rows)
                 bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
                 states = _gather_generator_states(gen, dist_info)
                 if dist_info.main:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import accel
 from . import checkpoint as ckpt
 from .data import load_dataset
 from .denoiser import Denoiser, load_denoiser
@@ -45,8 +46,12 @@ class GuidanceTrainConfig:
     labelled_fraction: float = 1.0  # < 1: keep labels for this stratified share of the train split only
     consistency_weight: float = 0.0  # > 0: semi-supervised, temporal consistency on the unlabelled rest
     consistency_delta: int = 50  # the nearby time is t + delta (clamped to T - 1)
+    precision: str = "fp32"  # autocast of the classifier and (for da) the denoiser: fp32 | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the classifier's and denoiser's networks
 
     def validate(self) -> None:
+        accel.autocast_dtype(self.precision)
         if not 0 < self.labelled_fraction <= 1:
             raise InputError(f"labelled_fraction must lie in (0, 1], got {self.labelled_fraction}")
         if self.consistency_weight < 0 or self.consistency_delta < 1:
@@ -95,7 +100,7 @@ def consistency_loss(model: GuidanceClassifier, x0: torch.Tensor, delta: int, ge
     with torch.no_grad():
         target = model(den.q_sample(x0, t, noise), t).softmax(1)
         inputs2 = model.inputs(den.q_sample(x0, t2, noise), t2)
-    return F.cross_entropy(model.net(inputs2, t2), target)
+    return F.cross_entropy(model.logits(inputs2, t2), target)
 
 
 def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: bool = False,
@@ -113,6 +118,10 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
     den.check_images(train.images[:1], name=f"images of {cfg.data}")
     model = build_guidance(cfg.kind, den, train.num_classes, width=cfg.width, seed=cfg.seed).to(device)
+    speed = accel.Speed(cfg.precision, cfg.channels_last, cfg.compile)
+    speed.apply(den)
+    speed.apply(model)
+    scaler = accel.grad_scaler(device, cfg.precision)
     opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -129,6 +138,8 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
             {k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v for k, v in tensors.items()},
             meta["optimizer"]))
         sched.load_state_dict(meta["lr_scheduler"])
+        if meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
         gen.set_state(tensors["rng.generator"])
         start = int(meta["step"])
         ckpt.rewind_jsonl(out_dir / "log.jsonl", start)
@@ -146,25 +157,24 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         x_t, t = noisy_batch(den, images[idx], gen)
         with torch.no_grad():
             inputs = model.inputs(x_t, t)
-        loss = F.cross_entropy(model.net(inputs, t), labels[idx])
+        loss = F.cross_entropy(model.logits(inputs, t), labels[idx])
         if cfg.consistency_weight > 0:
             uidx = _batch_indices(len(extra_images), cfg.batch_size, step, cfg.seed + 1).to(device)
             loss = loss + cfg.consistency_weight * consistency_loss(
                 model, den.encode(extra_images[uidx]), cfg.consistency_delta, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        accel.optimizer_step(loss, opt, scaler)
         sched.step()
-        log.append({"step": step + 1, "loss": loss.item()})
+        log.append({"step": step + 1, "loss": loss.detach()})  # on the device until the log is written
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ckpt.append_jsonl(out_dir / "log.jsonl", log)
+            ckpt.append_jsonl(out_dir / "log.jsonl", accel.losses_to_host(log))
             log = []
             opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
             tensors = {f"net.{k}": v for k, v in model.net.state_dict().items()}
             tensors.update(opt_tensors)
             tensors["rng.generator"] = gen.get_state()
             ckpt.save_safetensors(tensors, ckpt_path, metadata={
-                "step": step + 1, "config": config_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict()})
+                "step": step + 1, "config": config_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
+                "grad_scaler": scaler.state_dict()})
     model.net.eval()
     save_guidance(model, out_dir, classes=train.classes, extra={
         "data": cfg.data, "denoiser": cfg.denoiser, "seed": cfg.seed, "steps": cfg.steps,
@@ -215,8 +225,9 @@ def save_guidance(model: GuidanceClassifier, folder: str | Path, *, classes: lis
     ckpt.write_json(folder / SPEC, spec)
 
 
-def load_guidance(folder: str | Path, denoiser: Denoiser) -> GuidanceClassifier:
-    """Load a guidance classifier for ``denoiser``; refuses one trained for another schedule or image size."""
+def load_guidance(folder: str | Path, denoiser: Denoiser, *, speed: "accel.Speed | None" = None) -> GuidanceClassifier:
+    """Load a guidance classifier for ``denoiser``; refuses one trained for another schedule or image size.
+    Set up with ``speed`` (:class:`~diffaug.accel.Speed`) if given (the denoiser is set up separately)."""
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file():
         raise InputError(f"{folder} holds no {WEIGHTS}; train one with diffaug train-guidance --out {folder}")
@@ -237,4 +248,5 @@ def load_guidance(folder: str | Path, denoiser: Denoiser) -> GuidanceClassifier:
     model = build_guidance(spec["kind"], denoiser, spec["num_classes"], width=spec["width"])
     ckpt.load_state(model.net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, folder / WEIGHTS)
     model.spec = spec
-    return model.to(denoiser.alpha_bar.device).eval()
+    model = model.to(denoiser.alpha_bar.device).eval()
+    return speed.apply(model) if speed is not None else model
