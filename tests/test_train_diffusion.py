@@ -63,6 +63,20 @@ def test_resume_and_overwrite_errors(tmp_path):
         train_diffusion(tiny_cfg(label_dropout=1.0), tmp_path / "x", progress=False)
 
 
+def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    from diffaug.checkpoint import save_safetensors
+
+    train_diffusion(tiny_cfg(steps=4), tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    tensors, meta = load_safetensors(path)
+    for key in ("precision", "channels_last", "compile"):  # as written by an older version
+        del meta["config"][key]
+    save_safetensors(tensors, path, metadata=meta)
+    train_diffusion(tiny_cfg(steps=8), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(InputError, match=r"differ from the checkpoint's \(precision\)"):
+        train_diffusion(tiny_cfg(steps=8, precision="bf16"), tmp_path / "run", resume=True, progress=False)
+
+
 def _write_folder(root, size=8, mode="L", n=6):
     rng = np.random.default_rng(0)
     for c in ("cat", "dog"):

@@ -296,9 +296,11 @@ def check_run_folder(ckpt_path: Path, out_dir: Path, resume: bool) -> None:
         raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
 
 
-def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
-    """Keys of ``now`` whose values differ from a checkpoint's ``saved`` config, except ``may_change``."""
-    return sorted(k for k in now if k not in may_change and saved.get(k) != now[k])
+def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...], defaults: dict | None = None) -> list[str]:
+    """Keys of ``now`` whose values differ from a checkpoint's ``saved`` config, except ``may_change``. A key the
+    saved config lacks (a setting added after it was written) counts as its value in ``defaults``."""
+    defaults = defaults or {}
+    return sorted(k for k in now if k not in may_change and saved.get(k, defaults.get(k)) != now[k])
 
 
 # ---------------------------------------------------------------------- optimizer state <-> flat tensors

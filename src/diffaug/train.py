@@ -181,7 +181,8 @@ def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen, scaler) -> int:
     tensors, meta = ckpt.load_safetensors(path)
     saved = dict(meta.get("config", {}))
     now = dataclasses.asdict(cfg)
-    changed = ckpt.changed_settings(saved, now, ("steps", "checkpoint_every"))
+    changed = ckpt.changed_settings(saved, now, ("steps", "checkpoint_every"),
+                                    dataclasses.asdict(DiffusionTrainConfig()))
     if changed:
         raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
                          "resume with the original settings (only --steps may change)")

@@ -265,7 +265,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     if resume:
         tensors, saved_meta = ckpt.load_safetensors(_checkpoint_paths(out)[-1])
         changed = ckpt.changed_settings(saved_meta["config"], cfg_json,
-                                        ("steps", "epochs", "checkpoint_every", "keep_checkpoints"))
+                                        ("steps", "epochs", "checkpoint_every", "keep_checkpoints"),
+                                        dataclasses.asdict(TrainConfig()))
         if changed:
             raise InputError(f"--resume with settings that differ from the run in {out} ({', '.join(changed)}); "
                              "resume with the original settings or start over with --force")

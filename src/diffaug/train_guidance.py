@@ -129,7 +129,8 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     start = 0
     if resume:
         tensors, meta = ckpt.load_safetensors(ckpt_path)
-        changed = ckpt.changed_settings(meta.get("config", {}), config_json, ("checkpoint_every",))
+        changed = ckpt.changed_settings(meta.get("config", {}), config_json, ("checkpoint_every",),
+                                        dataclasses.asdict(GuidanceTrainConfig()))
         if changed:
             raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
                              "resume with the original settings")
