@@ -240,6 +240,29 @@ def _down_path(config: ADMConfig, res, attn) -> tuple[nn.ModuleList, list[int], 
     return blocks, skips, ch, ds
 
 
+def _block_makers(config: ADMConfig):
+    """``res(cin, cout, **kw)`` and ``attn(ch, heads)``: the ResBlock and AttentionBlock of ``config``."""
+    emb_dim = 4 * config.num_channels
+
+    def res(cin, cout, **kw):
+        return ResBlock(cin, emb_dim, config.dropout, cout, config.use_scale_shift_norm, **kw)
+
+    def attn(ch, heads):
+        return AttentionBlock(ch, heads, config.num_head_channels, config.use_new_attention_order)
+
+    return res, attn
+
+
+def _encoder(config: ADMConfig, res, attn):
+    """What the UNet and the classifier share: ``(time_embed, input_blocks, middle_block, skip channels,
+    channels, downsampling factor)``."""
+    mc, emb_dim = config.num_channels, 4 * config.num_channels
+    time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    input_blocks, skips, ch, ds = _down_path(config, res, attn)
+    middle_block = _Sequential(res(ch, ch), attn(ch, config.num_heads), res(ch, ch))
+    return time_embed, input_blocks, middle_block, skips, ch, ds
+
+
 # ---------------------------------------------------------------------- the network
 class ADMUNet(nn.Module):
     """``net(x, t, y=None) -> output``: eps (and the variance interpolation v when ``learn_sigma``), for
@@ -249,23 +272,14 @@ class ADMUNet(nn.Module):
         super().__init__()
         self.config = config
         self.time_scale = time_scale
-        mc, cfg = config.num_channels, config
+        mc = config.num_channels
         mult = config.resolved_channel_mult()
         attention_ds = {config.image_size // r for r in config.attention_resolutions}
         heads_up = config.num_heads if config.num_heads_upsample == -1 else config.num_heads_upsample
-        emb_dim = 4 * mc
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        res, attn = _block_makers(config)
+        self.time_embed, self.input_blocks, self.middle_block, skips, ch, ds = _encoder(config, res, attn)
         if config.class_cond:
-            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
-
-        def res(cin, cout, **kw):
-            return ResBlock(cin, emb_dim, cfg.dropout, cout, cfg.use_scale_shift_norm, **kw)
-
-        def attn(ch, heads):
-            return AttentionBlock(ch, heads, cfg.num_head_channels, cfg.use_new_attention_order)
-
-        self.input_blocks, skips, ch, ds = _down_path(config, res, attn)
-        self.middle_block = _Sequential(res(ch, ch), attn(ch, config.num_heads), res(ch, ch))
+            self.label_emb = nn.Embedding(config.num_classes, 4 * mc)
         self.output_blocks = nn.ModuleList()
         for level, m in list(enumerate(mult))[::-1]:
             for i in range(config.num_res_blocks + 1):
@@ -351,17 +365,7 @@ class ADMClassifier(nn.Module):
             raise InputError("attention pooling needs num_head_channels > 0")
         self.config, self.pool = config, pool
         self.num_classes = config.num_classes
-        mc, emb_dim = config.num_channels, 4 * config.num_channels
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        def res(cin, cout, **kw):
-            return ResBlock(cin, emb_dim, config.dropout, cout, config.use_scale_shift_norm, **kw)
-
-        def attn(ch, heads):
-            return AttentionBlock(ch, heads, config.num_head_channels, config.use_new_attention_order)
-
-        self.input_blocks, _, ch, ds = _down_path(config, res, attn)
-        self.middle_block = _Sequential(res(ch, ch), attn(ch, config.num_heads), res(ch, ch))
+        self.time_embed, self.input_blocks, self.middle_block, _, ch, ds = _encoder(config, *_block_makers(config))
         if pool == "attention":
             head = AttentionPool2d(config.image_size // ds, ch, config.num_head_channels, config.num_classes)
             self.out = nn.Sequential(_norm(ch), nn.SiLU(), head)
