@@ -63,12 +63,13 @@ def test_per_image_norm_decouples_images_and_batch_norm_couples_them():
     t = torch.full((3,), 100)
     _, g_all = guidance_gradient(den, x_t, t, ref_low, 2, "image")
     _, g_one = guidance_gradient(den, x_t[:1], t[:1], ref_low[:1], 2, "image")
-    torch.testing.assert_close(g_all[:1], g_one, atol=1e-6, rtol=1e-5)
+    scale = float(g_one.abs().max())  # batch of 3 vs 1: kernels sum in another order; compare at the gradient's scale
+    torch.testing.assert_close(g_all[:1], g_one, atol=1e-5 * scale, rtol=1e-5)
     _, g_batch_one = guidance_gradient(den, x_t[:1], t[:1], ref_low[:1], 2, "batch")
     torch.testing.assert_close(g_batch_one, g_one)  # one image: both norms agree
     twin = x_t[:1].repeat(2, 1, 1, 1)
     _, g_twin = guidance_gradient(den, twin, t[:2], ref_low[:1].repeat(2, 1, 1, 1), 2, "batch")
-    torch.testing.assert_close(g_twin[:1], g_one / 2**0.5, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g_twin[:1], g_one / 2**0.5, atol=1e-5 * scale, rtol=1e-5)
 
 
 def test_dda_output_and_errors(images):

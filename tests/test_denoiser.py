@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 import diffaug
 from diffaug import InputError
 from diffaug.denoiser import Denoiser, load_denoiser
-from conftest import tiny_denoiser, tiny_unet
+from conftest import assert_x0_close, tiny_denoiser, tiny_unet
 
 
 def _reference_x0(den: Denoiser, sched: DDPMScheduler, x_t, t: int, y=None):
@@ -29,7 +29,7 @@ def test_predict_x0_matches_diffusers_step(prediction_type, learned_variance):
     for t in (0, 1, 37, 500, 999):
         with torch.no_grad():
             ours = den.predict_x0(x_t, torch.full((4,), t))
-        torch.testing.assert_close(ours, _reference_x0(den, sched, x_t, t), atol=1e-5, rtol=1e-5)
+        assert_x0_close(ours, _reference_x0(den, sched, x_t, t), den, t)
 
 
 def test_predict_x0_per_sample_timesteps_and_clip(den):
@@ -39,7 +39,7 @@ def test_predict_x0_per_sample_timesteps_and_clip(den):
         joint = den.predict_x0(x_t, t)
         single = torch.cat([den.predict_x0(x_t[i : i + 1], t[i : i + 1]) for i in range(3)])
         clipped = den.predict_x0(x_t, t, clip=True)
-    torch.testing.assert_close(joint, single, atol=1e-5, rtol=1e-5)
+    assert_x0_close(joint, single, den, t)  # batch vs one by one: other kernel orders
     assert clipped.min() >= -1 and clipped.max() <= 1
     torch.testing.assert_close(clipped, joint.clamp(-1, 1))
 
@@ -50,9 +50,9 @@ def test_conditional_labels_and_null_label(cond_den):
     y = torch.tensor([0, 3, 7, 9])
     sched = DDPMScheduler(clip_sample=False)
     with torch.no_grad():
-        torch.testing.assert_close(cond_den.predict_x0(x_t, t, y), _reference_x0(cond_den, sched, x_t, 300, y))
+        assert_x0_close(cond_den.predict_x0(x_t, t, y), _reference_x0(cond_den, sched, x_t, 300, y), cond_den, t)
         uncond = cond_den.predict_x0(x_t, t)  # None -> the null label
-        torch.testing.assert_close(uncond, _reference_x0(cond_den, sched, x_t, 300, torch.full((4,), 10)))
+        assert_x0_close(uncond, _reference_x0(cond_den, sched, x_t, 300, torch.full((4,), 10)), cond_den, t)
 
 
 def test_cond_weight_mixes_linearly(cond_den):
@@ -62,7 +62,7 @@ def test_cond_weight_mixes_linearly(cond_den):
         a = cond_den.predict_x0(x_t, 200, y, cond_weight=0.0)
         b = cond_den.predict_x0(x_t, 200, y, cond_weight=1.0)
         mid = cond_den.predict_x0(x_t, 200, y, cond_weight=0.3)
-    torch.testing.assert_close(mid, 0.7 * a + 0.3 * b, atol=1e-5, rtol=1e-5)
+    assert_x0_close(mid, 0.7 * a + 0.3 * b, cond_den, 200)
     assert not torch.allclose(a, b)
 
 
@@ -91,7 +91,7 @@ def test_save_and_load_round_trip(tmp_path, cond_den):
     assert (again.num_classes, again.null_class, again.image_size) == (10, 10, (8, 8))
     x_t = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(again.predict_x0(x_t, 50, 3), cond_den.predict_x0(x_t, 50, 3))
+        assert_x0_close(again.predict_x0(x_t, 50, 3), cond_den.predict_x0(x_t, 50, 3), cond_den, 50)
     assert json.loads((tmp_path / "d" / "diffaug.json").read_text())["note"] == "test"
     torch.testing.assert_close(again.alpha_bar, cond_den.alpha_bar)
 
@@ -108,7 +108,36 @@ def test_loads_a_folder_written_by_diffusers_offline(tmp_path, monkeypatch):
     x_t = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         ref = Denoiser.from_diffusers(unet, sched).predict_x0(x_t, 10)
-        torch.testing.assert_close(den.predict_x0(x_t, 10), ref)
+        assert_x0_close(den.predict_x0(x_t, 10), ref, den, 10)
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "single-model"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loads_folders_diffusers_writes_in_both_layouts(tmp_path, layout, prediction_type):
+    """Folders written by diffusers itself: ``unet/`` + ``scheduler/`` sub-folders, or model and scheduler saved
+    into one folder (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json side by side)."""
+    unet = tiny_unet(seed=5)
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type, clip_sample=False)
+    unet_dir, sched_dir = ((tmp_path / "unet", tmp_path / "scheduler") if layout == "pipeline"
+                           else (tmp_path, tmp_path))
+    unet.save_pretrained(unet_dir, safe_serialization=True)
+    sched.save_pretrained(sched_dir)
+    den = load_denoiser(tmp_path)
+    assert den.prediction_type == prediction_type and den.num_timesteps == 1000
+    x_t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for t in (3, 250, 900):
+        with torch.no_grad():
+            assert_x0_close(den.predict_x0(x_t, t), _reference_x0(den, sched, x_t, t), den, t)
+
+
+def test_single_model_folder_errors(tmp_path):
+    tiny_unet().save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(InputError, match="missing scheduler/scheduler_config.json .*scheduler_config.json beside"):
+        load_denoiser(tmp_path)
+    DDPMScheduler().save_pretrained(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(InputError, match="missing diffusion_pytorch_model.safetensors"):
+        load_denoiser(tmp_path)
 
 
 def test_folder_errors(tmp_path, den):

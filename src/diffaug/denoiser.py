@@ -299,7 +299,12 @@ class Denoiser(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Denoiser":
-        """Load a folder with ``unet/`` and ``scheduler/`` (diffusers' layout, as diffaug also writes it).
+        """Load a diffusers folder in either layout ``save_pretrained`` writes.
+
+        * pipeline layout (as diffaug writes it): ``unet/config.json`` + ``unet/diffusion_pytorch_model.safetensors``
+          and ``scheduler/scheduler_config.json``;
+        * single-model layout: ``config.json``, ``diffusion_pytorch_model.safetensors`` and ``scheduler_config.json``
+          side by side (``UNet2DModel.save_pretrained(d)`` and ``DDPMScheduler.save_pretrained(d)`` into one ``d``).
 
         Only safetensors weights are read (never pickles); nothing is fetched from a hub.
         """
@@ -310,16 +315,14 @@ class Denoiser(nn.Module):
         folder = Path(path)
         if not folder.is_dir():
             raise InputError(f"denoiser folder {folder} does not exist; train one with `diffaug train-diffusion`")
-        unet_cfg_path = folder / UNET_DIR / UNET_CONFIG
-        weights_path = folder / UNET_DIR / UNET_WEIGHTS
-        sched_path = folder / SCHEDULER_DIR / SCHEDULER_CONFIG
-        for p in (unet_cfg_path, sched_path):
-            if not p.is_file():
-                raise InputError(f"incomplete denoiser folder {folder}: missing {p.relative_to(folder)}")
+        unet_dir, sched_dir = _diffusers_layout(folder)
+        unet_cfg_path = unet_dir / UNET_CONFIG
+        weights_path = unet_dir / UNET_WEIGHTS
+        sched_path = sched_dir / SCHEDULER_CONFIG
         if not weights_path.is_file():
             hint = (
                 "; only safetensors are loaded: re-save the UNet with save_pretrained(..., safe_serialization=True)"
-                if (folder / UNET_DIR / "diffusion_pytorch_model.bin").exists()
+                if (unet_dir / "diffusion_pytorch_model.bin").exists()
                 else ""
             )
             raise InputError(f"incomplete denoiser folder {folder}: missing {weights_path.relative_to(folder)}{hint}")
@@ -395,6 +398,20 @@ class Denoiser(nn.Module):
             write_json(tmp / SCHEDULER_CONFIG, scheduler_config)
         write_json(path / META_FILE, {"num_classes": self.num_classes, "null_class": self.null_class,
                                       **(extra or {})})
+
+
+def _diffusers_layout(folder: Path) -> tuple[Path, Path]:
+    """``(unet_dir, scheduler_dir)`` of a diffusers folder: sub-folders ``unet/`` and ``scheduler/``, or the folder
+    itself for a single-model folder (each part looked up on its own, so mixed layouts load too)."""
+    unet_dir = folder / UNET_DIR if (folder / UNET_DIR / UNET_CONFIG).is_file() else folder
+    sched_dir = folder / SCHEDULER_DIR if (folder / SCHEDULER_DIR / SCHEDULER_CONFIG).is_file() else folder
+    missing = [name for name, p in (("unet/" + UNET_CONFIG, unet_dir / UNET_CONFIG),
+                                    ("scheduler/" + SCHEDULER_CONFIG, sched_dir / SCHEDULER_CONFIG)) if not p.is_file()]
+    if missing:
+        raise InputError(f"incomplete denoiser folder {folder}: missing {' and '.join(missing)} (or, for a single-model "
+                         f"folder, {' and '.join(m.split('/')[1] for m in missing)} beside the weights); write it with "
+                         "UNet2DModel.save_pretrained and DDPMScheduler.save_pretrained")
+    return unet_dir, sched_dir
 
 
 def _betas_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
