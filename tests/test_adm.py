@@ -9,7 +9,7 @@ import torch
 
 import diffaug
 from diffaug import InputError
-from diffaug.adm import (CLASSIFIER_PRESETS, PRESETS, ADMClassifier, ADMUNet, AttentionBlock, adm_classifier_config,
+from diffaug.adm import (CLASSIFIER_PRESETS, PRESETS, ADMClassifier, ADMConfig, ADMUNet, AttentionBlock, adm_classifier_config,
                          adm_config)
 
 REFERENCE_FILE = Path(__file__).parent / "data" / "adm_reference.json"
@@ -288,3 +288,61 @@ def test_noisy_classifier_checkpoint_guides_sampling(tmp_path):
     with pytest.raises(InputError, match="takes 32x32 images but the denoiser makes 16x16"):
         GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, "256x256_classifier",
                                                  **{**cflags, "image_size": 32})
+
+
+# guided-diffusion's script_util.model_and_diffusion_defaults() and classifier_defaults(), as data: what users
+# pass through (`**args_to_dict(args, model_and_diffusion_defaults().keys())`).
+GD_DIFFUSION_DEFAULTS = dict(learn_sigma=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
+                             use_kl=False, predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False)
+GD_MODEL_DEFAULTS = dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+                         num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0,
+                         class_cond=False, use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False,
+                         use_fp16=False, use_new_attention_order=False, **GD_DIFFUSION_DEFAULTS)
+GD_CLASSIFIER_DEFAULTS = dict(image_size=64, classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
+                              classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
+                              classifier_resblock_updown=True, classifier_pool="attention", **GD_DIFFUSION_DEFAULTS)
+
+
+def test_the_scripts_default_dicts_pass_through_whole(tmp_path):
+    """``channel_mult=""`` means the image size's default, as in the original ``create_model``; comma strings,
+    tuples and str2bool words are all accepted; runtime-only flags are ignored."""
+    cfg = ADMConfig(image_size=64, num_channels=32, channel_mult=(1, 2, 3, 4), attention_resolutions=(16, 8),
+                    num_heads=4, learn_sigma=True)
+    torch.save(_randomised(ADMUNet(cfg)).state_dict(), tmp_path / "m.pt")
+    load = diffaug.Denoiser.from_guided_diffusion
+    forms = [
+        {**GD_MODEL_DEFAULTS, "num_channels": 32, "learn_sigma": True},
+        {**GD_MODEL_DEFAULTS, "num_channels": 32, "learn_sigma": "True", "use_fp16": True, "use_checkpoint": True,
+         "timestep_respacing": "250", "channel_mult": "1,2,3,4"},
+        {"image_size": 64, "num_channels": 32, "learn_sigma": True, "channel_mult": (1, 2, 3, 4),
+         "attention_resolutions": [16, 8], "num_heads": 4},
+    ]
+    x_t = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for flags in forms:
+        den = load(tmp_path / "m.pt", **flags)
+        assert den.net.config.resolved_channel_mult() == (1, 2, 3, 4) and den.net.config.attention_resolutions == (16, 8)
+        assert den.prediction_type == "epsilon" and den.num_timesteps == 1000
+        with torch.no_grad():
+            outs.append(den.predict_x0(x_t, torch.tensor([10, 700])))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert load(tmp_path / "m.pt", **{**forms[0], "predict_xstart": True}).prediction_type == "sample"
+    with pytest.raises(InputError, match="channel_mult='1,x' is not a list of numbers"):
+        load(tmp_path / "m.pt", **{**forms[0], "channel_mult": "1,x"})
+    with pytest.raises(InputError, match="learn_sigma='maybe' is not a boolean"):
+        load(tmp_path / "m.pt", **{**forms[0], "learn_sigma": "maybe"})
+    with pytest.raises(InputError, match="unknown ADM flag.*use_fp32"):
+        load(tmp_path / "m.pt", **{**forms[0], "use_fp32": True})
+
+    from diffaug.guidance import GuidanceClassifier
+
+    den = load(tmp_path / "m.pt", **forms[0])
+    cflags = {**GD_CLASSIFIER_DEFAULTS, "classifier_width": 32, "num_head_channels": 32, "num_classes": 10}
+    net = ADMClassifier(*adm_classifier_config(None, **cflags)[:2])
+    assert net.config.resolved_channel_mult() == (1, 2, 3, 4) and net.config.attention_resolutions == (32, 16, 8)
+    torch.save(seeded_state(net, 0), tmp_path / "c.pt")
+    guide = GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, **cflags)
+    assert guide.grad_log_prob(x_t, torch.tensor([10, 900]), torch.tensor([3, 4])).shape == x_t.shape
+    with pytest.raises(InputError, match="cosine schedule of 4000 steps but the denoiser's schedule differs"):
+        GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, **{**cflags, "noise_schedule": "cosine",
+                                                                            "diffusion_steps": 4000})

@@ -391,20 +391,14 @@ def adm_classifier_config(preset: str | None = None, **flags) -> tuple[ADMConfig
         if preset not in CLASSIFIER_PRESETS:
             raise InputError(f"unknown ADM classifier preset {preset!r}; use one of {', '.join(CLASSIFIER_PRESETS)}")
         base = CLASSIFIER_PRESETS[preset]
-    known = set(_CLASSIFIER_DEFAULTS) | {"image_size", "channel_mult"}
-    unknown = sorted(set(flags) - known)
-    if unknown:
-        raise InputError(f"unknown ADM classifier flag(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    known = set(_CLASSIFIER_DEFAULTS) | {"image_size", "channel_mult", "learn_sigma"}
+    net_flags, _ = split_flags(flags, known)
+    net_flags.pop("learn_sigma", None)  # a diffusion flag in classifier_and_diffusion_defaults(); not the classifier's
     merged = {**_CLASSIFIER_DEFAULTS, "image_size": 64, "channel_mult": None}
     if base is not None:
         merged.update(image_size=base.image_size, classifier_depth=base.classifier_depth)
-    merged.update(flags)
-    att = merged["classifier_attention_resolutions"]
-    if isinstance(att, str):
-        att = tuple(int(v) for v in att.split(",") if v)
-    mult = merged["channel_mult"]
-    if isinstance(mult, str):
-        mult = tuple(float(v) for v in mult.split(",") if v)
+    merged.update(net_flags)
+    att, mult = merged["classifier_attention_resolutions"], merged["channel_mult"]
     config = ADMConfig(image_size=merged["image_size"], in_channels=merged["in_channels"],
                        num_channels=merged["classifier_width"], num_res_blocks=merged["classifier_depth"],
                        channel_mult=mult, attention_resolutions=tuple(att), num_heads=1,
@@ -414,21 +408,62 @@ def adm_classifier_config(preset: str | None = None, **flags) -> tuple[ADMConfig
     return config, merged["classifier_pool"], base
 
 
+# Flags of the original scripts that change how a model is trained or run, not what it computes: gradient
+# checkpointing, fp16 weights (precision is ``diffaug.accel``'s job), training losses, and the sampler's timestep
+# respacing (a respaced model is called at the original timesteps with the original alpha_bar, which is what the
+# one-step estimate uses). They are accepted, so ``model_and_diffusion_defaults()`` dicts pass through, and ignored.
+RUNTIME_ONLY_FLAGS = frozenset({"use_checkpoint", "use_fp16", "use_kl", "rescale_learned_sigmas",
+                                "timestep_respacing", "classifier_use_fp16"})
+# The diffusion flags of ``diffusion_defaults()``; the loaders read them (schedule, steps, time scaling, target).
+DIFFUSION_FLAGS = frozenset({"diffusion_steps", "noise_schedule", "rescale_timesteps", "predict_xstart"})
+_TUPLE_FLAGS = {"channel_mult": float, "attention_resolutions": int, "classifier_attention_resolutions": int}
+_BOOL_FLAGS = {"learn_sigma", "class_cond", "use_scale_shift_norm", "resblock_updown", "use_new_attention_order",
+               "classifier_use_scale_shift_norm", "classifier_resblock_updown", "rescale_timesteps", "predict_xstart"}
+
+
+def parse_flag(name: str, value):
+    """One flag as the original ``create_model`` / ``str2bool`` read it: ``channel_mult=""`` means the default for
+    the image size (None here), comma strings and sequences give tuples, ``"true"``/``"0"``... give bools."""
+    if name in _TUPLE_FLAGS and not isinstance(value, (tuple, type(None))):
+        cast = _TUPLE_FLAGS[name]
+        if name == "channel_mult" and value == "":
+            return None
+        try:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(cast(v) for v in items if not (isinstance(v, str) and not v.strip()))
+        except (TypeError, ValueError):
+            raise InputError(f"{name}={value!r} is not a list of numbers; pass e.g. '16,8' or (16, 8)") from None
+    if name in _BOOL_FLAGS and isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("yes", "true", "t", "y", "1"):
+            return True
+        if word in ("no", "false", "f", "n", "0"):
+            return False
+        raise InputError(f"{name}={value!r} is not a boolean; pass True or False")
+    return value
+
+
+def split_flags(flags: dict, known: set) -> tuple[dict, dict]:
+    """``(network flags, diffusion flags)`` parsed as the originals do; runtime-only flags are dropped and an
+    unknown flag is an error naming the known ones."""
+    unknown = sorted(set(flags) - known - DIFFUSION_FLAGS - RUNTIME_ONLY_FLAGS)
+    if unknown:
+        raise InputError(f"unknown ADM flag(s) {', '.join(unknown)}; known: {', '.join(sorted(known | DIFFUSION_FLAGS))}")
+    net = {k: parse_flag(k, v) for k, v in flags.items() if k in known}
+    diffusion = {k: parse_flag(k, v) for k, v in flags.items() if k in DIFFUSION_FLAGS}
+    return net, diffusion
+
+
 def adm_config(preset: str | None = None, **flags) -> tuple[ADMConfig, ADMPreset | None]:
-    """An ``ADMConfig`` from a preset name and/or flags (flags override the preset's)."""
+    """An ``ADMConfig`` from a preset name and/or network flags (flags override the preset's), each flag taken in
+    the forms the original scripts accept (see :func:`parse_flag`)."""
     base = None
     if preset is not None:
         if preset not in PRESETS:
             raise InputError(f"unknown ADM preset {preset!r}; use one of {', '.join(PRESETS)}")
         base = PRESETS[preset]
-    known = set(asdict(ADMConfig()))
-    unknown = sorted(set(flags) - known)
-    if unknown:
-        raise InputError(f"unknown ADM flag(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    for key in ("channel_mult", "attention_resolutions"):
-        if isinstance(flags.get(key), str):  # the original scripts' comma strings
-            flags[key] = tuple(float(v) if key == "channel_mult" else int(v) for v in flags[key].split(",") if v)
-    return replace(base.config if base else ADMConfig(), **flags), base
+    net_flags, _ = split_flags(flags, set(asdict(ADMConfig())))
+    return replace(base.config if base else ADMConfig(), **net_flags), base
 
 
 def read_adm_state(path) -> dict[str, torch.Tensor]:

@@ -341,7 +341,8 @@ class Denoiser(nn.Module):
     @classmethod
     def from_guided_diffusion(cls, path: str | os.PathLike, preset: str | None = None, *,
                               noise_schedule: str | None = None, diffusion_steps: int | None = None,
-                              rescale_timesteps: bool | None = None, **flags) -> "Denoiser":
+                              rescale_timesteps: bool | None = None, predict_xstart: bool | None = None,
+                              **flags) -> "Denoiser":
         """Load an OpenAI guided-diffusion / improved-diffusion checkpoint into the project's ADM UNet.
 
         Args:
@@ -349,18 +350,24 @@ class Denoiser(nn.Module):
                 refused, never run) or a ``.safetensors`` file with the same keys.
             preset: a name in ``diffaug.adm.PRESETS`` (e.g. ``"256x256_diffusion_uncond"``, the paper's model),
                 giving the network flags and the schedule; flags and the schedule arguments override it.
-            noise_schedule, diffusion_steps, rescale_timesteps: the diffusion flags of the original scripts.
+            noise_schedule, diffusion_steps, rescale_timesteps, predict_xstart: the diffusion flags of the
+                original scripts (``predict_xstart=True``: the network predicts x0).
             **flags: network flags of ``diffaug.adm.ADMConfig`` (image_size, num_channels, num_res_blocks,
                 channel_mult, attention_resolutions, num_heads, num_head_channels, num_heads_upsample,
                 learn_sigma, class_cond, use_scale_shift_norm, resblock_updown, use_new_attention_order,
-                dropout); comma strings are accepted as in the scripts.
+                dropout), in every form the original ``create_model`` accepts (``channel_mult=""`` for the image
+                size's default, comma strings or tuples, ``"True"``); the runtime-only flags of
+                ``model_and_diffusion_defaults()`` (``use_fp16``, ``use_checkpoint``, ``timestep_respacing``,
+                ``use_kl``, ``rescale_learned_sigmas``) are accepted and ignored, so its dict passes through whole.
         """
-        from .adm import ADMUNet, adm_config, check_adm_state, read_adm_state
+        from .adm import ADMUNet, adm_config, check_adm_state, parse_flag, read_adm_state
 
         config, base = adm_config(preset, **flags)
         noise_schedule = noise_schedule or (base.noise_schedule if base else "linear")
-        steps = diffusion_steps or (base.diffusion_steps if base else 1000)
-        rescale = rescale_timesteps if rescale_timesteps is not None else (base.rescale_timesteps if base else False)
+        steps = int(diffusion_steps or (base.diffusion_steps if base else 1000))
+        rescale = (parse_flag("rescale_timesteps", rescale_timesteps) if rescale_timesteps is not None
+                   else (base.rescale_timesteps if base else False))
+        prediction_type = "sample" if parse_flag("predict_xstart", predict_xstart) else "epsilon"
         if noise_schedule not in ("linear", "cosine"):
             raise InputError(f"unknown noise_schedule {noise_schedule!r}; use linear or cosine")
         state = read_adm_state(path)
@@ -368,7 +375,7 @@ class Denoiser(nn.Module):
         check_adm_state(state, net, path)
         net.load_state_dict(state)
         alpha_bar = (schedule.cosine_alpha_bar if noise_schedule == "cosine" else schedule.linear_alpha_bar)(steps)
-        return cls(net.eval(), alpha_bar, "epsilon", image_size=(config.image_size, config.image_size),
+        return cls(net.eval(), alpha_bar, prediction_type, image_size=(config.image_size, config.image_size),
                    channels=config.in_channels, num_classes=config.num_classes if config.class_cond else None)
 
     def save_pretrained(self, path: str | os.PathLike, *, extra: dict | None = None) -> None:

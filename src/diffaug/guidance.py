@@ -105,21 +105,29 @@ class GuidanceClassifier(nn.Module):
             denoiser: the diffusion model it guides; with a preset, its schedule must be the preset's.
             preset: a name in ``diffaug.adm.CLASSIFIER_PRESETS`` (``64x64_classifier``, ``128x128_classifier``,
                 ``256x256_classifier``, ``512x512_classifier``).
-            **flags: the scripts' ``classifier_*`` flags and ``image_size`` (override the preset's).
+            **flags: the scripts' ``classifier_*`` flags and ``image_size`` (override the preset's), in the forms
+                the original accepts; a ``classifier_and_diffusion_defaults()`` dict passes through whole (its
+                ``noise_schedule`` / ``diffusion_steps`` are checked against the denoiser's schedule, runtime-only
+                flags such as ``classifier_use_fp16`` are ignored).
         """
         from . import schedule
         from .adm import ADMClassifier, adm_classifier_config, check_adm_state, read_adm_state
 
+        trained_on = {k: flags.pop(k) for k in ("noise_schedule", "diffusion_steps") if k in flags}
         config, pool, base = adm_classifier_config(preset, **flags)
         if denoiser.image_size is not None and denoiser.image_size != (config.image_size, config.image_size):
             raise InputError(f"the classifier takes {config.image_size}x{config.image_size} images but the denoiser "
                              f"makes {denoiser.image_size[0]}x{denoiser.image_size[1]}; pair models of one size")
-        if base is not None:
-            make = schedule.cosine_alpha_bar if base.noise_schedule == "cosine" else schedule.linear_alpha_bar
-            expected = make(base.diffusion_steps)
+        noise_schedule = trained_on.get("noise_schedule", base.noise_schedule if base else None)
+        steps = int(trained_on.get("diffusion_steps", base.diffusion_steps if base else 1000))
+        if noise_schedule is not None:
+            if noise_schedule not in ("linear", "cosine"):
+                raise InputError(f"unknown noise_schedule {noise_schedule!r}; use linear or cosine")
+            make = schedule.cosine_alpha_bar if noise_schedule == "cosine" else schedule.linear_alpha_bar
+            expected = make(steps)
             if expected.shape != denoiser.alpha_bar.shape or not torch.allclose(
                     expected, denoiser.alpha_bar.cpu().float(), atol=1e-5):
-                raise InputError(f"{preset} was trained on a {base.noise_schedule} schedule of {base.diffusion_steps} "
+                raise InputError(f"{preset or 'the classifier'} was trained on a {noise_schedule} schedule of {steps} "
                                  "steps but the denoiser's schedule differs; guide the model it was trained with")
         state = read_adm_state(path)
         net = ADMClassifier(config, pool)
