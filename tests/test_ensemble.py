@@ -60,3 +60,16 @@ def test_members_and_errors(setup):
         diffaug.diffaug_ensemble(clf, den, x + 1)
     with pytest.raises(InputError, match="step must be >= 1"):
         ensemble_members(0)
+
+
+def test_builds_a_graph_only_when_the_images_require_grad(setup):
+    den, clf, x = setup
+    assert any(p.requires_grad for p in clf.parameters())
+    probs = diffaug.diffaug_ensemble(clf, den, x, members=(0, 100), generator=torch.Generator().manual_seed(0))
+    assert probs.grad_fn is None and not probs.requires_grad
+    x_req = x.clone().requires_grad_(True)
+    probs = diffaug.diffaug_ensemble(clf, den, x_req, members=(0, 100), generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(probs[:, 3].sum(), x_req)
+    assert grad.shape == x.shape and grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not diffaug.diffaug_ensemble(clf, den, x_req, members=(0, 100)).requires_grad

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import accel
 from .checkpoint import load_state, read_safetensors, save_safetensors, write_json
-from .errors import InputError
+from .errors import InputError, channels_hint
 from .seeding import private_seed
 
 MODEL_FILE, MODEL_CONFIG = "model.safetensors", "model.json"
@@ -42,8 +42,9 @@ class Classifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:  # the normalisation would broadcast 1 channel to 3
-            raise InputError(f"images of shape {tuple(x.shape)} for a classifier of {self.mean.shape[1]} channels; "
-                             "give [N, C, H, W] images with the channels it was trained on")
+            fix = (channels_hint(tuple(x.shape), self.mean.shape[1]) if x.ndim == 4
+                   else "give [N, C, H, W] images with the channels it was trained on")
+            raise InputError(f"images of shape {tuple(x.shape)} for a classifier of {self.mean.shape[1]} channels; {fix}")
         x = accel.memory_format((x - self.mean.to(x.dtype)) / self.std.to(x.dtype), self.channels_last)
         with accel.autocast(x.device, self.precision):
             features = self.features(x)

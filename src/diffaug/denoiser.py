@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import accel, schedule
-from .errors import InputError
+from .errors import InputError, channels_hint
 
 SHIPPED = {"digits": Path(__file__).resolve().parent / "weights" / "digits"}
 
@@ -137,7 +137,7 @@ class Denoiser(nn.Module):
         if x.shape[1] != self.channels:
             raise InputError(
                 f"{name} has {x.shape[1]} channels but the denoiser was built for {self.channels}; "
-                "convert the images (e.g. grayscale <-> RGB) first"
+                f"{channels_hint(tuple(x.shape), self.channels)}"
             )
         if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
             raise InputError(

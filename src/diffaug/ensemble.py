@@ -98,8 +98,11 @@ def diffaug_ensemble(
         validate: check the values of ``x`` (one host-device sync); False for trusted data in a GPU loop.
 
     Returns:
-        probabilities ``[N, K]`` (float32). Differentiable w.r.t. ``x`` unless called under no_grad.
+        probabilities ``[N, K]`` (float32). A graph is built only when ``x`` requires grad (an attack through
+        DE, say), not because the classifier's parameters do; for gradients w.r.t. the classifier's parameters
+        call :func:`ensemble_views` and :func:`ensemble_probs`, which follow autograd's usual rules.
     """
-    views = ensemble_views(denoiser, x, members, generator=generator, batch_size=batch_size, sampler=sampler,
-                           validate=validate)
-    return ensemble_probs(classifier, views, batch_size).mean(dim=0)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+        views = ensemble_views(denoiser, x, members, generator=generator, batch_size=batch_size, sampler=sampler,
+                               validate=validate)
+        return ensemble_probs(classifier, views, batch_size).mean(dim=0)
