@@ -101,6 +101,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, den_dir):
            "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Grad strides do not match" not in done.stderr
     tensors, meta = load_safetensors(tmp_path / "ddp" / "checkpoints" / "step-00000006.safetensors")
     assert meta["world"] == 2 and "rng.rank1" in tensors
     assert not torch.equal(tensors["rng.rank0"], tensors["rng.rank1"])  # per-rank DiffAug noise
@@ -155,3 +156,47 @@ def test_errors_before_any_output(tmp_path, den_dir, capsys):
     assert main(["train", "--recipe", "nope", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown recipe 'nope'" in err[0]
+
+
+DDP_LAYOUT_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from diffaug.train_classifier import data_parallel
+dist.init_process_group("gloo")
+conv = nn.Conv2d(1, 4, 3)
+# a [4, 1, 3, 3] weight whose size-1 dim has another stride than the kernel's gradient gives it (what oneDNN does
+# to a 1-channel first convolution on some CPUs, made explicit here so it happens on every CPU)
+conv.weight = nn.Parameter(conv.weight.detach().clone().as_strided((4, 1, 3, 3), (9, 7, 3, 1)))
+model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(2))
+model(torch.zeros(1, 1, 6, 6))
+fixed = sys.argv[1] == "fixed"
+net = data_parallel(model, torch.device("cpu")) if fixed else nn.parallel.DistributedDataParallel(model)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+g = torch.Generator().manual_seed(dist.get_rank())
+for _ in range(3):
+    opt.zero_grad(set_to_none=not fixed)
+    net(torch.randn(8, 1, 6, 6, generator=g)).sum().backward()
+    opt.step()
+w = [torch.zeros_like(conv.weight) for _ in range(2)]
+dist.all_gather(w, conv.weight.detach().contiguous())
+assert torch.equal(w[0], w[1])  # the ranks stayed in step
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_gradients_are_laid_out_as_the_buckets(tmp_path):
+    """DDP warns "Grad strides do not match bucket view strides" (and copies every gradient) when autograd's
+    gradient has another layout than the parameter's bucket view; data_parallel makes gradients the bucket views."""
+    script = tmp_path / "ddp_layout.py"
+    script.write_text(DDP_LAYOUT_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stderr = {}
+    for mode, port in (("plain", "29541"), ("fixed", "29542")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               str(script), mode]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        stderr[mode] = done.stderr
+    assert "Grad strides do not match" in stderr["plain"]  # the layout problem is real on this CPU
+    assert "Grad strides do not match" not in stderr["fixed"]

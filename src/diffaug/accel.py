@@ -97,10 +97,11 @@ def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradSca
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
-                   clip_params=None, max_norm: float = 0.0) -> None:
+                   clip_params=None, max_norm: float = 0.0, set_to_none: bool = True) -> None:
     """``zero_grad``, backward of the (scaled) loss, optional gradient-norm clipping of the true (unscaled)
-    gradients, and the optimiser step (skipped by the scaler when float16 gradients overflowed). No host sync."""
-    opt.zero_grad(set_to_none=True)
+    gradients, and the optimiser step (skipped by the scaler when float16 gradients overflowed). No host sync.
+    ``set_to_none=False`` zeroes gradients in place (DDP with gradients as bucket views needs it)."""
+    opt.zero_grad(set_to_none=set_to_none)
     scaler.scale(loss).backward()
     if max_norm:
         scaler.unscale_(opt)

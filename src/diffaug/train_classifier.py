@@ -127,6 +127,23 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` whose gradients are views of its all-reduce buckets, laid out as the buckets.
+
+    Each parameter gets a zero gradient before wrapping and ``gradient_as_bucket_view=True``, so DDP makes every
+    ``.grad`` a view of its bucket and each backward accumulates into it in place; zero the gradients in place
+    (``zero_grad(set_to_none=False)``), never to None. Otherwise autograd may hand DDP a gradient of another
+    layout (the layout contract ignores the strides of size-1 dims, which a ``[C, 1, k, k]`` convolution weight
+    has and oneDNN's backward sets its own way), which DDP then copies into the bucket on every step with the
+    warning "Grad strides do not match bucket view strides". It also saves one gradient-sized copy per step.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)  # same strides as p, hence as its bucket view
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True)
+
+
 # ---------------------------------------------------------------------- the recipes' pieces
 class AugMixViews:
     """Two AugMix views per image (torchvision's AugMix with the AugMix paper's ops), seeded per call."""
@@ -309,7 +326,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
 
     net: nn.Module = model
     if dist_info.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = data_parallel(model, device)
     augmix = AugMixViews() if "augmix" in cfg.recipe else None
     from timm.loss import JsdCrossEntropy
 
@@ -333,7 +350,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
                 order, order_epoch = torch.tensor(list(sampler), device=device), epoch
             idx = order[pos * per_rank : (pos + 1) * per_rank]
             loss = recipe_loss(net, images[idx], labels[idx], cfg, diffaug, augmix, gen, jsd)
-            accel.optimizer_step(loss, opt, scaler)
+            accel.optimizer_step(loss, opt, scaler, set_to_none=dist_info.world == 1)  # DDP: grads are bucket views
             sched.step()
             # the loss stays on the device until the log is written: no host-device sync per step
             row = {"step": step + 1, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0]}
