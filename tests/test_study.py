@@ -20,6 +20,7 @@ def test_quick_study_writes_the_report_and_reuses_stages(tmp_path, capsys):
     for c in claims:
         assert {"claim", "paper", "measured", "holds"} <= set(c)
         assert set(c["measured"]) == {"mean", "std", "n_seeds"} and isinstance(c["holds"], bool)
+        assert c["verdict"] in ("holds", "not settled", "contradicted", "does not hold") and "ci95" in c
     assert {c["stage"] for c in claims} == {"shift", "ood", "certify", "guidance", "semi", "toy"}
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
@@ -70,12 +71,59 @@ def test_config_file_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_claims_hold_only_when_the_difference_beats_its_spread():
+def test_claims_hold_only_when_the_95_interval_excludes_zero():
     numbers = {"ood": {"auroc": {"plain": [0.80, 0.82, 0.81], "diffaug": [0.90, 0.91, 0.92]},
                        "near_auroc": {"plain": [0.70, 0.72, 0.71], "diffaug": [0.69, 0.73, 0.70]}},
-               "semi": {"fraction": 0.05, "accuracy": {"supervised": [0.5, 0.6, 0.4], "consistency": [0.52, 0.5, 0.5]}}}
-    far, near, semi = build_claims(numbers)
-    assert far["holds"] is True and far["measured"]["n_seeds"] == 3
-    assert abs(far["measured"]["mean"] - 10.0) < 1e-9
-    assert near["holds"] is False and "near-OOD" in near["claim"]  # mean -0.33 points
-    assert semi["holds"] is False  # mean +0.67 points, std 11 points
+               "semi": {"fraction": 0.05, "accuracy": {"supervised": [0.5, 0.6, 0.4], "consistency": [0.52, 0.5, 0.5]}},
+               "toy": {"distances": {"150": {"noisy": [2.0, 1.2, 3.0], "one_step": [1.0, 1.0, 1.0]}}}}
+    far, near, semi, toy = build_claims(numbers)
+    assert far["holds"] is True and far["verdict"] == "holds" and far["measured"]["n_seeds"] == 3
+    assert abs(far["measured"]["mean"] - 10.0) < 1e-9 and far["ci95"][0] > 0
+    assert near["verdict"] == "not settled" and not near["holds"]  # mean -0.33 points
+    assert semi["verdict"] == "not settled"  # mean +0.67 points, std 11 points
+    # mean 1.07 > std 0.90 (the old one-sigma rule said "holds"), but the interval [-1.17, 3.30] straddles zero
+    assert toy["verdict"] == "not settled" and toy["ci95"][0] < 0 < toy["ci95"][1]
+    assert toy["seeds_to_settle"] > 3
+    flipped = build_claims({"semi": {"fraction": 0.05, "accuracy": {"supervised": [0.6, 0.61, 0.62],
+                                                                    "consistency": [0.5, 0.5, 0.51]}}})[0]
+    assert flipped["verdict"] == "contradicted" and not flipped["holds"]
+    one_seed = build_claims({"semi": {"fraction": 0.05, "accuracy": {"supervised": [0.5], "consistency": [0.6]}}})[0]
+    assert one_seed["verdict"] == "not settled" and one_seed["ci95"] is None
+
+
+def test_interval_and_seeds_to_settle_match_scipy():
+    import numpy as np
+    from scipy import stats as sps
+
+    from diffaug.stats import paired_t_interval, seeds_to_settle
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 12):
+        diffs = rng.normal(0.5, 1.0, n)
+        ref = sps.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+        lo, hi = paired_t_interval(diffs)
+        assert abs(lo - ref.low) < 1e-9 and abs(hi - ref.high) < 1e-9
+    assert paired_t_interval([1.0]) is None
+    for mean, sd in ((1.0, 0.9), (0.3, 1.0), (2.0, 0.1)):
+        n = seeds_to_settle(mean, sd)
+        half = lambda k: sps.t.ppf(0.975, k - 1) * sd / np.sqrt(k)  # noqa: E731
+        assert half(n) < mean and (n == 2 or half(n - 1) >= mean)  # the smallest such n
+    assert seeds_to_settle(0.0, 1.0) is None and seeds_to_settle(1.0, 0.0) == 2
+
+
+def test_report_puts_the_forest_plot_first_and_scrolls_wide_tables(tmp_path):
+    from diffaug.study import write_report
+
+    numbers = {"ood": {"auroc": {"plain": [0.80, 0.82, 0.81], "diffaug": [0.90, 0.91, 0.92]},
+                       "near_auroc": {"plain": [0.70, 0.72, 0.71], "diffaug": [0.69, 0.73, 0.70]}}}
+    results = {"config": {"data": "digits", "denoiser": "digits", "seeds": [0, 1, 2], "recipes": ["plain", "diffaug"]},
+               "seconds_all_stages": 1.0, "seconds_this_run": 1.0, "peak_memory_mib": 1.0,
+               "stages": {s: {"seconds": None} for s in STAGES},
+               "claims": [{**c, "stage": "ood"} for c in build_claims(numbers)]}
+    write_report(tmp_path, results)
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("![claims") < md.index("| claim |")  # the plot comes before the table
+    assert "| 95 % interval |" in md and "seeds would settle it" in md
+    assert (tmp_path / "claims.png").stat().st_size > 1000
+    html = (tmp_path / "report.html").read_text()
+    assert "<div class='scroll'><table>" in html and ".scroll{overflow-x:auto" in html

@@ -103,3 +103,38 @@ def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_i
         axes[r, 0].set_ylabel(train.classes[int(train.labels[pick[r]])], fontsize=8)
     fig.suptitle("DiffAug views: diffuse to t, denoise in one step", fontsize=9)
     return save_figure(fig, out)
+
+
+def claims_forest_plot(claims: list[dict], path: str | Path) -> Path:
+    """A forest plot of the study's claims: one row per claim, the mean paired difference (dot) with its 95 %
+    interval (bar) on the row's own axis (claims have different units), zero marked; green where the claim holds,
+    red where it is contradicted, grey where it is not settled. A ratio claim marks its threshold instead of zero."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [c for c in claims if c.get("measured")]
+    colours = {"holds": "#1a7f37", "contradicted": "#cf222e", "does not hold": "#cf222e"}
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 0.62 * len(shown) + 0.6), squeeze=False)
+    for ax, c in zip(axes[:, 0], shown):
+        mean = c["measured"]["mean"]
+        lo, hi = c["ci95"] if c.get("ci95") else (mean, mean)
+        ref = 5.0 if c.get("rule") == "ratio" else 0.0
+        colour = colours.get(c.get("verdict"), "#6e7781")
+        ax.axvline(ref, color="black", lw=0.8, ls="--" if ref else "-")
+        ax.plot([lo, hi], [0, 0], color=colour, lw=3, solid_capstyle="butt")
+        ax.plot([mean], [0], "o", color=colour, ms=6)
+        span = max(hi, ref, mean) - min(lo, ref, mean) or 1.0
+        ax.set_xlim(min(lo, ref, mean) - 0.08 * span, max(hi, ref, mean) + 0.08 * span)
+        ax.set_yticks([])
+        ax.tick_params(axis="x", labelsize=7, pad=1)
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+        label = textwrap.shorten(c["claim"], 70, placeholder="...")
+        ax.set_ylabel(f"{label}\n[{c.get('unit') or 'difference'}; {c.get('verdict', '')}]", rotation=0,
+                      ha="right", va="center", fontsize=7)
+    fig.suptitle("Claims: paired difference, 95 % interval over seeds (zero marked)", fontsize=9)
+    return save_figure(fig, path)

@@ -404,19 +404,38 @@ def _diff(a: list[float], b: list[float]) -> list[float]:
 
 def _claim(claim: str, paper: str, values: list[float] | None, unit: str = "", scale: float = 1.0,
            rule: str = "positive") -> dict:
+    """One claim from its per-seed paired differences, oriented so that positive is the paper's direction.
+
+    ``rule="positive"``: the claim holds when the 95 % paired-t interval over seeds lies above zero, is
+    contradicted when it lies below, and is not settled otherwise (also with one seed: no interval);
+    ``seeds_to_settle`` is the number of seeds that would settle it if mean and spread stayed as measured.
+    ``rule="ratio"`` (the speed claim, one measurement): holds at >= 5x.
+    """
+    from .stats import paired_t_interval, seeds_to_settle
+
     if not values:
-        return {"claim": claim, "paper": paper, "measured": None, "holds": None, "unit": unit}
+        return {"claim": claim, "paper": paper, "measured": None, "holds": None, "unit": unit, "ci95": None,
+                "verdict": "not run", "seeds_to_settle": None, "rule": rule}
     vals = [scale * v for v in values]
     mean = statistics.fmean(vals)
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    holds = mean > 0 and mean > std if rule == "positive" else mean >= 5.0
+    ci95, settle = None, None
+    if rule == "positive":
+        ci95 = paired_t_interval(vals)
+        verdict = ("holds" if ci95 and ci95[0] > 0 else "contradicted" if ci95 and ci95[1] < 0 else "not settled")
+        if verdict == "not settled":
+            settle = seeds_to_settle(mean, std) if len(vals) > 1 else None
+    else:
+        verdict = "holds" if mean >= 5.0 else "does not hold"
     return {"claim": claim, "paper": paper, "measured": {"mean": mean, "std": std, "n_seeds": len(vals)},
-            "holds": bool(holds), "unit": unit}
+            "holds": verdict == "holds", "unit": unit, "ci95": list(ci95) if ci95 else None, "verdict": verdict,
+            "seeds_to_settle": settle, "rule": rule}
 
 
 def build_claims(numbers: dict) -> list[dict]:
-    """The paper's claims with this run's numbers (paired by seed). A difference claim holds when its mean over
-    seeds is positive and larger than its std; the speed claim holds at >= 5x (within 2x of the paper's ~10x)."""
+    """The paper's claims with this run's numbers (paired by seed). A difference claim holds when its 95 %
+    paired-t interval over seeds excludes zero in the paper's direction; the speed claim holds at >= 5x (within 2x
+    of the paper's ~10x)."""
     claims = []
     sh = numbers.get("shift")
     if sh:
@@ -544,19 +563,47 @@ def _fmt_measured(c: dict) -> str:
     return f"{m['mean']:.2f} +- {m['std']:.2f} {c['unit']} (n = {m['n_seeds']})"
 
 
+def _fmt_interval(c: dict) -> str:
+    if c.get("ci95") is None:
+        return "one measurement" if c.get("rule") == "ratio" else "- (needs >= 2 seeds)"
+    return f"[{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+
+
+def _fmt_verdict(c: dict) -> str:
+    verdict = c.get("verdict", "n/a")
+    if verdict == "holds":
+        return "yes"
+    if verdict == "not settled" and c.get("seeds_to_settle"):
+        return f"**not settled** (~{c['seeds_to_settle']} seeds would settle it)"
+    if verdict == "not settled":
+        return "**not settled** (no effect to settle)" if c["measured"]["n_seeds"] > 1 else "**not settled** (1 seed)"
+    return f"**{verdict}**"
+
+
 def write_report(out: Path, results: dict) -> None:
+    from .report import claims_forest_plot
+
+    n_seeds = len(results["config"]["seeds"])
     lines = ["# DiffAug study", "",
              f"Data: {results['config']['data']}, denoiser: {results['config']['denoiser']}, seeds "
              f"{results['config']['seeds']}, recipes {', '.join(results['config']['recipes'])}. Total stage time "
              f"{results['seconds_all_stages']:.0f} s (this run {results['seconds_this_run']:.0f} s), peak memory "
              f"{results['peak_memory_mib']:.0f} MiB.", "",
-             "## The paper's claims on this run", "",
-             "A difference holds when its mean over seeds is positive and larger than its std (paired by seed); "
-             "nothing here was tuned on the test split.", "",
-             "| claim | paper | measured (mean +- std over seeds) | holds here |", "|---|---|---|---|"]
+             "## The paper's claims on this run", ""]
+    if results["claims"]:
+        claims_forest_plot(results["claims"], out / "claims.png")
+        lines += ["![claims: paired difference (diffaug - baseline, oriented so that right of zero is the paper's "
+                  "direction), dot = mean over seeds, bar = 95 % paired-t interval](claims.png)", ""]
+    lines += [f"Each difference is paired by seed ({n_seeds} seeds). A claim **holds** when the 95 % interval of its "
+              "mean difference (Student's t over seeds, n - 1 degrees of freedom) excludes zero in the paper's "
+              "direction, is **contradicted** when it excludes zero the other way, and is **not settled** otherwise; "
+              "for those, the number of seeds that would settle it if mean and spread stayed as measured is given "
+              "(run `diffaug study --seeds 0 1 ... N`). The speed claim is one measurement and holds at >= 5x. "
+              "Nothing here was tuned on the test split.", "",
+              "| claim | paper | measured (mean +- std over seeds) | 95 % interval | holds here |",
+              "|---|---|---|---|---|"]
     for c in results["claims"]:
-        holds = "n/a" if c["holds"] is None else ("yes" if c["holds"] else "**no**")
-        lines.append(f"| {c['claim']} | {c['paper']} | {_fmt_measured(c)} | {holds} |")
+        lines.append(f"| {c['claim']} | {c['paper']} | {_fmt_measured(c)} | {_fmt_interval(c)} | {_fmt_verdict(c)} |")
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     for s, info in results["stages"].items():
         seconds = "-" if info["seconds"] is None else f"{info['seconds']:.0f}"
@@ -592,8 +639,10 @@ def markdown_to_html(text: str, base: Path) -> str:
         if table:
             rows = [r for r in table if not re.fullmatch(r"\|(-+\|)+", r.replace(" ", ""))]
             cells = [[html.escape(c.strip()).replace("**", "") for c in r.strip("|").split("|")] for r in rows]
-            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>" + "".join(
-                "<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:]) + "</table>")
+            # wide tables scroll inside the page instead of running off its right edge
+            body.append("<div class='scroll'><table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>" +
+                        "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:]) +
+                        "</table></div>")
             table.clear()
 
     for line in text.splitlines():
@@ -611,7 +660,8 @@ def markdown_to_html(text: str, base: Path) -> str:
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
     flush()
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}.scroll{overflow-x:auto;max-width:100%}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "white-space:nowrap}td:first-child{white-space:normal;min-width:18em}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>DiffAug study</title><style>{style}</style>" \
            f"</head><body>{''.join(body)}</body></html>\n"
