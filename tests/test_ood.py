@@ -115,3 +115,14 @@ def test_react_fits_threshold_on_id_val():
     assert scorer(val[:7]).shape == (7,)
     with pytest.raises(InputError, match="empty image set"):
         scorer(val[:0])
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])
+def test_torchvision_models_take_one_channel_images(name):
+    """torchvision builds RGB stems only; a 1-channel classifier gets a 1-channel first convolution."""
+    clf = create_classifier(name, 10, 1, seed=0).eval()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert clf(x).shape == (2, 10)
+    first = next(m for m in clf.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1

@@ -97,13 +97,15 @@ def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return model, head
 
 
-def _torchvision_model(name: str, num_classes: int) -> tuple[nn.Module, nn.Linear]:
+def _torchvision_model(name: str, num_classes: int, channels: int = 3) -> tuple[nn.Module, nn.Linear]:
     import torchvision
 
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     except ValueError as e:
         raise InputError(f"unknown torchvision model {name!r} ({e}); see torchvision.models.list_models()") from None
+    if channels != 3:  # torchvision builds RGB stems only; give the first convolution the data's channels
+        _set_input_channels(model, channels, name)
     for attr in ("fc", "head", "classifier"):
         head = getattr(model, attr, None)
         if isinstance(head, nn.Linear):
@@ -114,6 +116,21 @@ def _torchvision_model(name: str, num_classes: int) -> tuple[nn.Module, nn.Linea
             head[-1] = nn.Identity()
             return model, last
     raise InputError(f"cannot find the final Linear layer of torchvision {name}; wrap it in diffaug.Classifier yourself")
+
+
+def _set_input_channels(model: nn.Module, channels: int, name: str) -> None:
+    """Replace the first convolution (3 input channels) by a freshly initialised one taking ``channels``."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != 3 or child.groups != 1:
+                    raise InputError(f"cannot give torchvision {name} {channels} input channels; convert the images "
+                                     "to RGB")
+                setattr(parent, child_name, nn.Conv2d(
+                    channels, child.out_channels, child.kernel_size, child.stride, child.padding, child.dilation,
+                    bias=child.bias is not None, padding_mode=child.padding_mode))
+                return
+    raise InputError(f"cannot give torchvision {name} {channels} input channels; convert the images to RGB")
 
 
 def create_classifier(name: str, num_classes: int, channels: int = 3, *, mean=None, std=None,
@@ -137,7 +154,7 @@ def _create(name, num_classes, channels, mean, std, pretrained, width) -> Classi
         features, dim = _own_model(name, channels, width)
         head = nn.Linear(dim, num_classes)
     elif name.startswith("torchvision:"):
-        features, head = _torchvision_model(name.split(":", 1)[1], num_classes)
+        features, head = _torchvision_model(name.split(":", 1)[1], num_classes, channels)
     else:
         import timm
 
