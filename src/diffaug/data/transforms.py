@@ -8,7 +8,7 @@ both on the decoded ``uint8`` image, ending in ``ToDtype(float32, scale=True)`` 
 The random crop and flip of a sample are a function of ``(seed, epoch, index)`` only (:func:`sample_seed`), so
 they do not depend on the number of workers, on the rank, or on where a resumed run started: torchvision's v2
 transforms draw their parameters from the global RNG, so :class:`SeededView` runs each sample's transform under
-a private seed (:func:`diffaug.seeding.private_seed`, which restores the caller's RNG afterwards).
+a private seed (:func:`diffaug.seeding.private_cpu_seed`, which restores the caller's RNG afterwards).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..seeding import private_seed
+from ..seeding import private_cpu_seed
 
 EVAL_CROP_FRACTION = 0.875
 
@@ -89,6 +89,6 @@ class SeededView(torch.utils.data.Dataset):
         image, label = read(index) if read is not None else self.source[index]
         views = []
         for k, transform in enumerate(self.transforms):
-            with private_seed(sample_seed(self.seed + k, epoch, index)):
+            with private_cpu_seed(sample_seed(self.seed + k, epoch, index)):
                 views.append(transform(image))
         return (*views, label)
