@@ -137,13 +137,14 @@ class ImageFiles(torch.utils.data.Dataset):
         loaders; includes items the loader has prefetched)."""
         return int(self._skipped.value)
 
-    def read_pil(self, index: int):
-        """The decoded PIL image and label of item ``index`` (after any bad-file substitution)."""
+    def read_counted(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """Item ``index`` as a ``uint8 [C, H, W]`` tensor, its label, and how many unreadable files were
+        replaced to get it (0 unless ``on_bad_file="skip"`` met a bad file)."""
         n = len(self.samples)
         for k in range(n if self.on_bad_file == "skip" else 1):
             path, label = self.samples[(index + k) % n]
             try:
-                return decode_image(path, self.channels), label
+                return _pil_to_uint8(decode_image(path, self.channels)), label, k
             except BadImageError as e:
                 if self.on_bad_file == "error":
                     raise
@@ -155,8 +156,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def read(self, index: int) -> tuple[torch.Tensor, int]:
         """Item ``index`` as a ``uint8 [C, H, W]`` tensor and its label (input of the v2 transforms)."""
-        im, label = self.read_pil(index)
-        return _pil_to_uint8(im), label
+        x, label, _ = self.read_counted(index)
+        return x, label
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x, label = self.read(index)
@@ -166,6 +167,17 @@ class ImageFiles(torch.utils.data.Dataset):
         """The items at ``indices`` (in that order), same classes and settings."""
         return ImageFiles([self.samples[int(i)] for i in indices], self.classes, channels=self.channels,
                           on_bad_file=self.on_bad_file, root=self.root)
+
+    def with_classes(self, classes: list[int]) -> "ImageFiles":
+        """Only the items of ``classes`` (indices into :attr:`classes`), relabelled 0..k-1 in the given order."""
+        if len(set(classes)) != len(classes) or len(classes) < 2:
+            raise InputError(f"give at least two distinct classes, got {classes}")
+        bad = [c for c in classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise InputError(f"classes {bad} do not exist; this data has classes 0..{self.num_classes - 1}")
+        new = {c: i for i, c in enumerate(classes)}
+        return ImageFiles([(p, new[y]) for p, y in self.samples if y in new], [self.classes[c] for c in classes],
+                          channels=self.channels, on_bad_file=self.on_bad_file, root=self.root)
 
     def __repr__(self) -> str:
         return f"ImageFiles({self.root}, {len(self)} images, {self.num_classes} classes, {self.channels} ch)"

@@ -118,14 +118,25 @@ def load_image_folder(root: str | os.PathLike) -> ImageDataset:
     return ImageDataset(images, torch.tensor(labels, dtype=torch.long), classes)
 
 
+def is_cifar10_root(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is (or holds) an extracted CIFAR-10 folder."""
+    root = Path(root)
+    return any((root / d).is_dir() for d in ("cifar-10-batches-bin", "cifar-10-batches-py")) or root.name.startswith(
+        "cifar-10-batches")
+
+
+def is_in_memory(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names an in-memory source of fixed size (``digits`` or CIFAR-10) rather than a folder
+    of images to stream."""
+    return str(spec) == "digits" or is_cifar10_root(spec)
+
+
 def load_dataset(spec: str | os.PathLike, split: str = "train") -> ImageDataset:
     """``"digits"`` (one of its fixed splits) or an image folder (``split`` selects ``spec/split`` if present)."""
     if str(spec) == "digits":
         return load_digits(split)
     root = Path(spec)
-    if any((root / d).is_dir() for d in ("cifar-10-batches-bin", "cifar-10-batches-py")) or root.name.startswith(
-        "cifar-10-batches"
-    ):
+    if is_cifar10_root(root):
         return load_cifar10(root, "test" if split == "test" else "train")
     if (root / split).is_dir():
         root = root / split

@@ -66,14 +66,17 @@ class SeededView(torch.utils.data.Dataset):
         transforms: one or more transforms; item ``(x0, x1, ..., label)`` gives each view of the same
             decoded image (e.g. a random crop for the loss and the center view for DiffAug).
         seed: the run's seed.
+        count_skips: append to each item how many unreadable files were replaced to get it (see
+            :class:`~diffaug.data.files.ImageFiles`' ``on_bad_file``), so a training loop can count them exactly.
     """
 
-    def __init__(self, source, *transforms, seed: int = 0):
+    def __init__(self, source, *transforms, seed: int = 0, count_skips: bool = False):
         if not transforms:
             raise InputError("SeededView needs at least one transform")
         self.source = source
         self.transforms = transforms
         self.seed = int(seed)
+        self.count_skips = count_skips
 
     def __len__(self) -> int:
         return len(self.source)
@@ -85,10 +88,13 @@ class SeededView(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        read = getattr(self.source, "read", None)
-        image, label = read(index) if read is not None else self.source[index]
+        if hasattr(self.source, "read_counted"):
+            image, label, skips = self.source.read_counted(index)
+        else:
+            read = getattr(self.source, "read", None)
+            (image, label), skips = (read(index) if read is not None else self.source[index]), 0
         views = []
         for k, transform in enumerate(self.transforms):
             with private_cpu_seed(sample_seed(self.seed + k, epoch, index)):
                 views.append(transform(image))
-        return (*views, label)
+        return (*views, label, skips) if self.count_skips else (*views, label)
