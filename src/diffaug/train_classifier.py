@@ -273,7 +273,8 @@ def _save_checkpoint(out: Path, cfg_json: dict, step: int, model, opt, sched, ge
     for r, state in enumerate(gens):
         tensors[f"rng.rank{r}"] = state
     meta = {"step": step, "config": cfg_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
-            "world": len(gens), "grad_scaler": scaler.state_dict(), "bad_files_skipped": bad_files_skipped or [0] * len(gens)}
+            "world": len(gens), "grad_scaler": scaler.state_dict(),
+            "bad_files_skipped": bad_files_skipped or [0] * len(gens)}
     ckpt.save_safetensors(tensors, out / CKPT_DIR / f"step-{step:08d}.safetensors", metadata=meta)
     for old in _checkpoint_paths(out)[:-keep]:
         old.unlink(missing_ok=True)

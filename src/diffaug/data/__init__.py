@@ -15,8 +15,9 @@ from .files import (BAD_FILE_POLICIES, SPLIT_FRACTIONS, BadImageError, ImageFile
                     restrict_logits, split_indices, split_layout)
 from .loader import ResumableSampler, check_workers, default_workers, make_loader
 from .memory import (CIFAR10_CLASSES, CORRUPTED_LAYOUTS, FAR_OOD_SETS, IMAGE_SUFFIXES, SPLITS, ImageDataset,
-                     corrupted_layout, corrupted_names, digits_split_indices, is_in_memory, load_cifar10, load_corrupted,
-                     load_dataset, load_digits, load_image_folder, noise_images, photo_patches, subset_classes)
+                     corrupted_layout, corrupted_names, digits_split_indices, is_in_memory, load_cifar10,
+                     load_corrupted, load_dataset, load_digits, load_image_folder, noise_images, photo_patches,
+                     subset_classes)
 from .transforms import SeededView, check_size, eval_transform, sample_seed, train_transform
 
 __all__ = [
