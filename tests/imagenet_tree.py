@@ -1,6 +1,6 @@
 """A tiny synthetic ImageNet-style tree for the data-layer tests: ``train/`` + ``val/`` of WordNet-id class
 folders, JPEGs of varying sizes, and odd files inside (a gray JPEG, a CMYK JPEG, a palette PNG with
-transparency, an RGBA PNG). Each class has its own dominant colour, so a classifier can learn it."""
+transparency, an RGBA PNG, and a hidden ``._`` file that must be ignored). Each class has its own dominant colour, so a classifier can learn it."""
 
 from __future__ import annotations
 
@@ -43,4 +43,5 @@ def make_tree(root: Path, per_class: dict[str, int] | None = None, seed: int = 0
         pal.save(t / classes[1] / "palette.png", transparency=0)
         rgba = np.dstack([class_image(rng, 2, 36, 36), np.full((36, 36), 128, np.uint8)])
         Image.fromarray(rgba, "RGBA").save(t / classes[2] / "alpha.png")
+        (t / classes[2] / "._alpha.png").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork: not an image
     return root

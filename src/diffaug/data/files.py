@@ -213,7 +213,8 @@ def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
             raise InputError(f"{root} has classes the reference set lacks: {', '.join(unknown[:5])}"
                              f"{' ...' if len(unknown) > 5 else ''}; classes are matched by folder name")
     index = {c: i for i, c in enumerate(classes)}
-    samples = make_dataset(str(root), {c: index[c] for c in found}, extensions=IMAGE_SUFFIXES, allow_empty=True)
+    samples = make_dataset(str(root), {c: index[c] for c in found}, is_valid_file=lambda p: is_image(Path(p)),
+                           allow_empty=True)  # no hidden files (e.g. macOS "._x.jpg" resource forks)
     samples = sorted(samples, key=lambda s: (s[1], s[0]))
     if not samples:
         raise InputError(f"data folder {root} holds no images in its class folders ({', '.join(IMAGE_SUFFIXES)})")
