@@ -112,7 +112,10 @@ class ImageFiles(torch.utils.data.Dataset):
             raise InputError(f"on_bad_file must be one of {', '.join(BAD_FILE_POLICIES)}, got {on_bad_file!r}")
         if not samples:
             raise InputError(f"{root or 'the dataset'} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        self.samples = [(str(p), int(y)) for p, y in samples]
+        # NumPy arrays, not a list of Python tuples: worker processes forked from this one then share the pages
+        # (a list's reference counts would copy them into every worker as they are read)
+        self._paths = np.array([str(p) for p, _ in samples])
+        self._labels = np.array([int(y) for _, y in samples], dtype=np.int64)
         self.classes = list(classes)
         self.channels = channels
         self.on_bad_file = on_bad_file
@@ -120,7 +123,12 @@ class ImageFiles(torch.utils.data.Dataset):
         self._skipped = multiprocessing.get_context().Value("q", 0)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._labels)
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """All ``(path, label)`` pairs (a new list)."""
+        return list(zip(self._paths.tolist(), self._labels.tolist()))
 
     @property
     def num_classes(self) -> int:
@@ -129,7 +137,7 @@ class ImageFiles(torch.utils.data.Dataset):
     @property
     def labels(self) -> torch.Tensor:
         """All labels ``[N]`` (no image is decoded)."""
-        return torch.tensor([y for _, y in self.samples], dtype=torch.long)
+        return torch.from_numpy(self._labels.copy())
 
     @property
     def bad_files_skipped(self) -> int:
@@ -140,9 +148,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def read_counted(self, index: int) -> tuple[torch.Tensor, int, int]:
         """Item ``index`` as a ``uint8 [C, H, W]`` tensor, its label, and how many unreadable files were
         replaced to get it (0 unless ``on_bad_file="skip"`` met a bad file)."""
-        n = len(self.samples)
+        n = len(self)
         for k in range(n if self.on_bad_file == "skip" else 1):
-            path, label = self.samples[(index + k) % n]
+            path, label = str(self._paths[(index + k) % n]), int(self._labels[(index + k) % n])
             try:
                 return _pil_to_uint8(decode_image(path, self.channels)), label, k
             except BadImageError as e:
@@ -165,8 +173,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def subset(self, indices) -> "ImageFiles":
         """The items at ``indices`` (in that order), same classes and settings."""
-        return ImageFiles([self.samples[int(i)] for i in indices], self.classes, channels=self.channels,
-                          on_bad_file=self.on_bad_file, root=self.root)
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageFiles(list(zip(self._paths[indices].tolist(), self._labels[indices].tolist())), self.classes,
+                          channels=self.channels, on_bad_file=self.on_bad_file, root=self.root)
 
     def with_classes(self, classes: list[int]) -> "ImageFiles":
         """Only the items of ``classes`` (indices into :attr:`classes`), relabelled 0..k-1 in the given order."""
@@ -283,7 +292,7 @@ def open_splits(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
         sets.setdefault("test", sets["val"])
     else:
         whole = open_folder(root, channels=channels, on_bad_file=on_bad_file)
-        idx = split_indices([y for _, y in whole.samples], fractions, seed)
+        idx = split_indices(whole.labels.numpy(), fractions, seed)
         sets = {s: whole.subset(idx[s]) for s in SPLITS}
     if verbose:
         sizes = ", ".join(f"{s} {len(sets[s])}" for s in SPLITS)
