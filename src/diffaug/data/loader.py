@@ -35,6 +35,26 @@ def check_workers(workers: int | None) -> int:
     return workers
 
 
+class Loader(DataLoader):
+    """A ``DataLoader`` whose workers' :class:`~diffaug.InputError` (e.g. an unreadable image) reaches the caller
+    as the same one-line error, not wrapped in the worker's traceback."""
+
+    def __iter__(self):
+        it = super().__iter__()
+
+        def batches():
+            try:
+                yield from it
+            except InputError as e:
+                text = str(e)
+                if "Original Traceback" not in text:
+                    raise
+                last = text.strip().splitlines()[-1]  # "package.module.ErrorName: the message"
+                raise type(e)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+        return batches()
+
+
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler``'s order (shuffled per epoch with ``seed + epoch``, padded or truncated to a
     multiple of ``world_size``, every ``world_size``-th item for ``rank``), yielding ``(epoch, index)`` keys
@@ -72,7 +92,7 @@ class ResumableSampler(DistributedSampler):
 
 def make_loader(dataset, batch_size: int, *, sampler=None, workers: int | None = None,
                 pin_memory: bool | None = None, drop_last: bool = False, prefetch_factor: int | None = None
-                ) -> DataLoader:
+                ) -> Loader:
     """A DataLoader for ``dataset`` (usually a :class:`~diffaug.data.transforms.SeededView`).
 
     Args:
@@ -90,5 +110,5 @@ def make_loader(dataset, batch_size: int, *, sampler=None, workers: int | None =
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     extra = {"prefetch_factor": prefetch_factor} if workers and prefetch_factor else {}
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=drop_last, **extra)
