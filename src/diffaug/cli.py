@@ -73,7 +73,8 @@ def cmd_train(args) -> None:
                       classes=args.classes, precision=args.precision, channels_last=args.channels_last,
                       compile=args.compile)
     for name in ("batch_size", "lr", "optimizer", "lr_schedule", "weight_decay", "label_smoothing", "t_min",
-                 "t_max", "diffaug_weight", "diffaug_fraction", "checkpoint_every", "eval_every", "warmup_steps"):
+                 "t_max", "diffaug_weight", "diffaug_fraction", "checkpoint_every", "eval_every", "warmup_steps",
+                 "image_size", "workers", "diffaug_view", "on_bad_file"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -238,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_diffusion)
 
     p = sub.add_parser("train", help="train a classifier with a recipe (plain, diffaug, augmix, augmix+diffaug)")
-    p.add_argument("--data", default="digits", help="'digits', an image folder, or a CIFAR-10 folder")
+    p.add_argument("--data", default="digits", help="'digits', a CIFAR-10 folder, or an image folder streamed from "
+                   "disk: DIR/train + DIR/val (+ DIR/test), or DIR/<class>/<image> split 70/10/20 without overlap")
     p.add_argument("--recipe", default="diffaug", help="plain | diffaug | augmix | augmix+diffaug")
     p.add_argument("--model", help="small_cnn | resnet_small | timm name | torchvision:<name> (default per data)")
     p.add_argument("--denoiser", help="'digits' or a denoiser folder (DiffAug recipes)")
@@ -260,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--classes", type=int, nargs="+", help="train on these class indices only (near-OOD protocol)")
+    p.add_argument("--image-size", dest="image_size", type=int,
+                   help="crop size for a streamed image folder (default 224; digits and CIFAR-10 keep their size)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes for a streamed folder "
+                   "(default min(8, CPUs); 0 loads in the main process)")
+    p.add_argument("--diffaug-view", dest="diffaug_view",
+                   help="DiffAug of the Resize + CenterCrop view of each image (center, the paper's code; default) "
+                        "or of its random crop (same)")
+    p.add_argument("--on-bad-file", dest="on_bad_file",
+                   help="an unreadable image: stop naming it (error, default) or use the next image, counted in "
+                        "metrics.jsonl (skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")

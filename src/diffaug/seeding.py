@@ -17,3 +17,17 @@ def private_seed(seed: int | None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def private_cpu_seed(seed: int):
+    """Like :func:`private_seed` for code that draws only from the global CPU generator (e.g. torchvision's
+    random transforms), at a fraction of the cost (about 5 us instead of 0.5 ms): seeds and restores the CPU
+    generator alone, for use once per sample in data loading."""
+    gen = torch.default_generator
+    state = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        yield
+    finally:
+        gen.set_state(state)

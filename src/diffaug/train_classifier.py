@@ -1,5 +1,10 @@
 """Training classifiers with DiffAug: the recipes, one loop, DDP under torchrun, exact resume.
 
+Data: ``digits`` and CIFAR-10 are read into memory and indexed exactly as before; any other ``--data`` folder is
+streamed from disk through :mod:`diffaug.data` (``ROOT/train`` + ``ROOT/val`` or one class folder split without
+overlap; ``RandomResizedCrop(image_size)`` + flip for training, ``Resize`` + ``CenterCrop`` for evaluation and,
+with ``diffaug_view="center"``, for the view DiffAug is applied to), with DataLoader workers.
+
 Recipes (loss per step; ``B`` = the batch, ``DA(x)`` = a fresh DiffAug view from the frozen denoiser):
 
 * ``plain``: ``CE(f(x), y)``.
@@ -31,12 +36,15 @@ from torch import nn
 from . import accel
 from . import checkpoint as ckpt
 from .classifier import Classifier, create_classifier, save_classifier
-from .data import load_dataset, subset_classes
+from .data import is_in_memory, load_dataset, subset_classes
+from .data import BAD_FILE_POLICIES, check_size, check_workers
 from .errors import InputError
 from .seeding import private_seed
 
 RECIPES = ("plain", "diffaug", "augmix", "augmix+diffaug")
 DEFAULT_MODELS = {"digits": "small_cnn"}
+DEFAULT_IMAGE_SIZE = 224
+DIFFAUG_VIEWS = ("center", "same")
 CKPT_DIR, CONFIG_FILE, METRICS_FILE = "checkpoints", "config.json", "metrics.jsonl"
 
 
@@ -71,6 +79,11 @@ class TrainConfig:
     precision: str = "fp32"  # autocast of the classifier and denoiser: fp32 | bf16 | fp16 (fp16 adds loss scaling)
     channels_last: bool = False
     compile: bool = False  # torch.compile the classifier's and denoiser's networks
+    # streamed folders only (digits and CIFAR-10 keep their in-memory path):
+    image_size: int | None = None  # crop size (None: 224)
+    workers: int | None = None  # DataLoader workers (None: min(8, CPUs))
+    diffaug_view: str = "center"  # DiffAug of the center view (the paper's code) or of the random crop ("same")
+    on_bad_file: str = "error"  # error | skip (substitute the next image, counted in metrics.jsonl)
 
     def resolved(self) -> "TrainConfig":
         cfg = dataclasses.replace(self)
@@ -78,6 +91,8 @@ class TrainConfig:
             cfg.model = DEFAULT_MODELS.get(cfg.data, "resnet_small")
         if cfg.denoiser is None and "diffaug" in cfg.recipe and cfg.data == "digits":
             cfg.denoiser = "digits"
+        if cfg.image_size is None and not is_in_memory(cfg.data):
+            cfg.image_size = DEFAULT_IMAGE_SIZE
         return cfg
 
     def validate(self) -> None:
@@ -102,6 +117,13 @@ class TrainConfig:
             raise InputError(f"lr must be > 0 and weight_decay, diffaug_weight, warmup_steps >= 0; got lr {self.lr}, "
                              f"weight_decay {self.weight_decay}, diffaug_weight {self.diffaug_weight}, "
                              f"warmup_steps {self.warmup_steps}")
+        if self.image_size is not None:
+            check_size(self.image_size)
+        check_workers(self.workers)
+        if self.diffaug_view not in DIFFAUG_VIEWS:
+            raise InputError(f"unknown DiffAug view {self.diffaug_view!r}; use one of {', '.join(DIFFAUG_VIEWS)}")
+        if self.on_bad_file not in BAD_FILE_POLICIES:
+            raise InputError(f"unknown bad-file policy {self.on_bad_file!r}; use one of {', '.join(BAD_FILE_POLICIES)}")
 
 
 # ---------------------------------------------------------------------- distributed helpers
@@ -162,8 +184,9 @@ class AugMixViews:
 
 
 def recipe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, diffaug, augmix,
-                generator: torch.Generator, jsd) -> torch.Tensor:
-    """The loss of one step of ``cfg.recipe`` (one forward pass over all views)."""
+                generator: torch.Generator, jsd, x_diffaug: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of one step of ``cfg.recipe`` (one forward pass over all views). DiffAug is applied to
+    ``x_diffaug`` (another view of the same images, e.g. their center crop) when given, else to ``x``."""
     views, n = [x], x.shape[0]
     if "augmix" in cfg.recipe:
         views += list(augmix(x, generator))
@@ -171,7 +194,7 @@ def recipe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     if "diffaug" in cfg.recipe:
         n_da = max(1, round(cfg.diffaug_fraction * n))
         with torch.no_grad():
-            views.append(diffaug(x[:n_da], generator=generator))
+            views.append(diffaug((x if x_diffaug is None else x_diffaug)[:n_da], generator=generator))
     logits = model(torch.cat(views))
     if "augmix" in cfg.recipe:
         loss = jsd(logits[: 3 * n], y.repeat(3))
@@ -206,20 +229,69 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / max(1, len(images))
 
 
+@torch.no_grad()
+def loader_accuracy(model: nn.Module, loader, device: torch.device) -> float:
+    """Top-1 accuracy of ``model`` over a loader of ``(images, labels)`` (model put in eval mode and restored)."""
+    was = model.training
+    model.eval()
+    correct, n = torch.zeros((), dtype=torch.long, device=device), 0
+    for x, y in loader:
+        y = y.to(device, non_blocking=True)
+        correct += (model(x.to(device, non_blocking=True)).argmax(1) == y).sum()
+        n += y.numel()
+    model.train(was)
+    return correct.item() / max(1, n)
+
+
+class _Streamed:
+    """The training batches of a streamed folder: ``get(epoch, pos)`` is batch ``pos`` of ``epoch`` on this rank,
+    a function of (seed, epoch, rank, pos); reading starts mid-epoch without decoding the images before ``pos``."""
+
+    def __init__(self, cfg: TrainConfig, splits: dict, dist_info: "Dist", per_rank: int, centre_view: bool):
+        from .data import ResumableSampler, SeededView, eval_transform, make_loader, train_transform
+
+        self.splits, self.per_rank, self.workers = splits, per_rank, cfg.workers
+        transforms = [train_transform(cfg.image_size)] + ([eval_transform(cfg.image_size)] if centre_view else [])
+        self.eval_transform = eval_transform(cfg.image_size)
+        self.sampler = ResumableSampler(len(splits["train"]), seed=cfg.seed, rank=dist_info.rank,
+                                        world_size=dist_info.world, drop_last=True)
+        if self.sampler.num_samples < per_rank:
+            raise InputError(f"the batch of {per_rank} per process is larger than the {self.sampler.num_samples} "
+                             "training images per process; lower --batch-size")
+        self.loader = make_loader(SeededView(splits["train"], *transforms, seed=cfg.seed, count_skips=True),
+                                  per_rank, sampler=self.sampler, workers=cfg.workers, drop_last=True)
+        self.steps_per_epoch = self.sampler.num_samples // per_rank
+        self._it, self._at = None, None
+
+    def get(self, epoch: int, pos: int):
+        if self._at != (epoch, pos):
+            self.sampler.set_position(epoch, pos * self.per_rank)
+            self._it = iter(self.loader)
+        self._at = (epoch, pos + 1)
+        return next(self._it)
+
+    def accuracy(self, model: nn.Module, split: str, device: torch.device) -> float:
+        from .data import SeededView, make_loader
+
+        loader = make_loader(SeededView(self.splits[split], self.eval_transform), 256, workers=self.workers)
+        return loader_accuracy(model, loader, device)
+
+
 # ---------------------------------------------------------------------- checkpoints
 def _checkpoint_paths(out: Path) -> list[Path]:
     return sorted((out / CKPT_DIR).glob("step-*.safetensors"))
 
 
 def _save_checkpoint(out: Path, cfg_json: dict, step: int, model, opt, sched, gens: list[torch.Tensor], keep: int,
-                     scaler: torch.amp.GradScaler):
+                     scaler: torch.amp.GradScaler, bad_files_skipped: list[int] | None = None):
     opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(opt_tensors)
     for r, state in enumerate(gens):
         tensors[f"rng.rank{r}"] = state
     meta = {"step": step, "config": cfg_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
-            "world": len(gens), "grad_scaler": scaler.state_dict()}
+            "world": len(gens), "grad_scaler": scaler.state_dict(),
+            "bad_files_skipped": bad_files_skipped or [0] * len(gens)}
     ckpt.save_safetensors(tensors, out / CKPT_DIR / f"step-{step:08d}.safetensors", metadata=meta)
     for old in _checkpoint_paths(out)[:-keep]:
         old.unlink(missing_ok=True)
@@ -254,9 +326,22 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     out = Path(out_dir)
     device = torch.device(device)
     # --- every check before any work or output
-    train, val, test = (load_dataset(cfg.data, s) for s in ("train", "val", "test"))
-    if cfg.classes is not None:
-        train, val, test = (subset_classes(d, list(cfg.classes)) for d in (train, val, test))
+    streamed = not is_in_memory(cfg.data)
+    den = load_denoiser(cfg.denoiser) if "diffaug" in cfg.recipe else None
+    if streamed:  # a folder, read lazily; a 1-channel denoiser gets 1-channel images
+        from .data import SeededView, eval_transform, open_splits
+
+        splits = open_splits(cfg.data, channels=den.channels if den is not None else 3, on_bad_file=cfg.on_bad_file,
+                             verbose=progress and int(os.environ.get("RANK", "0")) == 0)
+        if cfg.classes is not None:
+            splits = {k: d.with_classes(list(cfg.classes)) for k, d in splits.items()}
+        train, val, test = splits["train"], splits["val"], splits["test"]
+        first = SeededView(val, eval_transform(cfg.image_size))[0][0][None]  # what the networks will see
+    else:
+        train, val, test = (load_dataset(cfg.data, s) for s in ("train", "val", "test"))
+        if cfg.classes is not None:
+            train, val, test = (subset_classes(d, list(cfg.classes)) for d in (train, val, test))
+        first = train.images
     finished = (out / "model.safetensors").exists()
     started = bool(_checkpoint_paths(out)) if out.exists() else False
     if resume and not started:
@@ -266,23 +351,22 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     if started and not (resume or force):
         raise InputError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
     diffaug = None
-    if "diffaug" in cfg.recipe:
-        den = load_denoiser(cfg.denoiser)
-        den.check_images(train.images, name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")  # once, here
+    if den is not None:
+        den.check_images(first, name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")  # once, here
         t_max = den.num_timesteps - 1 if cfg.t_max is None else cfg.t_max
         diffaug = DiffAug(den.to(device), t_range=(cfg.t_min, t_max), validate=False)  # the loop makes no syncs
         accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
-    C = train.images.shape[1]
+    C = first.shape[1]
     model = create_classifier(cfg.model, train.num_classes, C, pretrained=cfg.pretrained, seed=cfg.seed).to(device)
     accel.accelerate(model, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
     scaler = accel.grad_scaler(device, cfg.precision)
     cfg_json = dataclasses.asdict(cfg)
-    start = 0
+    start, skipped = 0, 0  # skipped: unreadable files replaced so far (on_bad_file="skip")
     saved_meta = None
     if resume:
         tensors, saved_meta = ckpt.load_safetensors(_checkpoint_paths(out)[-1])
         changed = ckpt.changed_settings(saved_meta["config"], cfg_json,
-                                        ("steps", "epochs", "checkpoint_every", "keep_checkpoints"),
+                                        ("steps", "epochs", "checkpoint_every", "keep_checkpoints", "workers"),
                                         dataclasses.asdict(TrainConfig()))
         if changed:
             raise InputError(f"--resume with settings that differ from the run in {out} ({', '.join(changed)}); "
@@ -292,11 +376,15 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     if dist_info.world > 1 and cfg.batch_size % dist_info.world:
         raise InputError(f"batch size {cfg.batch_size} is not divisible by {dist_info.world} ranks")
     per_rank = cfg.batch_size // dist_info.world
-    from torch.utils.data import DistributedSampler
+    if streamed:
+        stream = _Streamed(cfg, splits, dist_info, per_rank, "diffaug" in cfg.recipe and cfg.diffaug_view == "center")
+        steps_per_epoch = stream.steps_per_epoch
+    else:
+        from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(range(len(train)), num_replicas=dist_info.world, rank=dist_info.rank,
-                                 shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = max(1, len(sampler) // per_rank)
+        sampler = DistributedSampler(range(len(train)), num_replicas=dist_info.world, rank=dist_info.rank,
+                                     shuffle=True, seed=cfg.seed, drop_last=True)
+        steps_per_epoch = max(1, len(sampler) // per_rank)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
 
     if cfg.optimizer == "adamw":
@@ -315,6 +403,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
             scaler.load_state_dict(saved_meta["grad_scaler"])
         gen.set_state(tensors[f"rng.rank{dist_info.rank}"])
         start = int(saved_meta["step"])
+        skipped = int(saved_meta.get("bad_files_skipped", [0] * dist_info.world)[dist_info.rank])
         if dist_info.main:
             ckpt.rewind_jsonl(out / METRICS_FILE, start, final_key="test_acc")
     elif dist_info.main:
@@ -331,7 +420,14 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     from timm.loss import JsdCrossEntropy
 
     jsd = JsdCrossEntropy(num_splits=3, alpha=cfg.jsd_weight, smoothing=cfg.label_smoothing)
-    images, labels = accel.to_device(train.images, device), accel.to_device(train.labels, device)
+    if not streamed:
+        images, labels = accel.to_device(train.images, device), accel.to_device(train.labels, device)
+
+    def evaluate(split: str) -> float:
+        if streamed:
+            return stream.accuracy(model, split, device)
+        data = {"val": val, "test": test}[split]
+        return accuracy(model, data.images.to(device), data.labels.to(device))
 
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
@@ -345,26 +441,37 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     try:
         for step in bar:
             epoch, pos = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # the sampler's order is a pure function of (seed, epoch, rank)
-                sampler.set_epoch(epoch)
-                order, order_epoch = torch.tensor(list(sampler), device=device), epoch
-            idx = order[pos * per_rank : (pos + 1) * per_rank]
-            loss = recipe_loss(net, images[idx], labels[idx], cfg, diffaug, augmix, gen, jsd)
+            if streamed:  # the batch is a function of (seed, epoch, rank, pos), whatever the workers
+                x, *centre, y, skips = stream.get(epoch, pos)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x_da = centre[0].to(device, non_blocking=True) if centre else None
+                skipped += int(skips.sum())
+                loss = recipe_loss(net, x, y, cfg, diffaug, augmix, gen, jsd, x_diffaug=x_da)
+            else:
+                if epoch != order_epoch:  # the sampler's order is a pure function of (seed, epoch, rank)
+                    sampler.set_epoch(epoch)
+                    order, order_epoch = torch.tensor(list(sampler), device=device), epoch
+                idx = order[pos * per_rank : (pos + 1) * per_rank]
+                loss = recipe_loss(net, images[idx], labels[idx], cfg, diffaug, augmix, gen, jsd)
             accel.optimizer_step(loss, opt, scaler, set_to_none=dist_info.world == 1)  # DDP: grads are bucket views
             sched.step()
             # the loss stays on the device until the log is written: no host-device sync per step
             row = {"step": step + 1, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0]}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                row["val_acc"] = accuracy(model, val.images.to(device), val.labels.to(device))
+                row["val_acc"] = evaluate("val")
             rows.append(row)
             interrupted = _any_rank(stop["signal"] is not None, dist_info)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted:
                 accel.losses_to_host(rows)
                 bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
                 states = _gather_generator_states(gen, dist_info)
+                skips_all = _gather_ints(skipped, dist_info)
+                if cfg.on_bad_file == "skip":
+                    rows[-1]["bad_files_skipped"] = sum(skips_all)  # so far, all ranks
                 if dist_info.main:
                     ckpt.append_jsonl(out / METRICS_FILE, rows)
-                    _save_checkpoint(out, cfg_json, step + 1, model, opt, sched, states, cfg.keep_checkpoints, scaler)
+                    _save_checkpoint(out, cfg_json, step + 1, model, opt, sched, states, cfg.keep_checkpoints, scaler,
+                                     bad_files_skipped=skips_all)
                 rows = []
             if interrupted:
                 if dist_info.main:
@@ -375,17 +482,33 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         for s, h in previous.items():
             signal.signal(s, h)
     model.eval()
-    result = {"test_acc": accuracy(model, test.images.to(device), test.labels.to(device)),
-              "val_acc": accuracy(model, val.images.to(device), val.labels.to(device)),
-              "steps": total, "seconds": time.perf_counter() - t0}
+    result = {"test_acc": evaluate("test"), "val_acc": evaluate("val"), "steps": total,
+              "seconds": time.perf_counter() - t0}
+    if cfg.on_bad_file == "skip":
+        result["bad_files_skipped"] = sum(_gather_ints(skipped, dist_info))
+    data_info = {}
+    if streamed:
+        data_info = {"image_size": cfg.image_size, "diffaug_view": cfg.diffaug_view,
+                     "split_sizes": {k: len(d) for k, d in splits.items()}}
     if dist_info.main:  # model.json is written last: its presence means the run is complete
         ckpt.append_jsonl(out / METRICS_FILE, [{"step": total, **result}])
         save_classifier(model, out, extra={"classes": train.classes, "class_indices": cfg.classes,
                                            "recipe": cfg.recipe, "data": cfg.data,
-                                           "seed": cfg.seed, **result})
+                                           "seed": cfg.seed, **data_info, **result})
         if progress:
             print(f"train {cfg.recipe}: test acc {result['test_acc']:.4f} val acc {result['val_acc']:.4f} -> {out}")
     return model
+
+
+def _gather_ints(value: int, dist_info: Dist) -> list[int]:
+    """``value`` of every rank, in rank order."""
+    if dist_info.world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * dist_info.world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _any_rank(flag: bool, dist_info: Dist) -> bool:

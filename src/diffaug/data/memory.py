@@ -1,11 +1,16 @@
-"""Datasets as in-memory tensors: images float ``[N, C, H, W]`` in [0, 1], labels LongTensor ``[N]``.
+"""In-memory datasets: images float ``[N, C, H, W]`` in [0, 1], labels LongTensor ``[N]``.
+
+These are the small sources whose numbers the study depends on; they compute exactly what ``diffaug.data``
+computed before it became a package. :class:`ImageDataset` is also a ``torch.utils.data.Dataset`` (items
+``(image [C, H, W], label)``), the same interface as the lazy on-disk sources in :mod:`diffaug.data.files`.
 
 * ``digits``: scikit-learn's bundled handwritten digits (1797 images, 8x8, gray levels 0..16 scaled to [0, 1]).
   The split is fixed: stratified 70 / 10 / 20 % train / val / test (1257 / 180 / 360 images) with
   ``sklearn.model_selection.train_test_split(..., random_state=0)``, val and test cut from the held-out 30 %.
 * CIFAR-10 from a local folder (binary or python layout, see :func:`load_cifar10`).
-* an image folder ``ROOT/<class>/<image>``: classes are the sorted sub-folder names; all images must share one
-  size and mode (gray -> 1 channel, anything else -> RGB).
+* an image folder ``ROOT/<class>/<image>`` read whole into memory: classes are the sorted sub-folder names; all
+  images must share one size and mode (gray -> 1 channel, anything else -> RGB). A single folder gives all its
+  images for every split here (as before); the streaming layer (:func:`diffaug.data.open_splits`) splits it.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 @dataclass
-class ImageDataset:
-    """Images ``[N, C, H, W]`` float32 in [0, 1], labels ``[N]`` int64 and the class names."""
+class ImageDataset(torch.utils.data.Dataset):
+    """Images ``[N, C, H, W]`` float32 in [0, 1], labels ``[N]`` int64 and the class names.
+
+    Indexing gives ``(images[i], int(labels[i]))``, as the lazy sources do.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -33,6 +41,13 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
 
     @property
     def num_classes(self) -> int:
@@ -103,14 +118,25 @@ def load_image_folder(root: str | os.PathLike) -> ImageDataset:
     return ImageDataset(images, torch.tensor(labels, dtype=torch.long), classes)
 
 
+def is_cifar10_root(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is (or holds) an extracted CIFAR-10 folder."""
+    root = Path(root)
+    return any((root / d).is_dir() for d in ("cifar-10-batches-bin", "cifar-10-batches-py")) or root.name.startswith(
+        "cifar-10-batches")
+
+
+def is_in_memory(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names an in-memory source of fixed size (``digits`` or CIFAR-10) rather than a folder
+    of images to stream."""
+    return str(spec) == "digits" or is_cifar10_root(spec)
+
+
 def load_dataset(spec: str | os.PathLike, split: str = "train") -> ImageDataset:
     """``"digits"`` (one of its fixed splits) or an image folder (``split`` selects ``spec/split`` if present)."""
     if str(spec) == "digits":
         return load_digits(split)
     root = Path(spec)
-    if any((root / d).is_dir() for d in ("cifar-10-batches-bin", "cifar-10-batches-py")) or root.name.startswith(
-        "cifar-10-batches"
-    ):
+    if is_cifar10_root(root):
         return load_cifar10(root, "test" if split == "test" else "train")
     if (root / split).is_dir():
         root = root / split

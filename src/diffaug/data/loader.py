@@ -1,0 +1,114 @@
+"""Loaders: a DataLoader with workers, pinned memory and persistent workers, over a resumable sampler.
+
+:class:`ResumableSampler` orders each epoch exactly as ``torch.utils.data.DistributedSampler`` does (a function
+of ``(seed, epoch, rank, world_size)``; one process is rank 0 of 1) and can start mid-epoch: it yields the
+sample keys ``(epoch, index)`` from a given position, so a resumed run never reads the items it skips. Together
+with :class:`diffaug.data.transforms.SeededView` every batch is a function of ``(seed, epoch, rank, position)``,
+whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..errors import InputError
+
+
+def default_workers() -> int:
+    """min(8, the CPUs this process may use)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def check_workers(workers: int | None) -> int:
+    """``workers`` (None: :func:`default_workers`) as an int >= 0, else a one-line error."""
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise InputError(f"workers must be a whole number >= 0 (0 loads in the main process), got {workers!r}")
+    return workers
+
+
+class Loader(DataLoader):
+    """A ``DataLoader`` whose workers' :class:`~diffaug.InputError` (e.g. an unreadable image) reaches the caller
+    as the same one-line error, not wrapped in the worker's traceback."""
+
+    def __iter__(self):
+        it = super().__iter__()
+
+        def batches():
+            try:
+                yield from it
+            except InputError as e:
+                text = str(e)
+                if "Original Traceback" not in text:
+                    raise
+                last = text.strip().splitlines()[-1]  # "package.module.ErrorName: the message"
+                raise type(e)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+        return batches()
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler``'s order (shuffled per epoch with ``seed + epoch``, padded or truncated to a
+    multiple of ``world_size``, every ``world_size``-th item for ``rank``), yielding ``(epoch, index)`` keys
+    from position :attr:`start` of this rank's epoch.
+
+    Args:
+        n: the dataset's length.
+        seed, rank, world_size, shuffle, drop_last: as ``DistributedSampler``'s.
+    """
+
+    def __init__(self, n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 drop_last: bool = False):
+        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields epoch ``epoch`` from this rank's ``start``-th sample on."""
+        if not 0 <= start <= self.num_samples:
+            raise InputError(f"start position {start} is outside this rank's epoch of {self.num_samples} samples")
+        self.set_epoch(epoch)
+        self.start = start
+
+    def indices(self) -> list[int]:
+        """This rank's whole epoch, as ``DistributedSampler`` orders it."""
+        return list(super().__iter__())
+
+    def __iter__(self):
+        epoch = self.epoch
+        return iter([(epoch, i) for i in self.indices()[self.start:]])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def make_loader(dataset, batch_size: int, *, sampler=None, workers: int | None = None,
+                pin_memory: bool | None = None, drop_last: bool = False, prefetch_factor: int | None = None
+                ) -> Loader:
+    """A DataLoader for ``dataset`` (usually a :class:`~diffaug.data.transforms.SeededView`).
+
+    Args:
+        dataset: the dataset.
+        batch_size: samples per batch (per rank).
+        sampler: e.g. a :class:`ResumableSampler`; None reads ``dataset`` in order.
+        workers: worker processes (None: :func:`default_workers`; 0 loads in this process).
+        pin_memory: pin batches for fast host-to-GPU copies (None: when CUDA is available).
+        drop_last: drop a last incomplete batch.
+        prefetch_factor: batches each worker loads ahead (None: DataLoader's default).
+    """
+    workers = check_workers(workers)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    extra = {"prefetch_factor": prefetch_factor} if workers and prefetch_factor else {}
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=drop_last, **extra)
