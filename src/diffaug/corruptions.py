@@ -629,12 +629,20 @@ def _pixelate_small(x, c, g):
     return F.interpolate(small, size=(h, w), mode="nearest")
 
 
+def _pillow_resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Pillow's BOX resize of 8-bit images: the horizontal pass, then the vertical one, each rounded to 8 bits."""
+    def levels(y):
+        return torch.round(y * 255) / 255
+
+    x = levels(torch.einsum("ncjk,lk->ncjl", x, _pillow_box(x.shape[-1], w).to(x)))
+    return levels(torch.einsum("ij,ncjl->ncil", _pillow_box(x.shape[-2], h).to(x), x))
+
+
 def _pixelate(x, c, g):
-    """The reference: Pillow BOX resize to ``int(side * c)`` and back."""
+    """The reference: Pillow BOX resize of the 8-bit image to ``int(side * c)`` and back."""
     h, w = x.shape[-2:]
-    sh, sw = max(1, int(h * c)), max(1, int(w * c))
-    small = _separable(x, _pillow_box(h, sh), _pillow_box(w, sw))
-    return _separable(small, _pillow_box(sh, h), _pillow_box(sw, w))
+    x = torch.round(x.clamp(0, 1) * 255) / 255
+    return _pillow_resize(_pillow_resize(x, max(1, int(h * c)), max(1, int(w * c))), h, w)
 
 
 def _jpeg(x, c, g):
