@@ -42,7 +42,7 @@ Where this still differs from the reference code (which needs ImageMagick, OpenC
 * ``spatter``: the edge shading (Canny edges, distance transform, histogram equalisation, emboss) is rebuilt
   with kornia (its Canny is not OpenCV's), so it matches in strength, not pixel for pixel;
 * ``brightness`` / ``saturate`` act in HSV (kornia); on 1-channel images ``saturate`` is the identity;
-* ``jpeg_compression``: torchvision's libjpeg, not Pillow's (differences of about one grey level).
+* ``jpeg_compression``: torchvision's libjpeg, not Pillow's (identical where both link the same libjpeg, else about one grey level).
 
 **Images under 32 px** (the embedded 8x8 digits) keep the calibration the study was run with (pinned by
 ``tests/test_corruption_golden.py``): area-averaged ``pixelate``, a centred bilinear ``zoom_blur``, a symmetric
