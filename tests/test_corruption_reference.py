@@ -2,8 +2,9 @@
 
 ``tests/data/corruption_reference.npz`` was written by ``benchmarks/compare_corruptions.py --write-test-data``
 from the reference itself (its own environment: NumPy < 2, scikit-image, OpenCV, Wand/ImageMagick): 12 natural
-32x32 crops, the reference's outputs of its deterministic corruptions (but saturate) on one of them, and the reference's mean
-absolute change from the clean image per crop for every corruption and severity (mean over 24 draws).
+32x32 crops, the reference's outputs of its deterministic corruptions (but saturate) on one of them, and the
+reference's mean absolute change from the clean image per crop for every corruption and severity (mean over
+24 draws).
 The step-by-step pieces are also checked against Pillow and SciPy directly.
 """
 

@@ -42,7 +42,8 @@ Where this still differs from the reference code (which needs ImageMagick, OpenC
 * ``spatter``: the edge shading (Canny edges, distance transform, histogram equalisation, emboss) is rebuilt
   with kornia (its Canny is not OpenCV's), so it matches in strength, not pixel for pixel;
 * ``brightness`` / ``saturate`` act in HSV (kornia); on 1-channel images ``saturate`` is the identity;
-* ``jpeg_compression``: torchvision's libjpeg, not Pillow's (identical where both link the same libjpeg, else about one grey level).
+* ``jpeg_compression``: torchvision's libjpeg, not Pillow's (identical where both link the same libjpeg, else
+  about one grey level).
 
 **Images under 32 px** (the embedded 8x8 digits) keep the calibration the study was run with (pinned by
 ``tests/test_corruption_golden.py``): area-averaged ``pixelate``, a centred bilinear ``zoom_blur``, a symmetric
@@ -514,15 +515,17 @@ def _frost_photos(x, c, g, folder):
     photos = _load_frost_images(folder)
     n, ch, h, w = x.shape
     factor = 0.2 * _scale(x)
+    resized = []  # each photograph once per call; a photograph too small for the image is enlarged to fit
+    for photo in photos:
+        ph, pw = photo.shape[-2:]
+        f = max(factor, (h + 1) / ph, (w + 1) / pw)
+        size = (max(h + 1, int(round(ph * f))), max(w + 1, int(round(pw * f))))
+        resized.append(F.interpolate(photo[None], size=size, mode="bilinear", align_corners=False)[0])
     frost = []
     for k, u, v in zip(_randint(len(photos), n, g, x.device).tolist(), _rand((n,), g, x.device).tolist(),
                        _rand((n,), g, x.device).tolist()):
-        photo = photos[k]
-        ph, pw = photo.shape[-2:]
-        f = max(factor, (h + 1) / ph, (w + 1) / pw)  # a photograph too small for the image is enlarged to fit
-        size = (max(h + 1, int(round(ph * f))), max(w + 1, int(round(pw * f))))
-        photo = F.interpolate(photo[None], size=size, mode="bilinear", align_corners=False)[0]
-        top, left = int(u * (size[0] - h)), int(v * (size[1] - w))
+        photo = resized[k]
+        top, left = int(u * (photo.shape[-2] - h)), int(v * (photo.shape[-1] - w))
         frost.append(photo[:, top:top + h, left:left + w])
     frost = torch.stack(frost).to(x)
     return c[0] * x + c[1] * (frost if ch == 3 else _gray(frost))
