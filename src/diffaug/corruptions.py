@@ -40,7 +40,8 @@ Where this still differs from the reference code (which needs ImageMagick, OpenC
 * ``elastic_transform``: the affine jitter is kept as a ratio of the reference triangle (``side // 3``), the
   elastic field's alpha and sigma follow the size rule;
 * ``spatter``: the edge shading (Canny edges, distance transform, histogram equalisation, emboss) is rebuilt
-  with kornia (its Canny is not OpenCV's), so it matches in strength, not pixel for pixel;
+  with kornia's Canny and SciPy's exact distance transform (OpenCV's is a 5x5-mask approximation), so it
+  matches in strength, not pixel for pixel;
 * ``brightness`` / ``saturate`` act in HSV (kornia); on 1-channel images ``saturate`` is the identity;
 * ``jpeg_compression``: torchvision's libjpeg, not Pillow's (identical where both link the same libjpeg, else
   about one grey level).
@@ -677,24 +678,42 @@ def _spatter(x, c, g):
     return x * (1 - m) + mud_color * m
 
 
-def _spatter_shading(liquid: torch.Tensor) -> torch.Tensor:
-    """The reference's shading of the water layer (``[N, 1, H, W]``, zero outside the drops), in 0..255: the
-    distance to the drops' edges (truncated at 20 px, box-blurred, histogram-equalised), embossed and blurred.
-    The reference finds the edges with OpenCV's Canny (thresholds 50 / 150 on the 8-bit layer); the drops' rims
-    jump from 0 to about 170 there, so the edges are the drop pixels next to a dry pixel, taken here directly."""
-    from kornia.contrib import distance_transform
-    from kornia.enhance import equalize
-    from kornia.filters import box_blur, filter2d
+def _equalize_hist(x: torch.Tensor) -> torch.Tensor:
+    """OpenCV's ``equalizeHist`` per image of 8-bit levels ``[N, 1, H, W]`` (0..255 as floats): level ``v`` maps to
+    ``round(255 * (cdf(v) - cdf(lowest)) / (pixels - count(lowest)))``; a flat image stays as it is."""
+    n = x.shape[0]
+    levels = x.reshape(n, -1).long().clamp(0, 255)
+    hist = torch.zeros(n, 256, dtype=torch.float64, device=x.device)
+    hist.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float64))
+    lowest = hist.gather(1, (hist > 0).double().argmax(1, keepdim=True))
+    lut = torch.round((hist.cumsum(1) - lowest) * 255 / (levels.shape[1] - lowest).clamp(min=1))
+    out = lut.gather(1, levels).view_as(x).to(x.dtype)
+    return torch.where((lowest == levels.shape[1]).view(n, 1, 1, 1), x, out)
 
-    wet = (liquid > 0).to(liquid.dtype)
-    dry_near = 1 - (-F.max_pool2d(-F.pad(wet, (1, 1, 1, 1), mode="replicate"), 3, stride=1))
-    edges = wet * dry_near
-    dist = distance_transform(edges, kernel_size=3).clamp(max=20)
-    dist = torch.where(edges.amax((1, 2, 3), keepdim=True) > 0, dist, torch.full_like(dist, 20.0))
-    dist = torch.floor(box_blur(dist, (3, 3), border_type="reflect"))
-    dist = torch.round(equalize(dist / 255) * 255)
+
+def _distance_to(edges: torch.Tensor, far: float) -> torch.Tensor:
+    """Euclidean distance of every pixel to the nearest set pixel of ``edges`` ``[N, 1, H, W]`` (SciPy's exact
+    transform, on the CPU); ``far`` where an image has no set pixel."""
+    from scipy.ndimage import distance_transform_edt
+
+    out = [torch.from_numpy(distance_transform_edt(~m)) if m.any() else torch.full(m.shape, far, dtype=torch.float64)
+           for m in (edges[:, 0] > 0).cpu().numpy()]
+    return torch.stack(out)[:, None].to(edges)
+
+
+def _spatter_shading(liquid: torch.Tensor) -> torch.Tensor:
+    """The reference's shading of the water layer (``[N, 1, H, W]``, zero outside the drops), in 0..255: Canny
+    edges of the 8-bit layer (thresholds 50 / 150, 3x3 Sobel: kornia's Canny with no smoothing), the distance to
+    them truncated at 20 px, box-blurred and histogram-equalised as OpenCV does, embossed and blurred again."""
+    from kornia.filters import box_blur, canny, filter2d
+
+    layer = torch.floor(liquid.clamp(0, 1) * 255) / 255  # (liquid * 255).astype(np.uint8)
+    _, edges = canny(layer, low_threshold=50 / 255, high_threshold=150 / 255, kernel_size=(3, 3),
+                     sigma=(1e-3, 1e-3))
+    dist = _distance_to(edges, 20.0).clamp(max=20)
+    dist = _equalize_hist(torch.floor(box_blur(dist, (3, 3), border_type="reflect")))
     emboss = liquid.new_tensor([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])[None]
-    dist = filter2d(dist, emboss, border_type="reflect").clamp(0, 255).round()
+    dist = filter2d(dist, emboss, border_type="reflect").clamp(0, 255).round()  # cv2.filter2D into CV_8U
     return box_blur(dist, (3, 3), border_type="reflect")
 
 
