@@ -10,9 +10,9 @@ deterministic corruptions::
 
     .venv/bin/python benchmarks/compare_corruptions.py --reference ~/robustness --ref-python ~/refenv/bin/python
 
-(``--frost-images DIR`` makes the project use the photographs in ``DIR``; by default it uses the checkout's
-``ImageNet-C/create_c`` photographs only when ``--frost-images`` names them, and its procedural texture
-otherwise.) The crops are cut from scikit-image's bundled photographs (astronaut, coffee, chelsea, rocket,
+(``--frost-images DIR`` makes the project side blend the photographs in ``DIR``, e.g. a folder with the
+checkout's ``ImageNet-C/create_c/frost1.png ... frost5.jpg``; without it the project uses its procedural
+texture. The reference always uses its photographs.) The crops are cut from scikit-image's bundled photographs (astronaut, coffee, chelsea, rocket,
 immunohistochemistry, hubble deep field), each first shrunk 4x with area averaging so a 32 px crop holds a
 scene part as a CIFAR image does.
 
