@@ -8,7 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from diffaug import InputError
-from diffaug.corruptions import (ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITY_PARAMS,
+from diffaug.corruptions import (ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, SEVERITY_PARAMS,
                                  SMALL_IMAGE_PARAMS, corrupt, parse_corruptions, parse_severities, severity_params)
 
 RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur", "snow",
@@ -86,8 +86,8 @@ def test_rgb_hsv_corruptions_match_colorsys():
 def test_gaussian_blur_matches_scipy():
     x = torch.rand(2, 3, 40, 40, generator=gen())
     sigma = SEVERITY_PARAMS["gaussian_blur"][4] * 40 / 32  # the size rule
-    radius = int(np.ceil(3 * sigma))
-    want = np.stack([[ndimage.gaussian_filter(ch, sigma, mode="mirror", truncate=radius / sigma) for ch in img]
+    # scikit-image's gaussian, as make_cifar_c.py calls it: SciPy's gaussian_filter, mode nearest, truncate 4
+    want = np.stack([[ndimage.gaussian_filter(ch, sigma, mode="nearest", truncate=4.0) for ch in img]
                      for img in x.numpy()])
     np.testing.assert_allclose(corrupt(x, "gaussian_blur", 5, gen()).numpy(), want.clip(0, 1), atol=1e-5)
 
@@ -103,10 +103,14 @@ def test_jpeg_matches_pillow():
         assert np.abs(out[0].numpy() - want).mean() < 2 / 255
 
 
-def test_pixelate_is_blocky():
+def test_pixelate_is_blocky_and_ordered():
     x = torch.rand(1, 1, 32, 32, generator=gen())
     out = corrupt(x, "pixelate", 5, gen())  # 32 -> 20 px -> 32
     assert out.unique().numel() <= 20 * 20
+    # severity order: a smaller intermediate size changes the image more (issue 20: it was lost)
+    x = torch.nn.functional.avg_pool2d(torch.rand(8, 3, 34, 34, generator=gen(2)), 3, stride=1)
+    change = [float((corrupt(x, "pixelate", s, gen()) - x).abs().mean()) for s in SEVERITIES]
+    assert change == sorted(change)
 
 
 def test_parsers_and_errors():
@@ -126,3 +130,33 @@ def test_parsers_and_errors():
         corrupt(x, "fog", 6)
     with pytest.raises(InputError, match="1 or 3"):
         corrupt(torch.rand(2, 2, 8, 8), "fog", 1)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 40, 48), (2, 1, 32, 32)])
+def test_frost_blends_the_photographs_of_a_folder(tmp_path, shape):
+    # a flat photograph (RGBA: the alpha is dropped, as cv2.imread does) makes the blend exact to check
+    Image.fromarray(np.full((60, 90, 4), (200, 100, 50, 7), np.uint8)).save(tmp_path / "frost1.png")
+    x = torch.rand(shape, generator=gen())
+    a, b = SEVERITY_PARAMS["frost"][3]
+    colour = torch.tensor([200, 100, 50]).view(1, 3, 1, 1) / 255
+    if shape[1] == 1:
+        colour = (colour * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    got = corrupt(x, "frost", 4, gen(), frost_images=tmp_path)
+    torch.testing.assert_close(got, (a * x + b * colour).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_frost_folder_errors(tmp_path):
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(InputError, match="not a folder"):
+        corrupt(x, "frost", 1, frost_images=tmp_path / "nope")
+    with pytest.raises(InputError, match="no image in it"):
+        corrupt(x, "frost", 1, frost_images=tmp_path)
+
+
+def test_procedural_frost_has_the_photographs_colour():
+    # on 32 px+ images the texture takes the mean colour of one of the reference's photographs (bluish, bright)
+    x = torch.zeros(64, 3, 32, 32)
+    frost = corrupt(x, "frost", 1, gen()) / SEVERITY_PARAMS["frost"][0][1]
+    means = frost.mean((2, 3))
+    assert 0.5 < float(means.mean()) < 0.8
+    assert float((means[:, 2] - means[:, 0]).mean()) > 0.05  # blue above red

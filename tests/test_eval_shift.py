@@ -107,6 +107,7 @@ def test_eval_shift_on_a_cifar10c_folder_without_a_denoiser(tmp_path):
     (["--modes", "default,tta"], "unknown mode tta"),
     (["--limit", "0"], "--limit must be >= 1"),
     (["--modes", "de", "--denoiser", ""], "need --denoiser"),
+    (["--frost-images", "/no/such/folder"], "not a folder"),
 ])
 def test_bad_arguments_fail_before_any_output(tmp_path, clfs, capsys, extra, message):
     out = tmp_path / "o"
@@ -114,6 +115,21 @@ def test_bad_arguments_fail_before_any_output(tmp_path, clfs, capsys, extra, mes
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_eval_shift_frost_from_a_photograph_folder(tmp_path, clfs):
+    photos = tmp_path / "frost"
+    photos.mkdir()
+    Image.fromarray(np.full((60, 90, 4), (200, 210, 230, 128), np.uint8)).save(photos / "frost1.png")
+    runs = {}
+    for tag, extra in (("photo", ["--frost-images", str(photos)]), ("texture", [])):
+        out = tmp_path / tag
+        assert main(["eval-shift", "--classifier", clfs[0], "--corruptions", "frost", "--severities", "5",
+                     "--modes", "default", "--limit", "8", "--no-analyses", "--out", str(out), "--quiet",
+                     *extra]) == 0
+        runs[tag] = (out / "table.md").read_text()
+    assert f"Frost (corrupted on the fly) blends the photographs in {photos.resolve()}." in runs["photo"]
+    assert "blends the procedural texture (no --frost-images)" in runs["texture"]
 
 
 def test_mismatched_classifier_denoiser_and_layout_fail_early(tmp_path, clfs, capsys):

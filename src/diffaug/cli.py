@@ -110,7 +110,8 @@ def cmd_eval_shift(args) -> None:
                            seed=args.seed, out=args.out, device=_device(args.device), batch_size=args.batch,
                            de_step=args.de_step, dda_t=args.dda_t, dda_steps=args.dda_steps,
                            dda_scale=args.dda_scale, dda_downsample=args.dda_downsample, dda_norm=args.dda_norm,
-                           analyses=not args.no_analyses, progress=not args.quiet, speed=_speed(args))
+                           analyses=not args.no_analyses, progress=not args.quiet, speed=_speed(args),
+                           frost_images=args.frost_images)
     if table:
         print(table)
 
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="default,de,dda,dda-se", help="comma list of default,de,dda,dda-se")
     p.add_argument("--corruptions", default="all", help="all (15 standard) | extra | all+extra | NAME,NAME")
     p.add_argument("--severities", default="1-5", help="e.g. 1-5, 5 or 1,3,5")
+    p.add_argument("--frost-images", dest="frost_images",
+                   help="folder of frost photographs (ImageNet-C's frost1.png ... frost5.jpg; not shipped) for "
+                        "on-the-fly frost; default: a procedural texture")
     p.add_argument("--limit", type=int, help="at most N test images (a fixed random subset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="images per network call")

@@ -256,13 +256,15 @@ def _mode_table(rows, modes, select, title) -> list[str]:
 
 
 
-def write_tables(out: Path, rows: list[dict], modes, severities) -> str:
+def write_tables(out: Path, rows: list[dict], modes, severities, frost: str | None = None) -> str:
     corrupted = [r for r in rows if r["corruption"] != CLEAN]
     top = max(severities)
     lines = ["# Covariate shift (the paper's Table 1 layout)", "",
              "Top-1 accuracy in %. Cells: mean +- std over the classifiers of a recipe (their seeds); each "
              "classifier's value is the mean over the corruptions (and severities). DE = DiffAug-Ensemble, "
              "DDA-SE = mean softmax of the image and its DDA adaptation.", ""]
+    if frost:
+        lines += [f"Frost (corrupted on the fly) blends {frost}.", ""]
     lines += _mode_table(rows, modes, lambda r: r["corruption"] != CLEAN and r["severity"] == top,
                          f"Corrupted, severity {top}")
     if len(severities) > 1:
@@ -329,21 +331,24 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
                    out: str | Path, device: str = "cpu", batch_size: int = 256, de_step: int = 50,
                    dda_t: int | None = None, dda_steps: int = 50, dda_scale: float = 6.0,
                    dda_downsample: int | None = None, dda_norm: str = "image", analyses: bool = True,
-                   progress: bool = True, speed=None) -> str:
+                   progress: bool = True, speed=None, frost_images: str | Path | None = None) -> str:
     """The CLI's job: every classifier x mode x corruption x severity (+ clean), sharded over torchrun ranks.
 
     Writes ``out/results.csv``, ``out/table.md`` and, with ``analyses``, ``de_vs_t.{csv,png}`` and
-    ``entropy_vs_t.{csv,png}``. Returns the table text (empty on ranks other than 0).
+    ``entropy_vs_t.{csv,png}``. Returns the table text (empty on ranks other than 0). ``frost_images``: a folder
+    of frost photographs for on-the-fly ``frost`` (the reference's); without it a procedural texture stands in,
+    and the table says which was used.
     """
     from tqdm.auto import tqdm
 
-    from .corruptions import corrupt
+    from .corruptions import check_frost_images, corrupt
     from .data import load_corrupted
     from .ensemble import ensemble_members
     from .train_classifier import init_distributed
 
     out = Path(out)
     device = torch.device(device)
+    frost_images = check_frost_images(frost_images)
     modes, severities, layout, names, test, models, den = _check_inputs(
         data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed)
     members = ensemble_members(de_step)
@@ -377,7 +382,8 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         if corruption == CLEAN:
             return clean_images, clean_labels
         gen = keyed_generator(seed, corruption, severity, "corrupt", device=device)
-        return corrupt(clean_images, corruption, severity, generator=gen), clean_labels
+        return (corrupt(clean_images, corruption, severity, generator=gen, frost_images=frost_images),
+                clean_labels)
 
     dist_info = init_distributed(device)
     mine = conditions[dist_info.rank :: dist_info.world]
@@ -402,7 +408,10 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     rows.sort(key=lambda r: (order[(r["corruption"], r["severity"])], list(models).index(r["classifier"]),
                              MODES.index(r["mode"])))
     write_csv(out / "results.csv", rows)
-    text = write_tables(out, rows, modes, severities)
+    frost = None
+    if test is not None and "frost" in names:
+        frost = f"the photographs in {frost_images}" if frost_images else "the procedural texture (no --frost-images)"
+    text = write_tables(out, rows, modes, severities, frost=frost)
     if analyses:
         top = max(severities)
         batches = [((c, top), *condition_batch(c, top)) for c in names]
