@@ -120,6 +120,9 @@ class StudyConfig:
         for name, least in at_least.items():
             if getattr(self, name) < least:
                 raise InputError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
+        if self.certify_n < self.certify_n0:
+            raise InputError(f"setting certify_n (the most draws per image) must be >= certify_n0 "
+                             f"({self.certify_n0}), got {self.certify_n}")
         if not 0 < self.semi_fraction < 1:
             raise InputError(f"setting semi_fraction must lie in (0, 1), got {self.semi_fraction}")
         if not self.certify_sigmas or any(not s > 0 for s in self.certify_sigmas):
