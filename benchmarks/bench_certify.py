@@ -1,23 +1,48 @@
-"""Base-classifier evaluations per second: ``Smooth.sample_counts`` vs a straightforward reference loop.
+"""Certification cost: sequential certification (``Smooth.certify_sequential``) vs fixed-n CERTIFY.
 
-    python benchmarks/bench_certify.py [--n 20000] [--batch 1000] [--denoiser]
+    python benchmarks/bench_certify.py [--images 100] [--n 10000] [--classifiers PLAIN_DIR DIFFAUG_DIR]
+    python benchmarks/bench_certify.py --sampling [--n 20000] [--batch 1000]   # the sampling-loop section
 
-Both run on the same classifier, image, batch size and generator seed, interleaved; the script checks that they
-produce the same counts and prints the speed ratio (target >= 1.0).
+Both certifiers run in one process on the same cases with the same alpha (0.001), the same n0 (100) and the same
+budget (fixed-n CERTIFY draws n; the sequential one at most max_n = n), and the sequential one on the grid radii
+0, 0.25, ..., 1.0. For each setting the script prints the total model evaluations (base-classifier passes, n0
+included; with a denoiser each is a denoiser pass too) of CERTIFY / sequential (targets: >= 5x on digits DDS,
+>= 3x on the linear classifier) and the certified accuracy at every grid radius of both, with the mean and the
+largest gap per (classifier, sigma) (targets: within 1 point on average, 2 points at every radius).
+
+Settings:
+
+* **linear**: a linear base classifier in pixel space on 1x2x2 images, whose smoothed ``pA = Phi(margin / sigma)``;
+  200 margins spread evenly over [0, 2 sigma], sigma = 0.5 (the grid thresholds are dense there);
+* **digits DDS**: the shipped denoiser ``diffaug.load_denoiser("digits")``, plain and diffaug small_cnn classifiers
+  trained with the project's recipe (8 epochs, seed 0; or reused from a study run with ``--classifiers``), the first
+  ``--images`` test digits, sigma 0.25 and 0.5.
+
+``--sampling`` instead runs the older comparison of ``Smooth.sample_counts`` with a straightforward reference loop
+(same counts, speed ratio target >= 1.0).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 import diffaug
+from diffaug.certify import certified_accuracy
 from diffaug.data import load_digits
 
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
+
+# ---------------------------------------------------------------------- sampling-loop section (--sampling)
 def reference_counts(model, x, sigma, num, batch, gen, num_classes):
     """Repeat the image, add noise, argmax, count per batch."""
     counts = torch.zeros(num_classes, dtype=torch.long)
@@ -32,13 +57,7 @@ def reference_counts(model, x, sigma, num, batch, gen, num_classes):
     return counts
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, default=20000)
-    p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sigma", type=float, default=0.5)
-    args = p.parse_args()
+def bench_sampling(args) -> None:
     model = diffaug.create_classifier("small_cnn", 10, 1, seed=0).eval()
     smooth = diffaug.Smooth(model, 10, args.sigma)
     x = load_digits("test").images[0]
@@ -56,6 +75,133 @@ def main() -> None:
     for k, v in rate.items():
         print(f"{k:10s} {v:10.0f} evaluations/s")
     print(f"ratio certify / reference = {rate['certify'] / rate['reference']:.3f}  (target >= 1.0)")
+
+
+# ---------------------------------------------------------------------- sequential vs fixed-n CERTIFY
+class Linear(nn.Module):
+    """Class 1 iff ``w . x > 0`` with ``w = (1, 1, 1, 1) / 2`` (unit norm): the margin of ``x`` is ``w . x``."""
+
+    def forward(self, x):
+        z = x.flatten(1).sum(1) / 2
+        return torch.stack([-z, z], dim=1)
+
+
+def run_case(smooth, x, label, case_seed, args) -> dict:
+    """Both certifiers on one (image, sigma, classifier) case; one row of results."""
+    t0 = time.perf_counter()
+    pred, radius = smooth.certify(x, 100, args.n, args.alpha, args.batch,
+                                  generator=torch.Generator().manual_seed(case_seed))
+    t1 = time.perf_counter()
+    cert = smooth.certify_sequential(x, args.alpha, args.n, args.batch, radii=GRID, n0=100,
+                                     generator=torch.Generator().manual_seed(case_seed + 1))
+    t2 = time.perf_counter()
+    return {"fixed": [str(pred), f"{radius}", str(int(pred == label)), str(100 + args.n)],
+            "seq": [str(cert.label), f"{cert.radius}", str(int(cert.label == label)), str(cert.num_samples)],
+            "seconds": (t1 - t0, t2 - t1)}
+
+
+def summarize(name: str, groups: dict[str, list[dict]], target: float) -> dict:
+    """Print the evaluation ratio and the certified-accuracy comparison of one setting; return its figures."""
+    fixed_evals = sum(int(r["fixed"][3]) for rows in groups.values() for r in rows)
+    seq_evals = sum(int(r["seq"][3]) for rows in groups.values() for r in rows)
+    ratio = fixed_evals / seq_evals
+    secs = [sum(r["seconds"][k] for rows in groups.values() for r in rows) for k in (0, 1)]
+    print(f"\n== {name}: {sum(map(len, groups.values()))} cases")
+    print(f"model evaluations: CERTIFY {fixed_evals}, sequential {seq_evals}, ratio {ratio:.2f}x (target >= "
+          f"{target:g}x) {'MET' if ratio >= target else 'MISSED'}; wall time CERTIFY {secs[0]:.0f} s, "
+          f"sequential {secs[1]:.0f} s")
+    worst_mean = worst_max = 0.0
+    for group, rows in groups.items():
+        # certified_accuracy reads rows as [idx, label, predict, radius, correct]
+        acc = {k: 100 * certified_accuracy([["", "", r[k][0], r[k][1], r[k][2]] for r in rows], GRID)
+               for k in ("fixed", "seq")}
+        diff = acc["fixed"] - acc["seq"]
+        worst_mean, worst_max = max(worst_mean, abs(diff.mean())), max(worst_max, np.abs(diff).max())
+        print(f"  {group}: certified accuracy % at r = {', '.join(f'{r:g}' for r in GRID)}")
+        print("    CERTIFY    " + " ".join(f"{a:6.1f}" for a in acc["fixed"]))
+        print("    sequential " + " ".join(f"{a:6.1f}" for a in acc["seq"]))
+        print(f"    gap: mean {diff.mean():+.2f} points, largest {np.abs(diff).max():.2f} points")
+    ok = worst_mean <= 1.0 and worst_max <= 2.0
+    print(f"accuracy: worst mean gap {worst_mean:.2f} points (target <= 1), worst gap at a radius {worst_max:.2f} "
+          f"points (target <= 2) {'MET' if ok else 'MISSED'}")
+    return {"ratio": ratio, "worst_mean_gap": worst_mean, "worst_gap": worst_max}
+
+
+def bench_linear(args) -> dict:
+    sigma = 0.5
+    smooth = diffaug.Smooth(Linear(), 2, sigma)
+    rows = []
+    for i, m in enumerate(np.linspace(0, 2 * sigma, args.linear_cases)):
+        rows.append(run_case(smooth, torch.full((1, 2, 2), m / 2), 1, args.seed * 1_000_003 + 2 * i, args))
+    return summarize(f"linear classifier, margins evenly over [0, 2 sigma], sigma = {sigma:g}",
+                     {f"linear sigma={sigma:g}": rows}, 3.0)
+
+
+def digits_classifiers(args) -> dict[str, Path]:
+    if args.classifiers:
+        return dict(zip(("plain", "diffaug"), map(Path, args.classifiers)))
+    from diffaug.train_classifier import TrainConfig, train_classifier
+
+    root = Path(tempfile.mkdtemp(prefix="bench_certify_"))
+    for recipe in ("plain", "diffaug"):
+        print(f"training {recipe} (8 epochs, seed {args.seed}) -> {root / recipe}", flush=True)
+        train_classifier(TrainConfig(data="digits", recipe=recipe, epochs=8, seed=args.seed,
+                                     denoiser="digits" if recipe == "diffaug" else None),
+                         root / recipe, progress=False)
+    return {"plain": root / "plain", "diffaug": root / "diffaug"}
+
+
+def bench_digits(args) -> dict:
+    from diffaug.classifier import load_classifier
+
+    den = diffaug.load_denoiser("digits")
+    test = load_digits("test")
+    smooths = {(name, s): diffaug.Smooth(load_classifier(folder), 10, s, denoiser=den)
+               for name, folder in digits_classifiers(args).items() for s in args.sigmas}
+    groups = {f"{name} sigma={s:g}": [] for name, s in smooths}
+    for i in range(args.images):
+        for (name, s), smooth in smooths.items():
+            row = run_case(smooth, test.images[i], int(test.labels[i]), args.seed * 1_000_003 + 2 * i, args)
+            groups[f"{name} sigma={s:g}"].append(row)
+            print(f"image {i} {name} sigma={s:g}: CERTIFY {row['fixed'][:2]} sequential {row['seq'][:2]} "
+                  f"({row['seq'][3]} evaluations)", flush=True)
+    return summarize(f"digits DDS, {args.images} test digits, sigma {', '.join(map(str, args.sigmas))}", groups, 5.0)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sampling", action="store_true", help="the sample_counts vs reference-loop section instead")
+    p.add_argument("--n", type=int, default=None, help="CERTIFY's n = the sequential max_n (default 10000; "
+                   "20000 with --sampling)")
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--images", type=int, default=100, help="test digits (digits DDS setting)")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--linear-cases", type=int, default=200)
+    p.add_argument("--classifiers", nargs=2, metavar=("PLAIN", "DIFFAUG"),
+                   help="reuse trained plain and diffaug classifiers (e.g. a study run's stages/classifiers/*-s0) "
+                   "instead of training them")
+    p.add_argument("--only", choices=("linear", "digits"), help="run one setting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=5, help="(--sampling) timing repeats")
+    p.add_argument("--sigma", type=float, default=0.5, help="(--sampling) noise level")
+    args = p.parse_args(argv)
+    if args.sampling:
+        args.n = args.n or 20000
+        bench_sampling(args)
+        return
+    args.n = args.n or 10000
+    print(f"alpha={args.alpha} n0=100 n=max_n={args.n} grid radii {GRID} batch={args.batch} "
+          f"threads={torch.get_num_threads()}", flush=True)
+    figures = {}
+    if args.only in (None, "linear"):
+        figures["linear"] = bench_linear(args)
+    if args.only in (None, "digits"):
+        figures["digits"] = bench_digits(args)
+    print("\nsummary: " + "; ".join(f"{k}: {v['ratio']:.2f}x fewer evaluations, accuracy gap mean <= "
+                                    f"{v['worst_mean_gap']:.2f} / max {v['worst_gap']:.2f} points"
+                                    for k, v in figures.items()))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ def _cases(ws, den_dir):
         (["certify", "--classifier", clf, "--sigma", "-0.5"], "-0.5"),
         (["certify", "--classifier", clf, "--sigma", "0.5", "--alpha", "2"], "alpha"),
         (["certify", "--classifier", clf, "--sigma", "0.5", "--n", "0"], "n"),
+        (["certify", "--classifier", clf, "--sigma", "0.5", "--sequential", "--max-n", "0"], "max_n must be >= 1"),
+        (["certify", "--classifier", clf, "--sigma", "0.5", "--sequential", "--max-n", "50"], "max_n must be >= n0"),
+        (["certify", "--classifier", clf, "--sigma", "0.5", "--sequential", "--alpha", "1"], "alpha"),
+        (["certify", "--classifier", clf, "--sigma", "0.5", "--max-n", "500"], "--sequential"),
         (["certify", "--classifier", missing, "--sigma", "0.5"], missing),
         (["certify", "--classifier", str(ws / "truncated"), "--sigma", "0.5"], "damaged"),
         (["certify", "--classifier", str(ws / "clf4"), "--sigma", "0.5"], "4 classes"),
@@ -215,6 +219,25 @@ def test_smooth_rejects_bad_sampling_arguments():
         with pytest.raises(InputError, match=message):
             smooth.certify(x, args["n0"], args["n"], args["alpha"], args["batch_size"],
                            generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alpha": 0.0}, "alpha"), ({"alpha": 1.0}, "alpha"), ({"max_n": 0}, "max_n must be >= 1"),
+    ({"max_n": 4}, "max_n must be >= n0"), ({"radii": (0.0, 0.5, 0.25)}, "increasing"),
+    ({"radii": (0.25, 0.25)}, "increasing"), ({"radii": (-0.25, 0.5)}, ">= 0"), ({"radii": ()}, "non-empty"),
+    ({"radius_tol": 0.0}, "radius_tol"), ({"radius_tol": -1.0}, "radius_tol"), ({"batch_size": 0}, "batch_size"),
+])
+def test_certify_sequential_rejects_bad_arguments_before_sampling(kwargs, message):
+    class Never(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("sampled before checking the arguments")
+
+    smooth = diffaug.Smooth(Never(), num_classes=10, sigma=0.5)
+    args = {"alpha": 0.001, "max_n": 20, "batch_size": 10, "n0": 5, **kwargs}
+    with pytest.raises(InputError, match=message) as err:
+        smooth.certify_sequential(torch.rand(1, 8, 8), args.pop("alpha"), args.pop("max_n"), args.pop("batch_size"),
+                                  generator=torch.Generator().manual_seed(0), **args)
+    assert "\n" not in str(err.value)
 
 
 def test_loaders_name_what_is_missing(tmp_path):

@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from torch import nn
 from diffaug import ABSTAIN, InputError, Smooth
 from diffaug.classifier import create_classifier, save_classifier
 from diffaug.cli import main
-from diffaug.smoothing import lower_confidence_bound
+from diffaug import smoothing
+from diffaug.smoothing import (confidence_sequence, cs_side, log_mixture_martingale, look_schedule,
+                               lower_confidence_bound)
 from conftest import tiny_denoiser
 
 
@@ -128,6 +131,133 @@ def test_errors_and_warning():
     assert label == 0 and 0 < radius < 0.01
 
 
+# ---------------------------------------------------------------------- sequential certification
+@pytest.mark.parametrize("successes, trials, p", [(0, 10, 0.3), (7, 10, 0.2), (95, 100, 0.8), (290, 300, 0.9)])
+def test_mixture_martingale_matches_numerical_integration(successes, trials, p):
+    from scipy.integrate import quad
+    from scipy.stats import beta as beta_dist
+
+    a, b = smoothing.CS_PRIOR
+    failures = trials - successes
+    ratio = lambda q: (q / p) ** successes * ((1 - q) / (1 - p)) ** failures * beta_dist.pdf(q, a, b)  # noqa: E731
+    ref = sum(quad(ratio, lo, hi, limit=200, epsabs=0)[0] for lo, hi in ((0, p), (p, 0.99), (0.99, 1)))
+    assert math.exp(log_mixture_martingale(successes, trials, p)) == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 40), (13, 40), (40, 40), (930, 1000), (9990, 10000)])
+def test_confidence_sequence_is_the_interval_the_martingale_defines(successes, trials):
+    lo, hi = confidence_sequence(successes, trials, 0.001)
+    p_hat = successes / trials
+    assert lo <= p_hat <= hi and (lo == 0) == (successes == 0) and (hi == 1) == (successes == trials)
+    level = math.log(1000)
+    for end in (lo, hi):
+        if 0 < end < 1:
+            assert log_mixture_martingale(successes, trials, end) == pytest.approx(level, abs=1e-6)
+    assert cs_side(successes, trials, 0.001, (lo + hi) / 2) == 0
+    if lo > 1e-9:
+        assert cs_side(successes, trials, 0.001, lo * (1 - 1e-6)) == -1
+    if hi < 1 - 1e-9:
+        assert cs_side(successes, trials, 0.001, hi + 1e-6 * (1 - hi)) == 1
+    # wider than the fixed-n Clopper-Pearson bound at the same alpha (the price of looking at every t)
+    assert lo <= lower_confidence_bound(successes, trials, 0.001)
+
+
+def test_look_schedule_is_geometric_and_ends_at_max_n():
+    looks = look_schedule(10_000)
+    assert looks[0] == smoothing.FIRST_LOOK and looks[-1] == 10_000
+    assert all(b > a and b <= math.ceil(a * smoothing.LOOK_GROWTH) for a, b in zip(looks, looks[1:-1]))
+    assert look_schedule(5) == [5] and look_schedule(33) == [32, 33]
+
+
+class LinearMargin(nn.Module):
+    """Two classes, ``w . x`` with ``w = (1, 1, 1, 1) / 2`` (unit norm) on 1x2x2 images: the smoothed classifier's
+    ``pA`` is ``Phi(w . x / sigma)`` and its true L2 radius is ``w . x`` (Cohen et al., linear case)."""
+
+    def forward(self, x):
+        z = x.flatten(1).sum(1) / 2
+        return torch.stack([-z, z], dim=1)
+
+
+def naive_clopper_pearson_side(successes, trials, alpha, p, max_n):
+    """The naive rule: CERTIFY's Clopper-Pearson bounds at alpha, re-used at every look."""
+    if lower_confidence_bound(successes, trials, alpha) > p:
+        return -1
+    return 1 if 1 - lower_confidence_bound(trials - successes, trials, alpha) < p else 0
+
+
+def over_certified(alpha: float, inputs: int, max_n: int = 300) -> tuple[int, float]:
+    """Certify ``inputs`` images whose margins sit 0.01 sigma below a grid radius; how many got a certificate that
+    is false (a radius above the true one, or the wrong class), and the mean draws."""
+    sigma, grid = 0.5, (0.0, 0.25, 0.5, 0.75, 1.0)
+    smooth = Smooth(LinearMargin(), 2, sigma)
+    bad = draws = 0
+    for i in range(inputs):
+        margin = grid[1 + i % 4] - 0.01 * sigma
+        cert = smooth.certify_sequential(torch.full((1, 2, 2), margin / 2), alpha, max_n, 1000, radii=grid, n0=10,
+                                         generator=torch.Generator().manual_seed(i))
+        bad += cert.label != ABSTAIN and (cert.label != 1 or cert.radius > margin)
+        draws += cert.num_samples
+    return bad, draws / inputs
+
+
+def test_linear_classifier_votes_at_the_closed_form_rate():
+    smooth, margin = Smooth(LinearMargin(), 2, 0.5), 0.5 - 0.005
+    votes = smooth.sample_counts(torch.full((1, 2, 2), margin / 2), 40_000, 10_000, torch.Generator().manual_seed(0))
+    assert binomtest(int(votes[1]), 40_000, norm.cdf(margin / 0.5)).pvalue > 1e-4
+
+
+def test_sequential_certificates_are_valid_at_margins_just_below_the_grid():
+    bad, draws = over_certified(0.001, 2000)
+    # H0: the false-certificate rate is <= alpha; rejected at 99.9 % when it is above
+    assert binomtest(bad, 2000, 0.001, alternative="greater").pvalue > 0.001, (bad, draws)
+    assert 10 + 32 < draws < 10 + 300  # it stopped early on some inputs and not at once on all
+
+
+def test_naive_peeking_with_clopper_pearson_breaks_in_the_same_harness(monkeypatch):
+    # alpha = 0.05 makes the failure decisive with 500 inputs (the naive rule over-certifies at about 3x alpha;
+    # at alpha = 0.001 its excess, ~0.5 % vs 0.1 %, would need many more inputs to show as reliably)
+    bad, _ = over_certified(0.05, 500)
+    assert binomtest(bad, 500, 0.05, alternative="greater").pvalue > 0.001, bad  # the confidence sequence holds
+    monkeypatch.setattr(smoothing, "sequence_side", naive_clopper_pearson_side)
+    naive, _ = over_certified(0.05, 500)
+    assert binomtest(naive, 500, 0.05, alternative="greater").pvalue < 0.001, (naive, bad)
+
+
+def test_sequential_stops_early_when_the_answer_is_clear():
+    smooth = Smooth(Constant(3), 10, sigma=0.5)
+    cert = smooth.certify_sequential(torch.rand(1, 4, 4), 0.001, 10_000, 1000, radii=(0.0, 0.5, 1.0), n0=10,
+                                     generator=torch.Generator().manual_seed(0))
+    assert (cert.label, cert.radius) == (3, 1.0) and cert.num_samples < 1000  # the last grid radius is certified
+
+    class Argmax3(nn.Module):  # three classes with pA = 1/3 each: abstain as soon as the upper bound is below 1/2
+        def forward(self, x):
+            return x.flatten(1)[:, :3]
+
+    cert = Smooth(Argmax3(), 3, 0.5).certify_sequential(torch.full((1, 2, 2), 0.5), 0.001, 10_000, 1000,
+                                                        radii=(0.0, 0.5), n0=10,
+                                                        generator=torch.Generator().manual_seed(0))
+    assert cert.label == ABSTAIN and cert.num_samples < 1000
+    # sigma = 0.1, grid to 1.0: the radius 0.5 needs pA > Phi(5); 300 draws can never show that, so it stops as
+    # soon as 0.25 (Phi(2.5)) is certified, long before max_n
+    cert = Smooth(Constant(3), 10, sigma=0.1).certify_sequential(torch.rand(1, 4, 4), 0.001, 300, 100,
+                                                                 radii=(0.0, 0.25, 0.5, 1.0), n0=10,
+                                                                 generator=torch.Generator().manual_seed(0))
+    assert cert.radius == 0.0 or cert.radius == 0.25
+    assert cert.num_samples < 10 + 300
+
+
+def test_sequential_continuous_radius_is_valid_and_tight():
+    x = torch.full((1, 2, 2), 0.2)
+    x[0, 0, 0] = 0.8  # distance 0.3 to the boundary x00 = 0.5
+    smooth = Smooth(Threshold(), 2, sigma=0.25)
+    fixed = smooth.certify(x, 100, 20_000, 0.001, 5000, generator=torch.Generator().manual_seed(0))[1]
+    cert = smooth.certify_sequential(x, 0.001, 20_000, 5000, n0=100, generator=torch.Generator().manual_seed(0))
+    assert cert.label == 1 and 0.26 < cert.radius <= 0.3 and cert.radius < fixed + 0.01
+    loose = smooth.certify_sequential(x, 0.001, 20_000, 5000, n0=100, radius_tol=0.05,
+                                      generator=torch.Generator().manual_seed(0))
+    assert loose.label == 1 and 0.2 < loose.radius <= 0.3 and loose.num_samples < cert.num_samples
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clf") / "plain"
@@ -142,7 +272,8 @@ def test_certify_cli_writes_rows_table_plot_and_resumes(tmp_path, trained):
     assert main(args) == 0
     tsv = tmp_path / "plain" / "sigma_0.25" / "certify.tsv"
     lines = tsv.read_text().splitlines()
-    assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"]
+    assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "num_samples"]
+    assert {ln.split("\t")[6] for ln in lines[1:]} == {"210"}  # n0 + n
     assert [ln.split("\t")[0] for ln in lines[1:]] == ["0", "30", "60", "90"]
     assert (tmp_path / "certified_accuracy.png").stat().st_size > 5000
     table = (tmp_path / "table.md").read_text()
@@ -154,6 +285,29 @@ def test_certify_cli_writes_rows_table_plot_and_resumes(tmp_path, trained):
     assert main(args) == 0
     after = [ln.split("\t")[:5] for ln in shard.read_text().splitlines()]
     assert after == before
+
+
+def test_certify_cli_sequential_counts_samples_and_reads_older_tsvs(tmp_path, trained, capsys):
+    args = ["certify", "--classifier", str(trained), "--sigma", "0.25", "--n0", "10", "--sequential", "--max-n",
+            "300", "--batch", "100", "--skip", "40", "--limit", "3", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = [ln.split("\t") for ln in (tmp_path / "plain" / "sigma_0.25" / "certify.tsv").read_text().splitlines()]
+    assert rows[0][-1] == "num_samples" and len(rows) == 4
+    used = [int(r[6]) for r in rows[1:]]
+    assert all(10 + 32 <= u <= 10 + 300 for u in used)
+    assert all(float(r[3]) in (0.0, 0.25, 0.5, 0.75) for r in rows[1:])  # radii on the table's grid
+    line = f"| plain | 0.25 | 3 | {sum(used)} | {sum(used) / 3:.0f} |"
+    assert line in printed and line in (tmp_path / "table.md").read_text()
+    # a shard written before the num_samples column: still read, resumed, its rows counted as unknown
+    shard = tmp_path / "plain" / "sigma_0.25" / "certify.rank0.tsv"
+    shard.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t0\t-1\t0.0000\t0\t1.0\n40\t7\t7\t0.2")
+    assert main(args) == 0
+    rows = [ln.split("\t") for ln in (tmp_path / "plain" / "sigma_0.25" / "certify.tsv").read_text().splitlines()]
+    assert [r[0] for r in rows[1:]] == ["0", "40", "80"] and rows[1][6] == "-" and rows[2][6] != "-"
+    assert "1 rows from an older version" in (tmp_path / "table.md").read_text()
+    shard.write_text("something\telse\n1\t2\n")
+    assert main(args) == 2 and "not a certify TSV" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, match", [(["--sigma", "-1"], "sigma must be a positive"),

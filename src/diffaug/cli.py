@@ -90,7 +90,8 @@ def cmd_certify(args) -> None:
     table = run_certify(data=args.data, classifiers=args.classifier, denoiser=args.denoiser, sigmas=args.sigma,
                         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
                         limit=args.limit, seed=args.seed, out=args.out, device=_device(args.device),
-                        progress=not args.quiet, speed=_speed(args))
+                        progress=not args.quiet, speed=_speed(args), sequential=args.sequential,
+                        max_n=args.max_n)
     if table:
         print(table)
 
@@ -292,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="estimation draws per image (spell it --num-samples under torchrun, whose own parser "
                    "takes --n for one of its options)")
     p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--sequential", action="store_true",
+                   help="adaptive sampling with an anytime-valid confidence sequence: the same guarantee, stops as "
+                   "soon as the certified radius on the table's grid is decided")
+    p.add_argument("--max-n", type=int, help="most estimation draws per image with --sequential (default: --n)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=1, help="certify every K-th test image")
     p.add_argument("--limit", type=int, help="at most N images")

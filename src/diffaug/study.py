@@ -59,7 +59,7 @@ class StudyConfig:
     # the paper also uses sigma = 1.0; on 8x8 digits that noise leaves the base classifier at chance (3-10 %)
     certify_sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5])
     certify_n0: int = 50
-    certify_n: int = 500
+    certify_n: int = 500  # the most draws per image: sequential certification stops earlier when it can
     certify_limit: int = 30
     guidance_steps: int = 600
     guidance_per_class: int = 20
@@ -120,6 +120,9 @@ class StudyConfig:
         for name, least in at_least.items():
             if getattr(self, name) < least:
                 raise InputError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
+        if self.certify_n < self.certify_n0:
+            raise InputError(f"setting certify_n (the most draws per image) must be >= certify_n0 "
+                             f"({self.certify_n0}), got {self.certify_n}")
         if not 0 < self.semi_fraction < 1:
             raise InputError(f"setting semi_fraction must lie in (0, 1), got {self.semi_fraction}")
         if not self.certify_sigmas or any(not s > 0 for s in self.certify_sigmas):
@@ -285,15 +288,18 @@ def stage_ood(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
 def stage_certify(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
     import numpy as np
 
-    from .certify import certified_accuracy, default_radii, merge_shards, run_certify
+    from .certify import certified_accuracy, merge_shards, run_certify, table_radii
 
     dirs = _classifier_dirs(root, cfg, cfg.certify_recipes)
+    # Sequential certification: at most certify_n draws per image, the same guarantee as fixed-n CERTIFY. At n = 500
+    # on 2 CPU cores it saved 24 % of the evaluations but no wall time (its ~12 smaller forward passes per image
+    # cost what the saved draws did: 0.94x the fixed-n time per image), so certify_limit stays at 30 images.
     run_certify(data=cfg.data, classifiers=[str(p) for p in dirs.values()], denoiser=cfg.denoiser,
                 sigmas=cfg.certify_sigmas, n0=cfg.certify_n0, n=cfg.certify_n, alpha=0.001, batch_size=500, skip=1,
-                limit=cfg.certify_limit, seed=0, out=out, device=cfg.device, progress=progress)
+                limit=cfg.certify_limit, seed=0, out=out, device=cfg.device, progress=progress, sequential=True)
     # One number per classifier without picking a radius: the best-sigma curve averaged over the table's radii
     # (a single radius can saturate: n samples cap the radius at sigma * Phi^-1(alpha ** (1 / n))).
-    radii = default_radii(max(2.0, 2 * max(cfg.certify_sigmas)))
+    radii = table_radii(cfg.certify_sigmas)
     acc = {}
     for (recipe, _), folder in dirs.items():
         curves = np.stack([certified_accuracy(merge_shards(out / folder.name / f"sigma_{s:g}"), radii)
