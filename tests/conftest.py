@@ -98,3 +98,19 @@ def killed_after_first_checkpoint(monkeypatch, run) -> None:
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(checkpoint, "save_safetensors", original)
+
+
+def write_imagenet_c(root, severities=(1, 5), classes=("a", "b"), per_class=2, rgb=False, class_step=0):
+    """An ImageNet-C style tree ``root/fog/<severity>/<class>/<i>.png`` of flat 8x8 images whose value is
+    ``30 i + severity + class_step * class_index`` (so conditions and classes can be told apart)."""
+    import numpy as np
+    from PIL import Image
+
+    for sev in severities:
+        for k, cls in enumerate(classes):
+            d = root / "fog" / str(sev) / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (8, 8, 3) if rgb else (8, 8)
+                Image.fromarray(np.full(shape, 30 * i + sev + class_step * k, np.uint8)).save(d / f"{i}.png")
+    return root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_imagenet_c
 from imagenet_tree import WNIDS, make_tree
 from PIL import Image
 
@@ -114,12 +115,7 @@ def test_image_list_and_unlabelled_ood_folders(tree, tmp_path):
 
 
 def test_imagenet_c_condition_lazily_equals_the_in_memory_reader(tmp_path):
-    for sev in (1, 2):
-        for c in ("cat", "dog"):
-            d = tmp_path / "fog" / str(sev) / c
-            d.mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(np.full((8, 8, 3), 30 * i + sev + (c == "dog"), np.uint8)).save(d / f"{i}.png")
+    write_imagenet_c(tmp_path, severities=(1, 2), classes=("cat", "dog"), per_class=3, rgb=True, class_step=1)
     lazy = open_corrupted(tmp_path, "fog", 2)
     ref = load_corrupted(tmp_path, "fog", 2)
     assert lazy.classes == ref.classes

@@ -6,6 +6,7 @@ from PIL import Image
 
 from diffaug.classifier import create_classifier, save_classifier
 from diffaug.cli import main
+from conftest import write_imagenet_c
 from diffaug.data import corrupted_layout, load_corrupted
 
 
@@ -66,14 +67,6 @@ def _cifar_c(root, n=4):
     return root
 
 
-def _imagenet_c(root):
-    for sev in (1, 5):
-        for cls in ("a", "b"):
-            d = root / "fog" / str(sev) / cls
-            d.mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(np.full((8, 8), 30 * i + sev, np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 def test_corrupted_loaders(tmp_path):
@@ -83,7 +76,7 @@ def test_corrupted_loaders(tmp_path):
     raw = np.load(c / "fog.npy")[4:8]
     assert ds.images.shape == (4, 3, 32, 32) and ds.classes[0] == "airplane"
     np.testing.assert_allclose(ds.images.permute(0, 2, 3, 1).numpy(), raw / 255, atol=1e-6)
-    i = _imagenet_c(tmp_path / "inc")
+    i = write_imagenet_c(tmp_path / "inc")
     assert corrupted_layout(i) == "imagenet-c"
     ds = load_corrupted(i, "fog", 5)
     assert ds.images.shape == (4, 1, 8, 8) and ds.classes == ["a", "b"] and ds.labels.tolist() == [0, 0, 1, 1]
