@@ -1,8 +1,10 @@
+import functools
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import binomtest, norm
@@ -11,9 +13,9 @@ from torch import nn
 from diffaug import ABSTAIN, InputError, Smooth
 from diffaug.classifier import create_classifier, save_classifier
 from diffaug.cli import main
-from diffaug import smoothing
-from diffaug.smoothing import (confidence_sequence, cs_side, log_mixture_martingale, look_schedule,
-                               lower_confidence_bound)
+from diffaug import sequential
+from diffaug.sequential import (confidence_sequence, cs_side, futile, grid_test, log_mixture_martingale,
+                                look_schedule, lower_confidence_bound, recorded, rejection_boundaries)
 from conftest import tiny_denoiser
 
 
@@ -137,7 +139,7 @@ def test_mixture_martingale_matches_numerical_integration(successes, trials, p):
     from scipy.integrate import quad
     from scipy.stats import beta as beta_dist
 
-    a, b = smoothing.CS_PRIOR
+    a, b = sequential.CS_PRIOR
     failures = trials - successes
     ratio = lambda q: (q / p) ** successes * ((1 - q) / (1 - p)) ** failures * beta_dist.pdf(q, a, b)  # noqa: E731
     ref = sum(quad(ratio, lo, hi, limit=200, epsabs=0)[0] for lo, hi in ((0, p), (p, 0.99), (0.99, 1)))
@@ -162,11 +164,60 @@ def test_confidence_sequence_is_the_interval_the_martingale_defines(successes, t
     assert lo <= lower_confidence_bound(successes, trials, 0.001)
 
 
-def test_look_schedule_is_geometric_and_ends_at_max_n():
-    looks = look_schedule(10_000)
-    assert looks[0] == smoothing.FIRST_LOOK and looks[-1] == 10_000
-    assert all(b > a and b <= math.ceil(a * smoothing.LOOK_GROWTH) for a, b in zip(looks, looks[1:-1]))
-    assert look_schedule(5) == [5] and look_schedule(33) == [32, 33]
+def test_look_schedule_is_geometric_capped_by_the_batch_and_ends_at_max_n():
+    looks = look_schedule(10_000, 1000)
+    assert looks[0] == sequential.FIRST_LOOK and looks[-1] == 10_000
+    steps = [b - a for a, b in zip(looks, looks[1:])]
+    assert all(0 < d <= min(1000, math.ceil(a * sequential.LOOK_GROWTH) - a) for a, d in zip(looks, steps[:-1]))
+    assert max(steps) == 1000 and look_schedule(5, 10) == (5,) and look_schedule(33, 10) == (32, 33)
+
+
+def crossing_rate(critical, looks, p, paths: int, seed: int) -> float:
+    """Monte Carlo: the share of Bernoulli(p) paths whose successes reach ``critical[j]`` at some look ``j``."""
+    rng = np.random.default_rng(seed)
+    counts = np.cumsum(rng.binomial(np.diff((0,) + looks), p, size=(paths, len(looks))), axis=1)
+    return float((counts >= np.asarray(critical)).any(axis=1).mean())
+
+
+@pytest.mark.parametrize("p0", [0.5, 0.841, 0.977])
+def test_group_sequential_boundaries_spend_alpha_exactly(p0):
+    looks, alpha = look_schedule(2000, 500), 0.05
+    critical = rejection_boundaries(p0, looks, alpha)
+    assert all(c <= t + 1 for c, t in zip(critical, looks)) and critical[-1] <= looks[-1]
+    # the simulated crossing rate under H0 is within alpha and close to it (the boundaries are not loose)
+    rate = crossing_rate(critical, looks, p0, 250_000, seed=1)
+    assert 0.6 * alpha < rate < alpha + 4 * math.sqrt(alpha / 250_000), rate
+    # lower rates cross less often (the test holds for all of H0: p <= p0)
+    assert crossing_rate(critical, looks, p0 - 0.02, 200_000, seed=2) < rate
+    # the last look is nearly as strong as Clopper-Pearson's fixed-n bound at alpha
+    fixed = min(s for s in range(looks[-1] + 1) if lower_confidence_bound(s, looks[-1], alpha) > p0)
+    assert fixed <= critical[-1] <= fixed + 0.01 * looks[-1]
+    # per-look Clopper-Pearson (the naive rule) crosses far more often than alpha
+    naive = [min([s for s in range(t + 1) if lower_confidence_bound(s, t, alpha) > p0] or [t + 1]) for t in looks]
+    assert crossing_rate(naive, looks, p0, 200_000, seed=3) > 1.5 * alpha
+
+
+def test_futility_is_the_beta_binomial_predictive_probability():
+    from scipy.stats import betabinom
+
+    assert futile(10, 20, 1000, 100, 0.01)  # 980 more votes needed, 80 draws left
+    assert not futile(50, 50, 40, 100, 0.01)  # already there
+    # 60 of 100 so far, 50 more needed in the last 100 draws: likely; 90 more needed: not
+    assert not futile(60, 100, 110, 200, 0.01) and futile(60, 100, 150, 200, 0.01)
+    assert futile(60, 100, 130, 200, 0.5) == (betabinom.sf(69, 100, 60.5, 40.5) < 0.5)
+
+
+def test_grid_test_certifies_in_order_and_stops_at_the_last_radius():
+    thresholds = [0.5, 0.69, 0.84]
+    looks = look_schedule(5000, 1000)
+    passed, trials = grid_test(recorded(np.ones(5000, dtype=int)), thresholds, 0.001, looks)
+    assert passed == 2 and trials < 200
+    passed, trials = grid_test(recorded(np.zeros(5000, dtype=int)), thresholds, 0.001, looks)
+    assert passed == -1 and trials == looks[0]  # futile at once: abstain
+    # pA = 0.75 sits between the second and third thresholds: radius index 1, long before max_n
+    votes = (np.random.default_rng(0).random(5000) < 0.75).astype(int)
+    passed, trials = grid_test(recorded(votes), thresholds, 0.001, looks)
+    assert passed == 1 and trials < 2000
 
 
 class LinearMargin(nn.Module):
@@ -178,11 +229,11 @@ class LinearMargin(nn.Module):
         return torch.stack([-z, z], dim=1)
 
 
-def naive_clopper_pearson_side(successes, trials, alpha, p, max_n):
-    """The naive rule: CERTIFY's Clopper-Pearson bounds at alpha, re-used at every look."""
-    if lower_confidence_bound(successes, trials, alpha) > p:
-        return -1
-    return 1 if 1 - lower_confidence_bound(trials - successes, trials, alpha) < p else 0
+@functools.lru_cache(maxsize=None)
+def naive_boundaries(p0, looks, alpha):
+    """The naive rule: CERTIFY's Clopper-Pearson bound at alpha, re-used at every look."""
+    return tuple(min([s for s in range(t + 1) if lower_confidence_bound(s, t, alpha) > p0] or [t + 1])
+                 for t in looks)
 
 
 def over_certified(alpha: float, inputs: int, max_n: int = 300) -> tuple[int, float]:
@@ -218,7 +269,7 @@ def test_naive_peeking_with_clopper_pearson_breaks_in_the_same_harness(monkeypat
     # at alpha = 0.001 its excess, ~0.5 % vs 0.1 %, would need many more inputs to show as reliably)
     bad, _ = over_certified(0.05, 500)
     assert binomtest(bad, 500, 0.05, alternative="greater").pvalue > 0.001, bad  # the confidence sequence holds
-    monkeypatch.setattr(smoothing, "sequence_side", naive_clopper_pearson_side)
+    monkeypatch.setattr(sequential, "rejection_boundaries", naive_boundaries)
     naive, _ = over_certified(0.05, 500)
     assert binomtest(naive, 500, 0.05, alternative="greater").pvalue < 0.001, (naive, bad)
 

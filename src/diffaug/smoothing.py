@@ -20,117 +20,15 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from scipy.optimize import brentq
-from scipy.special import betaln, ndtr, ndtri
-from scipy.stats import beta, binomtest, norm
+from scipy.special import ndtr, ndtri
+from scipy.stats import binomtest, norm
 from torch import nn
 
+from . import sequential
 from .errors import InputError
+from .sequential import FUTILITY, lower_confidence_bound, look_schedule, sequence_bounds
 
 ABSTAIN = -1
-
-
-def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion."""
-    if successes <= 0:
-        return 0.0
-    return float(beta.ppf(alpha, successes, trials - successes + 1))
-
-
-# Prior of the beta-binomial mixture: Beta(1, 0.1) puts enough mass near p = 1 that an image the base classifier
-# always gets right needs only ~13 % more draws than a fixed-n Clopper-Pearson bound to pass Phi(3) (both at
-# alpha = 0.001: 5,800 vs 5,114), while its bound at 10,000 draws is within 0.06 sigma of Clopper-Pearson's for
-# p in 0.6..0.99.
-CS_PRIOR = (1.0, 0.1)
-FIRST_LOOK = 32  # draws before the first look of certify_sequential
-LOOK_GROWTH = 1.25  # each look comes after 25 % more draws: fewer, larger forward passes; overshoot <= 25 %
-
-
-def log_mixture_martingale(successes: int, trials: int, p: float, prior: tuple[float, float] = CS_PRIOR) -> float:
-    """Log of the beta-binomial mixture martingale ``M_t(p)`` (Robbins 1970; Howard et al. 2021, Sec. 3).
-
-    ``M_t(p) = B(a + S, b + t - S) / B(a, b) / (p^S (1 - p)^(t - S))`` with ``S`` successes in ``t`` Bernoulli(p)
-    trials and a ``Beta(a, b)`` prior: a nonnegative martingale with mean 1 when the true rate is ``p``.
-    """
-    a, b = prior
-    failures = trials - successes
-    log_lik = (successes * math.log(p) if successes else 0.0) + (failures * math.log1p(-p) if failures else 0.0)
-    return float(betaln(a + successes, b + failures) - betaln(a, b)) - log_lik
-
-
-def cs_side(successes: int, trials: int, alpha: float, p: float, prior: tuple[float, float] = CS_PRIOR) -> int:
-    """Where ``p`` lies against the confidence sequence ``{p : M_t(p) < 1 / alpha}`` at ``t = trials``.
-
-    Returns -1 when the lower bound is above ``p``, +1 when the upper bound is below it, 0 when ``p`` is inside.
-    The set is an interval around ``S / t`` because ``log M_t`` is convex in ``p`` and ``M_t(S / t) <= 1``.
-    """
-    if trials == 0 or log_mixture_martingale(successes, trials, p, prior) < math.log(1.0 / alpha):
-        return 0
-    return -1 if p < successes / trials else 1
-
-
-def confidence_sequence(successes: int, trials: int, alpha: float,
-                        prior: tuple[float, float] = CS_PRIOR) -> tuple[float, float]:
-    """Anytime-valid ``(lower, upper)`` bounds on a Bernoulli rate: the ends of ``{p : M_t(p) < 1 / alpha}``.
-
-    By Ville's inequality ``P(exists t: M_t(p) >= 1 / alpha) <= alpha``, so with probability >= 1 - alpha the
-    interval holds the true rate at every ``t`` at once, and sampling may stop at any data-dependent time.
-    """
-    if trials == 0:
-        return 0.0, 1.0
-    p_hat = successes / trials
-
-    def excess(p: float) -> float:
-        return log_mixture_martingale(successes, trials, p, prior) - math.log(1.0 / alpha)
-
-    lo_end, hi_end = 1e-300, 1 - 1e-16
-    lower = 0.0 if successes == 0 or excess(lo_end) < 0 else brentq(excess, lo_end, p_hat, xtol=1e-14)
-    upper = 1.0 if successes == trials or excess(hi_end) < 0 else brentq(excess, p_hat, hi_end, xtol=1e-14)
-    return lower, upper
-
-
-def sequence_side(successes: int, trials: int, alpha: float, p: float, max_n: int) -> int:
-    """:func:`cs_side` for the lower/upper bounds that ``certify_sequential`` uses over the draws 1..``max_n``: the
-    mixture confidence sequence at ``alpha / 2``, and at ``trials == max_n`` also the fixed-n Clopper-Pearson lower
-    bound at ``alpha / 2``. Both hold together with probability >= 1 - alpha (union bound), at every look."""
-    side = cs_side(successes, trials, alpha / 2, p)
-    if side == 0 and trials == max_n and lower_confidence_bound(successes, trials, alpha / 2) > p:
-        return -1
-    return side
-
-
-def sequence_bounds(successes: int, trials: int, alpha: float, max_n: int) -> tuple[float, float]:
-    """The ``(lower, upper)`` bounds of :func:`sequence_side` at ``trials`` draws."""
-    lower, upper = confidence_sequence(successes, trials, alpha / 2)
-    if trials == max_n:
-        lower = max(lower, lower_confidence_bound(successes, trials, alpha / 2))
-    return lower, upper
-
-
-def look_schedule(max_n: int, first: int = FIRST_LOOK, growth: float = LOOK_GROWTH) -> list[int]:
-    """Draw counts at which ``certify_sequential`` looks: ``first``, then ``growth`` times more each time, up to
-    ``max_n`` (always the last look)."""
-    looks = []
-    t = min(first, max_n)
-    while t < max_n:
-        looks.append(t)
-        t = max(t + 1, math.ceil(t * growth))
-    return looks + [max_n]
-
-
-def update_grid(passed: int, capped: int, successes: int, trials: int, alpha: float, max_n: int,
-                thresholds: list[float]) -> tuple[int, int]:
-    """One look of the grid rule. ``thresholds`` are increasing ``Phi(r_k / sigma)``; ``passed`` is the largest
-    index the lower bound has ever passed (-1: none), ``capped`` the smallest the upper bound has ever fallen
-    below (``len(thresholds)``: none). Keeping the extremes over looks intersects the confidence sequence."""
-    for k in range(passed + 1, capped):
-        side = sequence_side(successes, trials, alpha, thresholds[k], max_n)
-        if side < 0:
-            passed = k
-        elif side > 0:
-            capped = k
-            break
-    return passed, capped
 
 
 def check_sampling_args(batch_size: int, alpha: float | None = None, **counts: int) -> None:
@@ -144,9 +42,10 @@ def check_sampling_args(batch_size: int, alpha: float | None = None, **counts: i
         raise InputError(f"alpha must lie in (0, 1), got {alpha}")
 
 
-def check_sequential_args(n0: int, max_n: int, radii=None, radius_tol: float | None = None) -> None:
+def check_sequential_args(n0: int, max_n: int, radii=None, radius_tol: float | None = None,
+                          futility: float = FUTILITY) -> None:
     """One-line errors for ``certify_sequential``'s own settings (``max_n`` vs ``n0``, the radius grid, the
-    tolerance); ``check_sampling_args`` covers the rest."""
+    tolerance, the futility level); ``check_sampling_args`` covers the rest."""
     if max_n < n0:
         raise InputError(f"max_n must be >= n0 ({n0}), got {max_n}; raise max_n or lower n0")
     if radii is not None:
@@ -157,6 +56,36 @@ def check_sequential_args(n0: int, max_n: int, radii=None, radius_tol: float | N
             raise InputError(f"radii must be strictly increasing, got {radii}")
     if radius_tol is not None and not (radius_tol > 0 and math.isfinite(radius_tol)):
         raise InputError(f"radius_tol must be a positive number, got {radius_tol}")
+    if not 0 <= futility < 1:
+        raise InputError(f"futility must lie in [0, 1) (0 never stops a radius early), got {futility}")
+
+
+def cohen_radius(c_hat: int, n_a: int, n: int, alpha: float, sigma: float) -> tuple[int, float]:
+    """CERTIFY's decision from its counts: ``(c_hat, sigma * inv_Phi(pA_lower))`` with the one-sided (1 - alpha)
+    Clopper-Pearson lower bound of ``n_a`` votes in ``n``, or ``(ABSTAIN, 0.0)`` when it is below 1/2."""
+    p_a = lower_confidence_bound(n_a, n, alpha)
+    if p_a < 0.5:
+        return ABSTAIN, 0.0
+    return c_hat, sigma * float(norm.ppf(p_a))
+
+
+def continuous_test(draw, alpha: float, looks: tuple[int, ...], tol: float) -> tuple[float, int]:
+    """The continuous rule of ``certify_sequential`` on a stream of votes (``draw(m)``: votes for the selected
+    class among ``m`` new draws); returns ``(lower bound on pA, trials)``. ``tol`` is in units of sigma."""
+    max_n = looks[-1]
+    successes = trials = 0
+    lower, upper = 0.0, 1.0
+    for look in looks:
+        successes += draw(look - trials)
+        trials = look
+        lo, hi = sequence_bounds(successes, trials, alpha, max_n)
+        lower, upper = max(lower, lo), min(upper, hi)  # the intersection over looks is still valid
+        reachable = max(lower, sequence_bounds(successes + max_n - trials, max_n, alpha, max_n)[0])
+        if upper <= 0.5 or reachable <= 0.5:
+            break
+        if lower > 0.5 and min(ndtri(successes / trials), ndtri(reachable)) - ndtri(lower) <= tol:
+            break
+    return lower, trials
 
 
 @dataclass(frozen=True)
@@ -229,19 +158,23 @@ class Smooth:
         return x
 
     @torch.no_grad()
-    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int,
+    def sample_labels(self, x: torch.Tensor, num: int, batch_size: int,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """Class counts ``[num_classes]`` (int64, CPU) of the base classifier over ``num`` noisy copies of ``x``."""
-        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
+        """Base-classifier labels ``[num]`` (int64, CPU) of ``num`` noisy copies of ``x``, in draw order."""
         gen_device = generator.device if generator is not None else x.device
+        labels = []
         remaining = num
         while remaining > 0:
             b = min(batch_size, remaining)
             noise = torch.randn((b, *x.shape), generator=generator, device=gen_device).to(x.device)
-            labels = self._base_predict(x.unsqueeze(0) + self.sigma * noise)
-            counts += torch.bincount(labels, minlength=self.num_classes)
+            labels.append(self._base_predict(x.unsqueeze(0) + self.sigma * noise).cpu())
             remaining -= b
-        return counts.cpu()
+        return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Class counts ``[num_classes]`` (int64, CPU) of the base classifier over ``num`` noisy copies of ``x``."""
+        return torch.bincount(self.sample_labels(x, num, batch_size, generator), minlength=self.num_classes)
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> tuple[int, float]:
@@ -256,36 +189,30 @@ class Smooth:
                           f"(n must be at least {math.ceil(math.log(alpha) / math.log(0.5))})", stacklevel=2)
         c_hat = int(self.sample_counts(x, n0, batch_size, generator).argmax())
         n_a = int(self.sample_counts(x, n, batch_size, generator)[c_hat])
-        p_a = lower_confidence_bound(n_a, n, alpha)
-        if p_a < 0.5:
-            return ABSTAIN, 0.0
-        return c_hat, self.sigma * float(norm.ppf(p_a))
+        return cohen_radius(c_hat, n_a, n, alpha, self.sigma)
 
     def certify_sequential(self, x: torch.Tensor, alpha: float, max_n: int, batch_size: int, *, radii=None,
-                           n0: int = 100, radius_tol: float | None = None,
+                           n0: int = 100, radius_tol: float | None = None, futility: float = FUTILITY,
                            generator: torch.Generator | None = None) -> Certificate:
         """CERTIFY with adaptive sampling: the same guarantee, usually with far fewer draws.
 
-        ``n0`` draws select the top class ``c`` as in :meth:`certify`. Fresh draws then arrive on a geometric
-        schedule (:func:`look_schedule`: 32 draws, then 25 % more per look, each forward pass at most
-        ``batch_size``) and after each look an anytime-valid confidence sequence for ``pA = P(f(x + noise) = c)``
-        is updated: the beta-binomial mixture (Robbins 1970, "Statistical methods related to the law of the
-        iterated logarithm"; Howard, Ramdas, McAuliffe & Sekhon 2021, "Time-uniform, nonparametric,
-        nonasymptotic confidence sequences", Ann. Statist., Sec. 3) at ``alpha / 2``, intersected over the looks,
-        plus at ``max_n`` draws the fixed-n Clopper-Pearson bound at ``alpha / 2`` (:func:`sequence_side`). Both
-        hold at every draw count at once with probability >= 1 - alpha (Ville's inequality and a union bound),
-        so stopping when the data allow needs no correction for peeking. Sampling stops at ``max_n`` draws or
-        earlier when:
+        ``n0`` draws select the top class ``c`` as in :meth:`certify`. Fresh draws then arrive on a schedule fixed
+        in advance (:func:`~diffaug.sequential.look_schedule`: 32 draws, then 25 % more per look, at most
+        ``batch_size`` more) and after each look the rule of :mod:`diffaug.sequential` decides:
 
-        * the upper bound shows ``pA <= 1/2``: abstain;
-        * with ``radii`` (a grid; radius 0 is always on it): the largest grid radius certified (lower bound
-          above ``Phi(r / sigma)``) is decided: it is the last, or the upper bound is below the next one's
-          threshold, or not even ``max_n`` draws that all vote ``c`` could pass it. Returns that grid radius;
-        * without ``radii``: the radius of the lower bound, ``sigma * inv_Phi(lower)``, is within
-          ``radius_tol`` (default ``0.01 * sigma``) of the point estimate's radius or of the most it could
+        * with ``radii`` (a grid; radius 0 is always on it): exact group-sequential tests of
+          ``pA <= Phi(r / sigma)`` with alpha spending, one per grid radius, tested in order
+          (:func:`~diffaug.sequential.grid_test`). Sampling stops when the last grid radius is certified, or when
+          the next one could be certified by ``max_n`` only with predictive probability below ``futility`` (1 %),
+          or at ``max_n``. Returns the largest grid radius certified;
+        * without ``radii``: the beta-binomial mixture confidence sequence (Robbins 1970; Howard et al. 2021) at
+          ``alpha / 2`` plus the Clopper-Pearson bound at ``max_n`` at ``alpha / 2``; stops when the upper bound
+          shows ``pA <= 1/2`` (abstain) or when the radius of the lower bound, ``sigma * inv_Phi(lower)``, is
+          within ``radius_tol`` (default ``0.01 * sigma``) of the point estimate's radius or of the most it could
           still reach by ``max_n``. Returns ``sigma * inv_Phi(lower)``.
 
-        With probability >= 1 - alpha the returned radius is certified, as with :meth:`certify`.
+        Either way, with probability >= 1 - alpha the returned radius is certified, as with :meth:`certify`, and
+        the stopping time needs no correction: both rules hold for any data-dependent stop at a look.
 
         Args:
             x: one image ``[C, H, W]`` (or ``[1, C, H, W]``) in [0, 1].
@@ -295,6 +222,8 @@ class Smooth:
             radii: increasing grid of radii >= 0, or None for a continuous radius.
             n0: selection draws.
             radius_tol: stopping tolerance of the continuous radius (> 0).
+            futility: in [0, 1); with ``radii``, give up a radius whose chance of being certified by ``max_n`` is
+                below it (0: only when no votes could certify it). It costs power, never validity.
             generator: the random generator of the noise.
 
         Returns:
@@ -302,37 +231,22 @@ class Smooth:
             certified.
         """
         x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
-        check_sequential_args(n0, max_n, radii, radius_tol)
+        check_sequential_args(n0, max_n, radii, radius_tol, futility)
         c_hat = int(self.sample_counts(x, n0, batch_size, generator).argmax())
-        successes = trials = 0
+        looks = look_schedule(max_n, batch_size)
+
+        def draw(m: int) -> int:
+            return int(self.sample_counts(x, m, batch_size, generator)[c_hat])
+
         if radii is not None:  # radius 0 (a certified label) always sits on the grid
             grid = sorted({0.0, *map(float, radii)})
-            thresholds = [float(ndtr(r / self.sigma)) for r in grid]
-            passed, capped = -1, len(grid)
-            for look in look_schedule(max_n):
-                successes += int(self.sample_counts(x, look - trials, batch_size, generator)[c_hat])
-                trials = look
-                passed, capped = update_grid(passed, capped, successes, trials, alpha, max_n, thresholds)
-                if passed == len(grid) - 1 or capped == passed + 1:  # the last, or the next one is ruled out
-                    break
-                # not even max_n draws that all vote c_hat could pass the next threshold
-                if sequence_side(successes + max_n - trials, max_n, alpha, thresholds[passed + 1], max_n) >= 0:
-                    break
+            passed, trials = sequential.grid_test(draw, [float(ndtr(r / self.sigma)) for r in grid], alpha, looks,
+                                                  futility)
             if passed < 0:
                 return Certificate(ABSTAIN, 0.0, n0 + trials)
             return Certificate(c_hat, grid[passed], n0 + trials)
-        tol = (0.01 * self.sigma if radius_tol is None else float(radius_tol)) / self.sigma
-        lower, upper = 0.0, 1.0
-        for look in look_schedule(max_n):
-            successes += int(self.sample_counts(x, look - trials, batch_size, generator)[c_hat])
-            trials = look
-            lo, hi = sequence_bounds(successes, trials, alpha, max_n)
-            lower, upper = max(lower, lo), min(upper, hi)  # the intersection over looks is still valid
-            reachable = max(lower, sequence_bounds(successes + max_n - trials, max_n, alpha, max_n)[0])
-            if upper <= 0.5 or reachable <= 0.5:
-                break
-            if lower > 0.5 and min(ndtri(successes / trials), ndtri(reachable)) - ndtri(lower) <= tol:
-                break
+        lower, trials = continuous_test(draw, alpha, looks, (0.01 * self.sigma if radius_tol is None
+                                                             else float(radius_tol)) / self.sigma)
         if lower <= 0.5:
             return Certificate(ABSTAIN, 0.0, n0 + trials)
         return Certificate(c_hat, self.sigma * float(ndtri(lower)), n0 + trials)

@@ -1,0 +1,192 @@
+"""The statistics of sequential certification (pure functions; :meth:`diffaug.Smooth.certify_sequential` samples).
+
+Draws of the base classifier arrive in batches; after each *look* the certifier decides whether it knows enough.
+Two rules, both valid however the stopping time depends on the data:
+
+* **Grid radii: exact group-sequential tests** (Jennison & Turnbull 2000, "Group Sequential Methods with
+  Applications to Clinical Trials", ch. 7 and 12; alpha spending after Lan & DeMets 1983, Biometrika 70:659). For
+  each grid threshold ``p_k = Phi(r_k / sigma)`` the test of ``H0: pA <= p_k`` rejects at look ``j`` when the
+  successes reach ``c_kj``. The critical values are computed exactly from the binomial law: the chance under
+  ``pA = p_k`` of crossing any of them up to look ``j`` is at most ``alpha * (t_j / max_n) ** SPENDING_POWER``, so
+  at most ``alpha`` overall (and less for any ``pA < p_k``: the rejection region only grows with the votes).
+  Radii are certified in order (fixed-sequence testing), so a radius above the true one needs the first false
+  threshold's test to reject: probability <= alpha, as CERTIFY. A power spending function with exponent 3 spends
+  little early (an image the classifier always gets right still stops after ~1.3x the draws a fixed-n test
+  would need) and keeps the last look almost as strong as CERTIFY's Clopper-Pearson bound.
+* **Continuous radius: an anytime-valid confidence sequence**, the beta-binomial mixture (Robbins 1970,
+  "Statistical methods related to the law of the iterated logarithm"; Howard, Ramdas, McAuliffe & Sekhon 2021,
+  "Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist., Sec. 3) at ``alpha / 2``,
+  plus at ``max_n`` the fixed-n Clopper-Pearson bound at ``alpha / 2``.
+
+Stopping early for **futility** never weakens a guarantee (it can only certify less): the grid rule stops testing
+the next radius once the predictive probability (the beta-binomial law of the remaining votes under the Jeffreys
+posterior) that the votes up to ``max_n`` reach its last critical value falls below ``futility`` (default 1 %),
+or once no votes at all could reach it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from scipy.optimize import brentq
+from scipy.special import betaln
+from scipy.stats import beta, betabinom, binom
+
+CS_PRIOR = (1.0, 0.1)  # Beta(1, 0.1): mass near p = 1, where certification is hardest (see cs_side)
+FIRST_LOOK = 32  # draws before the first look
+LOOK_GROWTH = 1.25  # each look after 25 % more draws, and at most one forward batch more
+SPENDING_POWER = 3.0  # alpha spent by draw t: alpha * (t / max_n) ** SPENDING_POWER
+FUTILITY = 0.01  # stop testing a radius when the chance of still certifying it by max_n is below this
+
+
+def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion."""
+    if successes <= 0:
+        return 0.0
+    return float(beta.ppf(alpha, successes, trials - successes + 1))
+
+
+def look_schedule(max_n: int, batch_size: int, first: int = FIRST_LOOK, growth: float = LOOK_GROWTH) -> tuple[int, ...]:
+    """Draw counts at which the certifier looks: ``first``, then ``growth`` times more each time but at most
+    ``batch_size`` more, up to ``max_n`` (always the last look). Fixed before any draw, as the tests need."""
+    looks = []
+    t = min(first, max_n)
+    while t < max_n:
+        looks.append(t)
+        t += min(max(1, math.ceil(t * growth) - t), batch_size)
+    return tuple(looks) + (max_n,)
+
+
+@functools.lru_cache(maxsize=256)
+def rejection_boundaries(p0: float, looks: tuple[int, ...], alpha: float,
+                         power: float = SPENDING_POWER) -> tuple[int, ...]:
+    """Exact critical values ``c_j`` of the group-sequential test of ``H0: p <= p0`` at the draw counts ``looks``.
+
+    ``H0`` is rejected at the first look ``j`` with ``successes >= c_j`` (``c_j = t_j + 1``: no rejection there).
+    Each ``c_j`` is the smallest value whose probability under ``p = p0`` of a first crossing at look ``j``, added
+    to that of the earlier looks, stays within ``alpha * (t_j / max_n) ** power``: the sub-density of the paths not
+    yet rejected is carried from look to look by convolving with the binomial law of the new draws.
+    """
+    max_n = looks[-1]
+    alive = np.ones(1)  # P(S_t = s and no rejection so far), s = 0..t
+    spent, previous, critical = 0.0, 0, []
+    for t in looks:
+        alive = np.convolve(alive, binom.pmf(np.arange(t - previous + 1), t - previous, p0))
+        allowed = alpha * (t / max_n) ** power * (1 - 1e-9) - spent  # the margin absorbs float rounding
+        tail = np.cumsum(alive[::-1])[::-1]  # tail[c] = P(S_t >= c and no rejection before)
+        ok = np.flatnonzero(tail <= allowed)
+        c = int(ok[0]) if len(ok) else t + 1
+        if c <= t:
+            spent += float(tail[c])
+            alive[c:] = 0.0
+        critical.append(c)
+        previous = t
+    return tuple(critical)
+
+
+def futile(successes: int, trials: int, final_critical: int, max_n: int, futility: float) -> bool:
+    """Whether the votes up to ``max_n`` will reach ``final_critical`` with predictive probability below
+    ``futility``: the remaining votes are beta-binomial under the Jeffreys posterior ``Beta(S + 1/2, F + 1/2)``."""
+    need = final_critical - successes
+    remaining = max_n - trials
+    if need > remaining:
+        return True
+    if need <= 0:
+        return False
+    return float(betabinom.sf(need - 1, remaining, successes + 0.5, trials - successes + 0.5)) < futility
+
+
+def grid_test(draw, thresholds: list[float], alpha: float, looks: tuple[int, ...],
+              futility: float = FUTILITY) -> tuple[int, int]:
+    """Run the grid rule on a stream of votes; returns ``(k, trials)``: the index of the largest threshold passed
+    (-1: none, abstain) and the draws it took.
+
+    Args:
+        draw: ``draw(m)`` -> how many of ``m`` new draws voted for the selected class.
+        thresholds: increasing ``Phi(r_k / sigma)`` of the grid radii (the first is 1/2 for radius 0).
+        alpha: failure probability of the certificate.
+        looks: :func:`look_schedule`.
+        futility: see :func:`futile`.
+    """
+    critical = [rejection_boundaries(float(p), looks, alpha) for p in thresholds]
+    passed, successes, trials = -1, 0, 0
+    for j, t in enumerate(looks):
+        successes += int(draw(t - trials))
+        trials = t
+        while passed + 1 < len(thresholds) and successes >= critical[passed + 1][j]:
+            passed += 1  # fixed-sequence: radius k is tested only once k - 1 is certified
+        if passed + 1 == len(thresholds) or futile(successes, trials, critical[passed + 1][-1], looks[-1],
+                                                   futility):
+            break
+    return passed, trials
+
+
+def recorded(votes):
+    """A ``draw(m)`` for :func:`grid_test` that reads recorded votes (1 = for the selected class) in order: to
+    replay a fixed-n run's draws through the sequential rule, as ``benchmarks/bench_certify.py`` does."""
+    votes = np.asarray(votes)
+    position = 0
+
+    def draw(m: int) -> int:
+        nonlocal position
+        if position + m > len(votes):
+            raise ValueError(f"asked for draws {position}..{position + m} of {len(votes)} recorded votes")
+        position += m
+        return int(votes[position - m:position].sum())
+    return draw
+
+
+# ---------------------------------------------------------------------- the continuous radius
+def log_mixture_martingale(successes: int, trials: int, p: float, prior: tuple[float, float] = CS_PRIOR) -> float:
+    """Log of the beta-binomial mixture martingale ``M_t(p)`` (Robbins 1970; Howard et al. 2021, Sec. 3).
+
+    ``M_t(p) = B(a + S, b + t - S) / B(a, b) / (p^S (1 - p)^(t - S))`` with ``S`` successes in ``t`` Bernoulli(p)
+    trials and a ``Beta(a, b)`` prior: a nonnegative martingale with mean 1 when the true rate is ``p``.
+    """
+    a, b = prior
+    failures = trials - successes
+    log_lik = (successes * math.log(p) if successes else 0.0) + (failures * math.log1p(-p) if failures else 0.0)
+    return float(betaln(a + successes, b + failures) - betaln(a, b)) - log_lik
+
+
+def cs_side(successes: int, trials: int, alpha: float, p: float, prior: tuple[float, float] = CS_PRIOR) -> int:
+    """Where ``p`` lies against the confidence sequence ``{p : M_t(p) < 1 / alpha}`` at ``t = trials``.
+
+    Returns -1 when the lower bound is above ``p``, +1 when the upper bound is below it, 0 when ``p`` is inside.
+    The set is an interval around ``S / t`` because ``log M_t`` is convex in ``p`` and ``M_t(S / t) <= 1``.
+    """
+    if trials == 0 or log_mixture_martingale(successes, trials, p, prior) < math.log(1.0 / alpha):
+        return 0
+    return -1 if p < successes / trials else 1
+
+
+def confidence_sequence(successes: int, trials: int, alpha: float,
+                        prior: tuple[float, float] = CS_PRIOR) -> tuple[float, float]:
+    """Anytime-valid ``(lower, upper)`` bounds on a Bernoulli rate: the ends of ``{p : M_t(p) < 1 / alpha}``.
+
+    By Ville's inequality ``P(exists t: M_t(p) >= 1 / alpha) <= alpha``, so with probability >= 1 - alpha the
+    interval holds the true rate at every ``t`` at once, and sampling may stop at any data-dependent time.
+    """
+    if trials == 0:
+        return 0.0, 1.0
+    p_hat = successes / trials
+
+    def excess(p: float) -> float:
+        return log_mixture_martingale(successes, trials, p, prior) - math.log(1.0 / alpha)
+
+    lo_end, hi_end = 1e-300, 1 - 1e-16
+    lower = 0.0 if successes == 0 or excess(lo_end) < 0 else brentq(excess, lo_end, p_hat, xtol=1e-14)
+    upper = 1.0 if successes == trials or excess(hi_end) < 0 else brentq(excess, p_hat, hi_end, xtol=1e-14)
+    return lower, upper
+
+
+def sequence_bounds(successes: int, trials: int, alpha: float, max_n: int) -> tuple[float, float]:
+    """The ``(lower, upper)`` bounds of the continuous rule at ``trials`` draws: the mixture confidence sequence at
+    ``alpha / 2``, and at ``trials == max_n`` also the fixed-n Clopper-Pearson lower bound at ``alpha / 2``. Both
+    hold together with probability >= 1 - alpha (union bound), at every look."""
+    lower, upper = confidence_sequence(successes, trials, alpha / 2)
+    if trials == max_n:
+        lower = max(lower, lower_confidence_bound(successes, trials, alpha / 2))
+    return lower, upper
