@@ -119,7 +119,7 @@ def write_report(out: Path, results: dict[str, dict[float, list[list[str]]]], se
              "Certified accuracy at radius r = fraction of test images classified correctly with a certified "
              "radius >= r (Cohen et al. CERTIFY). 'best' takes the best sigma at each radius, as the paper does.", ""]
     if sequential:
-        lines += ["Sequential certification (anytime-valid confidence sequence, the same guarantee): radii are "
+        lines += ["Sequential certification (exact group-sequential tests, the same guarantee): radii are "
                         "the largest certified radius on the table's grid.", ""]
     head = "| classifier | sigma | n images | " + " | ".join(f"r={r:g}" for r in radii) + " |"
     lines += [head, "|" + "---|" * (3 + len(radii))]
