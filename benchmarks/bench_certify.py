@@ -5,9 +5,9 @@
 
 Both certifiers run in one process on the same cases with the same alpha (0.001), the same n0 (100) and the same
 budget (fixed-n CERTIFY draws n; the sequential one at most max_n = n), and the sequential one on the grid radii
-0, 0.25, ..., 1.0. Both read the same draws of each case (paired; see ``run_case``). For each setting the script prints the total model evaluations (base-classifier passes, n0
-included; with a denoiser each is a denoiser pass too) of CERTIFY / sequential (targets: >= 5x on digits DDS,
->= 3x on the linear classifier) and the certified accuracy at every grid radius of both, with the mean and the
+0, 0.25, ..., 1.0. Both read the same draws of each case (paired; see ``run_case``). For each setting the script
+prints the total model evaluations (base-classifier passes, n0 included; with a denoiser each is a denoiser pass
+too) of CERTIFY / sequential (targets: >= 5x on digits DDS, >= 3x on the linear classifier) and the certified accuracy at every grid radius of both, with the mean and the
 largest gap per (classifier, sigma) (targets: within 1 point on average, 2 points at every radius).
 
 Settings:

@@ -21,8 +21,8 @@ from .smoothing import ABSTAIN, Smooth
 SUBMODULES = (
     "accel", "adm", "augment", "certify", "checkpoint", "classifier", "cli", "corruptions", "data", "dda",
     "denoiser", "ensemble", "errors", "eval_guidance", "eval_ood", "eval_shift", "genmetrics", "guidance", "nets",
-    "ood", "pag", "quality", "report", "sampling", "schedule", "seeding", "sequential", "smoothing", "stats", "study", "toy", "train",
-    "train_classifier", "train_guidance",
+    "ood", "pag", "quality", "report", "sampling", "schedule", "seeding", "sequential", "smoothing", "stats",
+    "study", "toy", "train", "train_classifier", "train_guidance",
 )
 # public classes that live in modules imported on first use
 _LAZY_NAMES = {"GuidanceClassifier": "guidance"}

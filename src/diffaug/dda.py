@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser
 from .errors import InputError
-from .sampling import ddim_step
+from .sampling import ddim_step, input_gradient, noise_sampler, timestep_pairs
 
 REFERENCE_DIM = 3 * 256 * 256  # the image size DDA's guidance weight was set for
 
@@ -59,13 +59,13 @@ def guidance_gradient(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, re
                       norm: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
     """``(x0_hat, grad)``: the clipped one-step estimate at ``(x_t, t)`` (model space) and the gradient w.r.t.
     ``x_t`` of ``|| ref_low - phi_D(x0_hat) ||`` (summed per-image norms, or one norm over the batch)."""
-    with torch.enable_grad():
-        x_in = x_t.detach().requires_grad_(True)
+    def distance(x_in):
         x0_hat = denoiser.predict_x0(x_in, t, clip=True)
         diff = (ref_low - low_pass(x0_hat, factor)).flatten(1)
-        distance = diff.norm(dim=1).sum() if norm == "image" else diff.norm()
-        grad = torch.autograd.grad(distance, x_in)[0]
-    return x0_hat.detach(), grad
+        return (diff.norm(dim=1).sum() if norm == "image" else diff.norm()), x0_hat
+
+    grad, x0_hat = input_gradient(distance, x_t)
+    return x0_hat, grad
 
 
 def dda_adapt(
@@ -109,19 +109,12 @@ def dda_adapt(
     if n == 0:
         return x.detach().clone()
     device = x.device
-    gen_device = generator.device if generator is not None else device
     weight = guidance_scale * math.sqrt(c * h * w / REFERENCE_DIM)
-    alpha_bar = denoiser.alpha_bar.to(device)
-
-    def randn():
-        return torch.randn(x.shape, generator=generator, device=gen_device).to(device)
-
+    randn = noise_sampler(x.shape, generator, device)
     ref = denoiser.encode(x.detach().float())
     ref_low = low_pass(ref, factor)
     x_t = denoiser.q_sample(ref, t_start, randn())
-    for i, t in enumerate(times):
-        a_t = alpha_bar[t]
-        a_prev = alpha_bar[times[i + 1]] if i + 1 < len(times) else torch.ones((), device=device)
+    for t, a_t, a_prev in timestep_pairs(denoiser.alpha_bar.to(device), times):
         x0_hat, grad = guidance_gradient(denoiser, x_t, torch.full((n,), t, device=device), ref_low, factor, norm)
         x_t = ddim_step(x_t.detach(), x0_hat, a_t, a_prev, 1.0, randn()) - weight * grad
     return denoiser.decode(x_t).clamp(0, 1).detach()

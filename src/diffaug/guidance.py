@@ -154,11 +154,12 @@ class GuidanceClassifier(nn.Module):
 
     def grad_log_prob(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``grad_{x_t} log p(y | x_t)`` ``[N, C, H, W]`` (through the denoiser for ``da``)."""
-        with torch.enable_grad():
-            x_in = x_t.detach().requires_grad_(True)
+        from .sampling import input_gradient
+
+        def log_prob(x_in):
             logp = F.log_softmax(self(x_in, t).float(), dim=1)
-            selected = logp[torch.arange(len(y), device=y.device), y].sum()
-            return torch.autograd.grad(selected, x_in)[0]
+            return logp[torch.arange(len(y), device=y.device), y].sum()
+        return input_gradient(log_prob, x_t)[0]
 
 
 def build_guidance(kind: str, denoiser: Denoiser, num_classes: int, width: int = 32, seed: int = 0):
@@ -179,7 +180,7 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
 
     ``steps`` evenly spaced timesteps from ``T - 1`` to 0. Returns images ``[N, C, H, W]`` in [0, 1].
     """
-    from .sampling import ddim_step, sampling_timesteps
+    from .sampling import ddim_step, noise_sampler, sampling_timesteps, timestep_pairs
 
     if sampler not in ("ddpm", "ddim"):
         raise InputError(f"unknown sampler {sampler!r}; use ddpm or ddim")
@@ -193,19 +194,12 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
     y = y.to(device)
     n = y.shape[0]
     H, W = denoiser.image_size
-    gen_device = generator.device if generator is not None else device
-
-    def randn():
-        return torch.randn((n, denoiser.channels, H, W), generator=generator, device=gen_device).to(device)
-
+    randn = noise_sampler((n, denoiser.channels, H, W), generator, device)
     uncond = 0 if denoiser.is_conditional else None
-    alpha_bar = denoiser.alpha_bar.to(device)
-    ts = sampling_timesteps(denoiser.num_timesteps, steps)
     x = randn()
-    for i, t in enumerate(ts):
+    for t, a_t, a_prev in timestep_pairs(denoiser.alpha_bar.to(device),
+                                         sampling_timesteps(denoiser.num_timesteps, steps)):
         tt = torch.full((n,), t, device=device)
-        a_t = alpha_bar[t]
-        a_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
         grad = guidance.grad_log_prob(x, tt, y) if scale else torch.zeros_like(x)
         with torch.no_grad():
             eps = denoiser.predict_eps(x, tt, cond_weight=uncond)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser
 from .errors import InputError
+from .sampling import input_gradient
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -26,11 +27,11 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
 
 def classifier_gradient(classifier, den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``grad_{x_t} log p(y | x0_hat(x_t))`` for a classifier of images in [0, 1] (x_t in model space)."""
-    with torch.enable_grad():
-        x_in = x_t.detach().requires_grad_(True)
+    def log_prob(x_in):
         x0 = den.predict_x0(x_in, t, cond_weight=0 if den.is_conditional else None, clip=True)
         logp = F.log_softmax(classifier(den.decode(x0)).float(), 1)[torch.arange(len(y), device=y.device), y]
-        return torch.autograd.grad(logp.sum(), x_in)[0]
+        return logp.sum()
+    return input_gradient(log_prob, x_t)[0]
 
 
 def pag_panel(den: Denoiser, images: torch.Tensor, labels: torch.Tensor, models: dict, *, t: int = 300,

@@ -1,10 +1,46 @@
-"""Multi-step sampling from a :class:`~diffaug.denoiser.Denoiser` (generalised DDIM; eta = 1 is ancestral)."""
+"""Multi-step sampling from a :class:`~diffaug.denoiser.Denoiser` (generalised DDIM; eta = 1 is ancestral), and the
+pieces every reverse loop here shares (plain and guided sampling, DDA, perceptually aligned gradients):
+:func:`timestep_pairs`, :func:`noise_sampler` and :func:`input_gradient`, in the style of k-diffusion's samplers.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .denoiser import Denoiser
+
+
+def noise_sampler(shape, generator: torch.Generator | None, device) -> Callable[[], torch.Tensor]:
+    """A function drawing standard normal noise of ``shape`` on ``device`` from ``generator`` (which may live on
+    another device: the draw is made where the generator is and moved)."""
+    gen_device = generator.device if generator is not None else device
+
+    def draw() -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+    return draw
+
+
+def timestep_pairs(alpha_bar: torch.Tensor, timesteps: Sequence[int]
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(t, alpha_bar[t], alpha_bar[next t])`` along a decreasing timestep list; after the last step the next
+    ``alpha_bar`` is 1 (clean images)."""
+    for i, t in enumerate(timesteps):
+        a_prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones((), device=alpha_bar.device)
+        yield t, alpha_bar[t], a_prev
+
+
+def input_gradient(fn: Callable, x: torch.Tensor):
+    """``(grad, aux)``: the gradient w.r.t. ``x`` of ``fn(x)``'s scalar, where ``fn`` returns a scalar or
+    ``(scalar, aux)`` (aux is returned detached; None when there is none). Gradients are enabled inside, so it
+    works under ``torch.no_grad`` too; ``x`` itself is not modified."""
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        out = fn(x_in)
+        value, aux = out if isinstance(out, tuple) else (out, None)
+        grad = torch.autograd.grad(value, x_in)[0]
+    return grad, (aux.detach() if aux is not None else None)
 
 
 def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -43,15 +79,11 @@ def ddim_sample(
     """
     device = torch.device(device) if device is not None else denoiser.alpha_bar.device
     H, W = denoiser.image_size
-    gen_device = generator.device if generator is not None else device
-    x = torch.randn((n, denoiser.channels, H, W), generator=generator, device=gen_device).to(device)
-    ts = sampling_timesteps(denoiser.num_timesteps, steps)
-    alpha_bar = denoiser.alpha_bar.to(device)
+    randn = noise_sampler((n, denoiser.channels, H, W), generator, device)
+    x = randn()
     x0 = x
-    for i, t in enumerate(ts):
-        a_t = alpha_bar[t]
-        a_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
+    for t, a_t, a_prev in timestep_pairs(denoiser.alpha_bar.to(device),
+                                         sampling_timesteps(denoiser.num_timesteps, steps)):
         x0 = denoiser.predict_x0(x, torch.full((n,), t, device=device), y, cond_weight=cond_weight, clip=True)
-        z = torch.randn(x.shape, generator=generator, device=gen_device).to(device)
-        x = ddim_step(x, x0, a_t, a_prev, eta, z)
+        x = ddim_step(x, x0, a_t, a_prev, eta, randn())
     return denoiser.decode(x0).clamp(0, 1)
