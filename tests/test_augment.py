@@ -38,6 +38,32 @@ def test_tweedie_equals_manual_x0_estimate(den, images):
     assert (t == 300).all()
 
 
+def test_diffuse_denoise_is_the_view_diffaug_and_ensemble_use(den, images):
+    from diffaug.ensemble import ensemble_views
+
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(images.shape, generator=g)
+    with torch.no_grad():
+        # at an int t the same as the manual estimate; DiffAug.apply with the same settings
+        x_t = schedule.q_sample(images * 2 - 1, torch.full((6,), 250), noise, den.alpha_bar)
+        torch.testing.assert_close(diffaug.diffuse_denoise(den, images, 250, noise),
+                                   (den.predict_x0(x_t, torch.full((6,), 250)).clamp(-1, 1) + 1) / 2)
+        aug = DiffAug(den, sampler="dpm-solver-2")
+        t = torch.tensor([5, 100, 250, 400, 700, 999])
+        assert torch.equal(aug.apply(images, t, noise),
+                           diffaug.diffuse_denoise(den, images, t, noise, sampler="dpm-solver-2"))
+        # DE's member views: one noise draw per member, in member-major order
+        views = ensemble_views(den, images, (0, 50, 200), generator=torch.Generator().manual_seed(4))
+        member_noise = torch.randn((2, *images.shape), generator=torch.Generator().manual_seed(4))
+        assert torch.equal(views[0], images)
+        for k, t in enumerate((50, 200)):
+            torch.testing.assert_close(views[k + 1], diffaug.diffuse_denoise(den, images, t, member_noise[k]))
+    with pytest.raises(InputError, match="unknown sampler"):
+        diffaug.diffuse_denoise(den, images, 250, noise, sampler="euler")
+    with pytest.raises(InputError, match="t must lie in"):
+        diffaug.diffuse_denoise(den, images, 1000, noise)
+
+
 def test_t_range_in_three_spellings(den, images):
     x = images.repeat(50, 1, 1, 1)
     _, t = DiffAug(den, t_range=(100, 120))(x, generator=torch.Generator().manual_seed(0), return_t=True)

@@ -10,7 +10,7 @@ does), so ``import diffaug`` stays as fast as the core and ``diffaug.ood.metrics
 
 import importlib
 
-from .augment import DiffAug
+from .augment import DiffAug, diffuse_denoise
 from .classifier import Classifier, create_classifier, load_classifier
 from .denoiser import Denoiser, load_denoiser
 from .ensemble import diffaug_ensemble
@@ -28,7 +28,8 @@ SUBMODULES = (
 _LAZY_NAMES = {"GuidanceClassifier": "guidance"}
 
 __all__ = ["ABSTAIN", "DiffAug", "Smooth", "Denoiser", "InputError", "StorageError", "create_classifier",
-           "diffaug_ensemble", "load_classifier", "load_denoiser", "Classifier", "GuidanceClassifier"]
+           "diffaug_ensemble", "diffuse_denoise", "load_classifier", "load_denoiser", "Classifier",
+           "GuidanceClassifier"]
 __version__ = "0.1.0"
 
 

@@ -65,6 +65,45 @@ def one_step_dpm_solver_2(den: Denoiser, x_t, t, y=None, *, cond_weight=None, t_
     return torch.where(view(moving) > 0, x_end, x_t)
 
 
+def diffuse_denoise(den: Denoiser, x: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor,
+                    y: torch.Tensor | None = None, *, sampler: str = "tweedie", cond_weight: float = 0.0,
+                    clip: bool = True, validate: bool = True) -> torch.Tensor:
+    """The DiffAug view: diffuse ``x`` to timesteps ``t`` with ``noise`` and denoise in one step.
+
+    ``x_t = sqrt(alpha_bar_t) encode(x) + sqrt(1 - alpha_bar_t) noise``, then the one-step estimate of x0
+    (``sampler``: ``tweedie`` or ``dpm-solver-2``), clipped to [-1, 1] with ``clip``, decoded. Deterministic: every
+    random choice is in ``t`` and ``noise``. :class:`DiffAug`, DiffAug-Ensemble and the study's figures use it.
+
+    Args:
+        den: the denoiser (used with ``y`` only when it is class-conditional).
+        x: images ``[N, C, H, W]`` in [0, 1].
+        t: timesteps, an int or a LongTensor ``[N]``.
+        noise: model-space standard normal noise like ``x``.
+        y: class labels ``[N]``, needed when ``cond_weight > 0``.
+        sampler: the one-step sampler.
+        cond_weight: weight of the conditional prediction of a conditional denoiser (0: unconditional).
+        clip: clip the estimate to the data range.
+        validate: range-check a tensor ``t`` and ``y`` (host-device syncs on a GPU).
+
+    Returns:
+        ``[N, C, H, W]`` in [0, 1] (with ``clip``), the dtype of ``x``; gradients flow to ``x``.
+    """
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    t = den._timesteps(t, x.shape[0], x.device, validate)
+    cond_weight = cond_weight if den.is_conditional else None
+    if den.is_conditional and cond_weight > 0 and y is None:
+        raise InputError("conditional DiffAug (cond_weight > 0) needs class labels y; pass y=labels")
+    if y is not None and den.is_conditional:
+        y = den._labels(y, x.shape[0], x.device, validate)
+    x_t = schedule.q_sample(den.encode(x.float()), t, noise, den.alpha_bar)
+    step = one_step_tweedie if sampler == "tweedie" else one_step_dpm_solver_2
+    x0_hat = step(den, x_t, t, y if den.is_conditional else None, cond_weight=cond_weight, validate=False)
+    if clip:
+        x0_hat = x0_hat.clamp(-1, 1)
+    return den.decode(x0_hat).to(x.dtype)
+
+
 class DiffAug(nn.Module):
     """The DiffAug augmentation as a ``torch.nn.Module`` with a frozen denoiser inside.
 
@@ -137,23 +176,10 @@ class DiffAug(nn.Module):
         return t.to(x.device), noise.to(x.device)
 
     def apply(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None):
-        """Deterministic part: diffuse ``x`` (in [0, 1]) to ``t`` with ``noise`` and denoise in one step."""
-        return self._apply(x, self.denoiser._timesteps(t, x.shape[0], x.device, self.validate), noise, y)
-
-    def _apply(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None):
-        """:meth:`apply` for timesteps already known to be a valid LongTensor ``[N]`` (no checks, no syncs)."""
-        den = self.denoiser
-        cond_weight = self.cond_weight if den.is_conditional else None
-        if den.is_conditional and cond_weight > 0 and y is None:
-            raise InputError("conditional DiffAug (cond_weight > 0) needs class labels y; pass y=labels")
-        if y is not None and den.is_conditional:
-            y = den._labels(y, x.shape[0], x.device, self.validate)
-        x_t = schedule.q_sample(den.encode(x.float()), t, noise, den.alpha_bar)
-        step = one_step_tweedie if self.sampler == "tweedie" else one_step_dpm_solver_2
-        x0_hat = step(den, x_t, t, y if den.is_conditional else None, cond_weight=cond_weight, validate=False)
-        if self.clip:
-            x0_hat = x0_hat.clamp(-1, 1)
-        return den.decode(x0_hat).to(x.dtype)
+        """Deterministic part: diffuse ``x`` (in [0, 1]) to ``t`` with ``noise`` and denoise in one step
+        (:func:`diffuse_denoise` with this augmentation's settings)."""
+        return diffuse_denoise(self.denoiser, x, t, noise, y, sampler=self.sampler, cond_weight=self.cond_weight,
+                               clip=self.clip, validate=self.validate)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
                 return_t: bool = False):
@@ -170,7 +196,9 @@ class DiffAug(nn.Module):
         if y is not None and not self.denoiser.is_conditional:
             raise InputError("class labels y were given but the denoiser is unconditional; pass y=None")
         t, noise = self.draw(x, generator)
-        out = x.clone() if x.shape[0] == 0 else self._apply(x, t, noise, y)
+        out = x.clone() if x.shape[0] == 0 else diffuse_denoise(
+            self.denoiser, x, t, noise, y, sampler=self.sampler, cond_weight=self.cond_weight, clip=self.clip,
+            validate=False)  # x was checked above; t was drawn in range
         return (out, t) if return_t else out
 
 

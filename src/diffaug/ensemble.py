@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .augment import DiffAug
+from .augment import diffuse_denoise
 from .denoiser import Denoiser
 from .errors import InputError
 
@@ -51,7 +51,6 @@ def ensemble_views(
     if validate:
         denoiser.check_images(x)
     n = x.shape[0]
-    aug = DiffAug(denoiser, sampler=sampler, validate=False)
     noisy = [t for t in members if t > 0]
     views = {}
     if noisy:
@@ -60,8 +59,8 @@ def ensemble_views(
         gen_device = generator.device if generator is not None else x.device
         noise = torch.randn(rep.shape, generator=generator, device=gen_device).to(x.device)
         chunk = batch_size or rep.shape[0]
-        out = torch.cat([aug._apply(rep[i : i + chunk], t[i : i + chunk], noise[i : i + chunk])
-                         for i in range(0, rep.shape[0], chunk)])
+        out = torch.cat([diffuse_denoise(denoiser, rep[i : i + chunk], t[i : i + chunk], noise[i : i + chunk],
+                                         sampler=sampler, validate=False) for i in range(0, rep.shape[0], chunk)])
         views = dict(zip(noisy, out.reshape(len(noisy), *x.shape)))
     return torch.stack([views[t] if t > 0 else x.to(views[noisy[0]].dtype if noisy else x.dtype)
                         for t in members])
