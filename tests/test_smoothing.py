@@ -251,6 +251,18 @@ def over_certified(alpha: float, inputs: int, max_n: int = 300) -> tuple[int, fl
     return bad, draws / inputs
 
 
+def test_several_classifiers_label_the_same_draws():
+    den = tiny_denoiser()
+    a, b = create_classifier("small_cnn", 10, 1, seed=0).eval(), create_classifier("small_cnn", 10, 1, seed=1).eval()
+    x = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    both = Smooth(a, 10, 0.25, denoiser=den).sample_labels(x, 50, 20, torch.Generator().manual_seed(1),
+                                                           classifiers=[a, b])
+    for k, clf in enumerate((a, b)):
+        alone = Smooth(clf, 10, 0.25, denoiser=den).sample_labels(x, 50, 20, torch.Generator().manual_seed(1))
+        assert torch.equal(both[k], alone)
+    assert both.shape == (2, 50)
+
+
 def test_linear_classifier_votes_at_the_closed_form_rate():
     smooth, margin = Smooth(LinearMargin(), 2, 0.5), 0.5 - 0.005
     votes = smooth.sample_counts(torch.full((1, 2, 2), margin / 2), 40_000, 10_000, torch.Generator().manual_seed(0))

@@ -135,14 +135,15 @@ class Smooth:
             self.alpha_bar_star = float(denoiser.alpha_bar[self.t_star])
             self.dds_mismatch = float(sigmas[self.t_star] / target)  # 1.0 = exact match
 
-    def _base_predict(self, noisy: torch.Tensor) -> torch.Tensor:
-        """Base classifier on noisy images in pixel space (may leave [0, 1]); returns labels ``[N]``."""
-        if self.denoiser is not None:
-            den = self.denoiser
-            x_t = math.sqrt(self.alpha_bar_star) * den.encode(noisy)
-            t = torch.full((noisy.shape[0],), self.t_star, device=noisy.device)
-            noisy = den.decode(den.predict_x0(x_t, t, clip=True))
-        return self.classifier(noisy).argmax(dim=1)
+    def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
+        """The front end of the base classifier: DDS's one-shot denoised estimate of noisy pixel-space images
+        (which may leave [0, 1]); the images unchanged without a denoiser."""
+        if self.denoiser is None:
+            return noisy
+        den = self.denoiser
+        x_t = math.sqrt(self.alpha_bar_star) * den.encode(noisy)
+        t = torch.full((noisy.shape[0],), self.t_star, device=noisy.device)
+        return den.decode(den.predict_x0(x_t, t, clip=True))
 
     def _check(self, x: torch.Tensor, batch_size: int, alpha: float | None = None, **counts) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -158,18 +159,25 @@ class Smooth:
         return x
 
     @torch.no_grad()
-    def sample_labels(self, x: torch.Tensor, num: int, batch_size: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Base-classifier labels ``[num]`` (int64, CPU) of ``num`` noisy copies of ``x``, in draw order."""
+    def sample_labels(self, x: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None = None,
+                      classifiers=None) -> torch.Tensor:
+        """Base-classifier labels ``[num]`` (int64, CPU) of ``num`` noisy copies of ``x``, in draw order.
+
+        With ``classifiers`` (a list of modules in place of this one's), labels ``[len(classifiers), num]`` of each
+        on the same noisy, denoised copies: several base classifiers on one set of draws for one denoiser pass.
+        """
+        heads = [self.classifier] if classifiers is None else list(classifiers)
         gen_device = generator.device if generator is not None else x.device
         labels = []
         remaining = num
         while remaining > 0:
             b = min(batch_size, remaining)
             noise = torch.randn((b, *x.shape), generator=generator, device=gen_device).to(x.device)
-            labels.append(self._base_predict(x.unsqueeze(0) + self.sigma * noise).cpu())
+            front = self.denoise(x.unsqueeze(0) + self.sigma * noise)
+            labels.append(torch.stack([head(front).argmax(dim=1).cpu() for head in heads]))
             remaining -= b
-        return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        out = torch.cat(labels, dim=1) if labels else torch.zeros((len(heads), 0), dtype=torch.long)
+        return out[0] if classifiers is None else out
 
     def sample_counts(self, x: torch.Tensor, num: int, batch_size: int,
                       generator: torch.Generator | None = None) -> torch.Tensor:
