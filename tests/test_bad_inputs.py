@@ -226,6 +226,7 @@ def test_smooth_rejects_bad_sampling_arguments():
     ({"max_n": 4}, "max_n must be >= n0"), ({"radii": (0.0, 0.5, 0.25)}, "increasing"),
     ({"radii": (0.25, 0.25)}, "increasing"), ({"radii": (-0.25, 0.5)}, ">= 0"), ({"radii": ()}, "non-empty"),
     ({"radius_tol": 0.0}, "radius_tol"), ({"radius_tol": -1.0}, "radius_tol"), ({"batch_size": 0}, "batch_size"),
+    ({"futility": 1.0}, "futility"), ({"futility": -0.1}, "futility"),
 ])
 def test_certify_sequential_rejects_bad_arguments_before_sampling(kwargs, message):
     class Never(torch.nn.Module):
