@@ -48,8 +48,11 @@ class _TimmTransform:
     def __init__(self, size: int, is_training: bool):
         from timm.data import create_transform
 
+        from torchvision.transforms import v2
+
         self.transform = create_transform(size, is_training=is_training, color_jitter=None, interpolation="bilinear",
                                           crop_pct=EVAL_CROP_FRACTION, normalize=False)
+        self.to_float = v2.ToDtype(torch.float32, scale=True)
 
     def __call__(self, image):
         import random
@@ -61,9 +64,10 @@ class _TimmTransform:
         state = random.getstate()
         random.seed(int(torch.randint(0, 2**62, (1,))))
         try:
-            return self.transform(to_pil_image(image) if isinstance(image, torch.Tensor) else image)
+            out = self.transform(to_pil_image(image) if isinstance(image, torch.Tensor) else image)
         finally:
             random.setstate(state)
+        return self.to_float(out)  # timm without normalisation ends in uint8
 
     def __repr__(self) -> str:
         return f"timm:{self.transform!r}"
