@@ -241,3 +241,28 @@ def test_photo_patches_exist_at_any_size_and_small_ones_are_unchanged():
     for size in (54, 64, 224):
         p = photo_patches(size, 3)
         assert p.shape[0] >= 4 and p.shape[1:] == (3, size, size) and 0 <= p.min() and p.max() <= 1
+
+
+def test_the_study_settings_reach_the_training_of_a_folder_of_large_images(tmp_path):
+    """``study --data DIR``: the config's image size and a batch the folder can fill reach ``train``; the OOD stage's
+    far-OOD photo patches exist at that size (test above; running eval-ood here costs a minute of CPU)."""
+    import numpy as np
+    from imagenet_tree import class_image
+    from PIL import Image
+
+    from diffaug.study import StudyConfig, _folder_batch
+    from diffaug.train_classifier import TrainConfig, train_classifier
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "folder" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(class_image(rng, c, 56, 56)).save(tmp_path / "folder" / f"c{c}" / f"{i}.png")
+    (tmp_path / "cfg.json").write_text(json.dumps({"data": str(tmp_path / "folder"), "image_size": 56}))
+    cfg = StudyConfig.from_file(tmp_path / "cfg.json", quick=True)
+    assert cfg.image_size == 56 and cfg.batch_size is None
+    assert _folder_batch(cfg.data, None) == 12 and _folder_batch(cfg.data, [0, 1]) == 8  # 4 of 6 per class train
+    train_classifier(TrainConfig(data=cfg.data, recipe="plain", model="small_cnn", steps=1, workers=0,
+                                 image_size=cfg.image_size, batch_size=_folder_batch(cfg.data, None)),
+                     tmp_path / "clf", progress=False)
+    assert json.loads((tmp_path / "clf" / "model.json").read_text())["image_size"] == 56
