@@ -127,14 +127,14 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
         _, C, H, W = data.images.shape
     if cfg.batch_size is None:
         cfg = dataclasses.replace(cfg, batch_size=default_batch_size(H))
-    if streamed and cfg.batch_size > len(data):
-        raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of {cfg.data}; "
-                         "lower it")
     if H != W:
         raise InputError(f"train-diffusion needs square images, got {H}x{W}; crop or resize them first")
     if H < 4 or H & (H - 1):
         raise InputError(f"train-diffusion needs a power-of-two image size >= 4, got {H}; "
                          + ("pass --image-size 32, 64, 128..." if streamed else "resize the images"))
+    if streamed and cfg.batch_size > len(data):
+        raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of {cfg.data}; "
+                         "lower it")
     ckpt_path = out_dir / CHECKPOINT_FILE
     ckpt.check_run_folder(ckpt_path, out_dir, resume)
 

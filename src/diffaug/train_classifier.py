@@ -494,8 +494,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x_da = centre[0].to(device, non_blocking=True) if centre else None
                 skipped += int(skips.sum())
-                loss = recipe_loss(net, x, y, cfg, diffaug, augmix, gen, jsd, x_diffaug=x_da,
-                                   x_aligned=[v.to(device, non_blocking=True) for v in aligned])
+                more = {"x_aligned": [v.to(device, non_blocking=True) for v in aligned]} if aligned else {}
+                loss = recipe_loss(net, x, y, cfg, diffaug, augmix, gen, jsd, x_diffaug=x_da, **more)
             else:
                 if epoch != order_epoch:  # the sampler's order is a pure function of (seed, epoch, rank)
                     sampler.set_epoch(epoch)
