@@ -90,7 +90,8 @@ def test_image_folder_training_and_errors(tmp_path):
     _write_folder(tmp_path / "data", mode="RGB")
     ds = load_dataset(tmp_path / "data")
     assert ds.images.shape == (12, 3, 8, 8) and ds.classes == ["cat", "dog"]
-    train_diffusion(tiny_cfg(data=str(tmp_path / "data"), steps=2, batch_size=4), tmp_path / "run", progress=False)
+    train_diffusion(tiny_cfg(data=str(tmp_path / "data"), steps=2, batch_size=4, image_size=8, workers=0),
+                    tmp_path / "run", progress=False)  # a folder is streamed (its train split), resized to 8 px
     den = load_denoiser(tmp_path / "run")
     assert den.channels == 3 and den.num_classes == 2
     assert json.loads((tmp_path / "run" / "diffaug.json").read_text())["classes"] == ["cat", "dog"]
@@ -108,8 +109,8 @@ def test_image_folder_training_and_errors(tmp_path):
     with pytest.raises(InputError, match="no class sub-folders"):
         load_dataset(tmp_path / "empty")
     _write_folder(tmp_path / "odd", size=6)
-    with pytest.raises(InputError, match="power-of-two"):
-        train_diffusion(tiny_cfg(data=str(tmp_path / "odd")), tmp_path / "r2", progress=False)
+    with pytest.raises(InputError, match="power-of-two.*--image-size"):
+        train_diffusion(tiny_cfg(data=str(tmp_path / "odd"), image_size=6), tmp_path / "r2", progress=False)
 
 
 def test_cli_train_diffusion_and_error_exit(tmp_path, capsys):

@@ -202,6 +202,39 @@ class DiffAug(nn.Module):
         return (out, t) if return_t else out
 
 
+class ResizedDiffAug(nn.Module):
+    """DiffAug at the denoiser's resolution for images of another size: each batch is resized (antialiased
+    bilinear, torchvision) to ``size`` x ``size``, augmented by ``diffaug`` and resized back to its own size.
+
+    Args:
+        diffaug: the :class:`DiffAug` (its denoiser takes ``size`` x ``size`` images).
+        size: the side length the denoiser runs at.
+    """
+
+    def __init__(self, diffaug: DiffAug, size: int):
+        super().__init__()
+        self.diffaug, self.size = diffaug, int(size)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None):
+        from torchvision.transforms.v2.functional import resize
+
+        h, w = x.shape[-2:]
+        out = self.diffaug(resize(x, [self.size, self.size], antialias=True).clamp(0, 1), y, generator=generator)
+        return resize(out, [h, w], antialias=True).clamp(0, 1)
+
+
+def denoiser_at(den: Denoiser, crop: int, denoiser_size: int | None = None) -> tuple[Denoiser, int | None]:
+    """The denoiser to augment ``crop`` x ``crop`` images with, and the size to resize them to around it (None:
+    none). Without ``denoiser_size`` a convolutional denoiser runs at the crop size when its network allows
+    (:meth:`Denoiser.at_size`); with it, images are resized to ``denoiser_size`` and back
+    (:class:`ResizedDiffAug`). A size the network cannot take raises :class:`InputError` (one line)."""
+    if denoiser_size is None:
+        return den.at_size(crop), None
+    if isinstance(denoiser_size, bool) or not isinstance(denoiser_size, int) or denoiser_size < 1:
+        raise InputError(f"--denoiser-size must be a whole number >= 1, got {denoiser_size!r}")
+    return den.at_size(denoiser_size), (denoiser_size if denoiser_size != crop else None)
+
+
 def resolve_t_range(den: Denoiser, t_range=None, fraction_range=None, sigma_range=None) -> tuple[int, int]:
     """Turn one of the three ways of naming a time range into inclusive integer bounds within ``[0, T)``."""
     given = [r for r in (t_range, fraction_range, sigma_range) if r is not None]

@@ -53,10 +53,12 @@ def cmd_train_diffusion(args) -> None:
     from .train import DiffusionTrainConfig, train_diffusion
 
     cfg = DiffusionTrainConfig(data=args.data, seed=args.seed)
-    for name in ("steps", "batch_size", "lr", "checkpoint_every", "width", "layers_per_block"):
+    for name in ("steps", "batch_size", "lr", "checkpoint_every", "width", "layers_per_block", "image_size",
+                 "workers"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
+    cfg.sample_grid = not args.no_sample_grid
     if args.unconditional:
         cfg.conditional = False
     if args.schedule:
@@ -74,10 +76,12 @@ def cmd_train(args) -> None:
                       compile=args.compile)
     for name in ("batch_size", "lr", "optimizer", "lr_schedule", "weight_decay", "label_smoothing", "t_min",
                  "t_max", "diffaug_weight", "diffaug_fraction", "checkpoint_every", "eval_every", "warmup_steps",
-                 "image_size", "workers", "diffaug_view", "on_bad_file"):
+                 "image_size", "workers", "diffaug_view", "on_bad_file", "transforms", "aligned", "extra_data",
+                 "denoiser_size"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
+    cfg.sync_bn = args.sync_bn
     if cfg.steps is None and cfg.epochs is None:
         cfg.epochs = 30
     train_classifier(cfg, args.out, resume=args.resume, force=args.force, device=_device(args.device),
@@ -123,7 +127,7 @@ def cmd_train_guidance(args) -> None:
     cfg = GuidanceTrainConfig(kind=args.kind, data=args.data, denoiser=args.denoiser, seed=args.seed,
                               precision=args.precision, channels_last=args.channels_last, compile=args.compile)
     for name in ("steps", "batch_size", "lr", "width", "checkpoint_every", "labelled_fraction",
-                 "consistency_weight", "consistency_delta"):
+                 "consistency_weight", "consistency_delta", "image_size", "workers"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -223,10 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-diffusion", help="train a diffusion model (the denoiser) on your training set")
-    p.add_argument("--data", default="digits", help="'digits' or an image folder ROOT/<class>/<image>")
+    p.add_argument("--data", default="digits", help="'digits', a CIFAR-10 folder, or an image folder streamed from "
+                   "disk (its train split: DIR/train, or 70%% of DIR/<class>/<image>)")
     p.add_argument("--out", required=True, help="output folder (denoiser, checkpoint, samples.png)")
     p.add_argument("--steps", type=int, help="optimiser steps (default 12000)")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="(default: 128 up to 32 px, fewer for larger images: 32 at 64 px)")
+    p.add_argument("--image-size", dest="image_size", type=int,
+                   help="a streamed folder's images are resized and center-cropped to this power of two (default 64)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes for a streamed folder "
+                   "(default min(8, CPUs); 0 loads in the main process)")
+    p.add_argument("--no-sample-grid", dest="no_sample_grid", action="store_true",
+                   help="skip the closing grid of samples (samples.png)")
     p.add_argument("--lr", type=float)
     p.add_argument("--width", type=int, help="UNet base width (default: sized for the image)")
     p.add_argument("--layers-per-block", dest="layers_per_block", type=int)
@@ -274,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-file", dest="on_bad_file",
                    help="an unreadable image: stop naming it (error, default) or use the next image, counted in "
                         "metrics.jsonl (skip)")
+    p.add_argument("--transforms", help="library of a streamed folder's train / eval transforms: torchvision "
+                   "(v2 API, default) or timm (create_transform)")
+    p.add_argument("--denoiser-size", dest="denoiser_size", type=int,
+                   help="run the denoiser at N x N: images are resized (antialiased) to N and back around it "
+                        "(default: the crop size, if the denoiser's network can take it)")
+    p.add_argument("--aligned", nargs="+", metavar="DIR",
+                   help="copies of the training set with the same relative paths (DeepAugment's EDSR / CAE): each "
+                        "adds a cross-entropy term on its view (same crop)")
+    p.add_argument("--extra-data", dest="extra_data", metavar="DIR",
+                   help="labelled images DIR/<class>/<image> added to the training set (+Synth); classes matched "
+                        "by folder name")
+    p.add_argument("--sync-bn", dest="sync_bn", action="store_true",
+                   help="SyncBatchNorm under torchrun (CUDA); no effect on one process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
@@ -351,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-guidance", help="train a noisy or denoise-augmented (DA) guidance classifier")
     p.add_argument("--kind", required=True, choices=["noisy", "da"])
-    p.add_argument("--data", default="digits")
+    p.add_argument("--data", default="digits", help="'digits', a CIFAR-10 folder, or an image folder streamed from disk")
     p.add_argument("--denoiser", default="digits")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
@@ -363,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consistency-weight", dest="consistency_weight", type=float,
                    help="> 0: semi-supervised temporal consistency on the unlabelled rest")
     p.add_argument("--consistency-delta", dest="consistency_delta", type=int, help="t vs t + delta (default 50)")
+    p.add_argument("--image-size", dest="image_size", type=int,
+                   help="a streamed folder's images are resized and center-cropped to this (default: the denoiser's "
+                        "size; another size only if the denoiser's network can run at it)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes for a streamed folder "
+                   "(default min(8, CPUs); 0 loads in the main process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", required=True)

@@ -125,6 +125,41 @@ class Denoiser(nn.Module):
         """``round(fraction * (T - 1))``: a schedule-independent way to name a timestep."""
         return schedule.fraction_to_t(fraction, self.num_timesteps)
 
+    # ------------------------------------------------------------------ other resolutions
+    @property
+    def size_multiple(self) -> int | None:
+        """The square sizes the network takes besides :attr:`image_size`: any multiple of this number (a
+        convolutional UNet, diffusers' or ADM: 2 ** its downsamplings), or None when only :attr:`image_size`
+        is known to work (any other network)."""
+        from .adm import ADMUNet
+
+        if isinstance(self.net, _DiffusersUNet):
+            return 2 ** sum(1 for b in self.net.unet.down_blocks if getattr(b, "downsamplers", None))
+        if isinstance(self.net, ADMUNet):
+            return 2 ** (len(self.net.config.resolved_channel_mult()) - 1)
+        return None
+
+    def accepts_size(self, size: int) -> bool:
+        """Whether the network can run on ``size`` x ``size`` images."""
+        if self.image_size is None or self.image_size == (size, size):
+            return True
+        return self.size_multiple is not None and size >= self.size_multiple and size % self.size_multiple == 0
+
+    def at_size(self, size: int) -> "Denoiser":
+        """This denoiser (the same network, weights and schedule) for ``size`` x ``size`` images, e.g. ADM-256
+        on 224-px crops as the paper's code runs it. Raises :class:`InputError` if the network cannot take it."""
+        if self.image_size == (size, size):
+            return self
+        if not self.accepts_size(size):
+            built = f"{self.image_size[0]}x{self.image_size[1]}"
+            takes = (f"multiples of {self.size_multiple} px" if self.size_multiple else f"only {built}")
+            raise InputError(f"the denoiser was built for {built} images and cannot run at {size}x{size} (its network "
+                             f"takes {takes}); pass --denoiser-size {self.image_size[0]} to resize around it")
+        den = Denoiser(self.net, self.alpha_bar, self.prediction_type, image_size=(size, size),
+                       channels=self.channels, num_classes=self.num_classes, null_class=self.null_class)
+        den.scheduler_config, den.precision, den.channels_last = self.scheduler_config, self.precision, self.channels_last
+        return den
+
     # ------------------------------------------------------------------ checks
     def check_images(self, x: torch.Tensor, name: str = "x") -> None:
         """Raise :class:`InputError` unless ``x`` is a float ``[N, C, H, W]`` batch in [0, 1] this model accepts."""

@@ -68,6 +68,9 @@ class StudyConfig:
     semi_steps: int = 250
     toy_steps: int = 2000
     device: str = "cpu"
+    # an image folder as data (streamed by the training stages; None keeps each command's default):
+    image_size: int | None = None  # crop size of the classifiers and guidance classifiers (None: 224 / the denoiser's)
+    batch_size: int | None = None  # classifiers' batch (None: 128, or all training images when fewer)
 
     @classmethod
     def quick(cls) -> "StudyConfig":
@@ -96,7 +99,9 @@ class StudyConfig:
         if unknown:
             raise InputError(f"unknown setting(s) {', '.join(unknown)} in {path}; known: {', '.join(names)}")
         for key, value in data.items():
-            want = type(getattr(base, key))
+            want = type(getattr(base, key)) if getattr(base, key) is not None else int  # image_size, batch_size
+            if value is None and getattr(base, key) is None:
+                continue
             if not isinstance(value, want) and not (want is float and isinstance(value, int)):
                 raise InputError(f"setting {key} in {path} must be a {want.__name__}, got {value!r}")
         return dataclasses.replace(base, **data)
@@ -153,6 +158,7 @@ def _key(stage: str, cfg: StudyConfig, upstream: dict[str, str]) -> str:
     from . import __version__
 
     settings = {k: getattr(cfg, k) for k in ("data", "denoiser", *SETTINGS[stage])}
+    settings.update({k: getattr(cfg, k) for k in ("image_size", "batch_size") if getattr(cfg, k) is not None})
     blob = json.dumps({"stage": stage, "settings": settings, "upstream": [upstream.get(s) for s in READS.get(stage, ())],
                        "version": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -167,16 +173,28 @@ def _classifier_dirs(root: Path, cfg: StudyConfig, recipes=None) -> dict[tuple[s
 def _trained_classifier(cfg: StudyConfig, recipe: str, seed: int, folder: Path, progress: bool,
                         classes: list[int] | None = None) -> dict:
     """Train one classifier into ``folder`` unless it is there (resuming from its checkpoints); its spec."""
+    from .data import is_in_memory
     from .train_classifier import TrainConfig, train_classifier
 
     if not (folder / "model.json").is_file():  # written last
         resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
         if folder.exists() and not resume:
             shutil.rmtree(folder)
+        extra = {}
+        if not is_in_memory(cfg.data):  # a folder, streamed: the study's crop size and a batch the folder can fill
+            extra = {"image_size": cfg.image_size, "batch_size": cfg.batch_size or _folder_batch(cfg.data, classes)}
         train_classifier(TrainConfig(data=cfg.data, recipe=recipe, epochs=cfg.epochs, seed=seed, classes=classes,
-                                     denoiser=cfg.denoiser if "diffaug" in recipe else None),
+                                     denoiser=cfg.denoiser if "diffaug" in recipe else None, **extra),
                          folder, resume=resume, device=cfg.device, progress=progress)
     return json.loads((folder / "model.json").read_text())
+
+
+def _folder_batch(data: str, classes: list[int] | None, batch: int = 128) -> int:
+    """``batch`` (TrainConfig's default), or the number of training images of a smaller folder."""
+    from .data import open_splits
+
+    train = open_splits(data)["train"]
+    return min(batch, len(train.with_classes(list(classes)) if classes is not None else train))
 
 
 def stage_classifiers(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
@@ -319,7 +337,7 @@ def stage_guidance(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> d
             if not (folder / "metrics.json").is_file():  # written last
                 shutil.rmtree(folder, ignore_errors=True)
                 train_guidance(GuidanceTrainConfig(kind=kind, data=cfg.data, denoiser=cfg.denoiser,
-                                                   steps=cfg.guidance_steps, seed=seed, checkpoint_every=10**9),
+                                                   steps=cfg.guidance_steps, seed=seed, checkpoint_every=10**9, image_size=cfg.image_size),
                                folder, device=cfg.device, progress=progress)
             folders.append(str(folder))
     clean = _classifier_dirs(root, cfg, ["plain"])[("plain", cfg.seeds[0])] if (root / "stages" / "classifiers").is_dir() else None
@@ -349,7 +367,7 @@ def stage_semi(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
                 shutil.rmtree(folder, ignore_errors=True)
                 train_guidance(GuidanceTrainConfig(kind="da", data=cfg.data, denoiser=cfg.denoiser,
                                                    steps=cfg.semi_steps, seed=seed, checkpoint_every=10**9,
-                                                   labelled_fraction=cfg.semi_fraction, consistency_weight=weight),
+                                                   labelled_fraction=cfg.semi_fraction, consistency_weight=weight, image_size=cfg.image_size),
                                folder, device=cfg.device, progress=progress)
             metrics = json.loads((folder / "metrics.json").read_text())
             acc.setdefault(name, []).append(metrics["accuracy"])

@@ -19,21 +19,30 @@ from torch import nn
 
 from . import accel
 from . import checkpoint as ckpt
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, check_size, check_workers, is_in_memory, load_dataset
 from .denoiser import Denoiser
 from .errors import InputError
 from .seeding import private_seed
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+DEFAULT_STREAMED_SIZE = 64  # train-diffusion's image size on a streamed folder
+
+
+def default_batch_size(image_size: int) -> int:
+    """128 images up to 32 px; above, the same number of pixels per batch (64 px: 32, 128 px: 8), at least 8.
+
+    The activations of the UNet grow with the pixels of a batch: 128 images of 64 px made the run's memory pass
+    24 GB; with 32 of them one step of the default 64-px network peaks near 4 GB on a CPU."""
+    return max(8, 128 * 32 * 32 // (image_size * image_size)) if image_size > 32 else 128
 
 
 @dataclass
 class DiffusionTrainConfig:
     """Settings of ``diffaug train-diffusion`` (all written to ``train_config.json`` beside the results)."""
 
-    data: str = "digits"  # "digits" or an image folder ROOT/<class>/<image>
+    data: str = "digits"  # "digits", CIFAR-10, or an image folder streamed from disk (its train split)
     steps: int = 12000  # optimiser steps
-    batch_size: int = 128
+    batch_size: int | None = None  # None: sized for the image (128 up to 32 px, fewer above; see default_batch_size)
     lr: float = 5e-4  # AdamW, linear warm-up then constant
     warmup_steps: int = 500
     weight_decay: float = 0.0
@@ -52,10 +61,17 @@ class DiffusionTrainConfig:
     precision: str = "fp32"  # autocast of the UNet: fp32 | bf16 | fp16 (fp16 adds loss scaling)
     channels_last: bool = False
     compile: bool = False  # torch.compile the UNet
+    # streamed folders only (digits and CIFAR-10 keep their in-memory path):
+    image_size: int | None = None  # Resize + CenterCrop to this (a power of two; None: 64)
+    workers: int | None = None  # DataLoader workers (None: min(8, CPUs))
+    sample_grid: bool = True  # write samples.png at the end (one row per class, DDIM)
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
+        if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise InputError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.image_size is not None:
+            check_size(self.image_size)
+        check_workers(self.workers)
         if not 0 <= self.label_dropout < 1:
             raise InputError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         accel.autocast_dtype(self.precision)
@@ -99,12 +115,26 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
 
     cfg.validate()
     out_dir = Path(out_dir)
-    data = load_dataset(cfg.data, "train")
-    _, C, H, W = data.images.shape
+    streamed = not is_in_memory(cfg.data)
+    if streamed:  # a folder, read lazily through the data layer: any image size, resized to cfg.image_size
+        from .data import open_splits
+
+        data = open_splits(cfg.data, verbose=progress)["train"]
+        C, H = data.channels, cfg.image_size or DEFAULT_STREAMED_SIZE
+        W = H
+    else:
+        data = load_dataset(cfg.data, "train")
+        _, C, H, W = data.images.shape
+    if cfg.batch_size is None:
+        cfg = dataclasses.replace(cfg, batch_size=default_batch_size(H))
     if H != W:
         raise InputError(f"train-diffusion needs square images, got {H}x{W}; crop or resize them first")
     if H < 4 or H & (H - 1):
-        raise InputError(f"train-diffusion needs a power-of-two image size >= 4, got {H}; resize the images")
+        raise InputError(f"train-diffusion needs a power-of-two image size >= 4, got {H}; "
+                         + ("pass --image-size 32, 64, 128..." if streamed else "resize the images"))
+    if streamed and cfg.batch_size > len(data):
+        raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of {cfg.data}; "
+                         "lower it")
     ckpt_path = out_dir / CHECKPOINT_FILE
     ckpt.check_run_folder(ckpt_path, out_dir, resume)
 
@@ -130,14 +160,26 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
 
     den = Denoiser.from_diffusers(unet, scheduler, num_classes=num_classes, null_class=num_classes)
     accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
-    images, labels = accel.to_device(data.images, device), accel.to_device(data.labels, device)
+    if streamed:  # batch `step` holds the same images as in memory; each flip is a function of (seed, step, index)
+        from .data import SeededView, generative_transform, make_step_loader
+
+        batches = iter(make_step_loader(SeededView(data, generative_transform(H), seed=cfg.seed),
+                                        lambda s: _batch_indices(len(data), cfg.batch_size, s, cfg.seed), start,
+                                        cfg.steps, workers=cfg.workers))
+    else:
+        images, labels = accel.to_device(data.images, device), accel.to_device(data.labels, device)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train-diffusion")
     unet.train()
     t0, log = time.perf_counter(), []
     for step in bar:
-        idx = _batch_indices(len(data), cfg.batch_size, step, cfg.seed).to(device)
-        x0 = Denoiser.encode(images[idx])
-        y = labels[idx] if num_classes is not None else None
+        if streamed:
+            x, y = (v.to(device, non_blocking=True) for v in next(batches))
+            x0 = Denoiser.encode(x)
+        else:
+            idx = _batch_indices(len(data), cfg.batch_size, step, cfg.seed).to(device)
+            x0 = Denoiser.encode(images[idx])
+            y = labels[idx]
+        y = y if num_classes is not None else None
         t = torch.randint(0, cfg.num_timesteps, (x0.shape[0],), generator=gen, device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         if y is not None:
@@ -160,7 +202,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     result = Denoiser.from_diffusers(ema_unet, scheduler, num_classes=num_classes, null_class=num_classes)
     result.save_pretrained(out_dir, extra={"data": cfg.data, "classes": data.classes, "train_steps": cfg.steps,
                                            "seed": cfg.seed})
-    _write_sample_grid(result, out_dir / "samples.png", cfg, data)
+    if cfg.sample_grid:
+        _write_sample_grid(result, out_dir / "samples.png", cfg, data)
     if progress:
         print(f"train-diffusion: {cfg.steps - start} steps in {time.perf_counter() - t0:.0f}s -> {out_dir}")
     return result
@@ -181,7 +224,7 @@ def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen, scaler) -> int:
     tensors, meta = ckpt.load_safetensors(path)
     saved = dict(meta.get("config", {}))
     now = dataclasses.asdict(cfg)
-    changed = ckpt.changed_settings(saved, now, ("steps", "checkpoint_every"),
+    changed = ckpt.changed_settings(saved, now, ("steps", "checkpoint_every", "workers", "sample_grid"),
                                     dataclasses.asdict(DiffusionTrainConfig()))
     if changed:
         raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "

@@ -37,7 +37,7 @@ from . import accel
 from . import checkpoint as ckpt
 from .classifier import Classifier, create_classifier, save_classifier
 from .data import is_in_memory, load_dataset, subset_classes
-from .data import BAD_FILE_POLICIES, check_size, check_workers
+from .data import BAD_FILE_POLICIES, check_library, check_size, check_workers
 from .errors import InputError
 from .seeding import private_seed
 
@@ -84,6 +84,12 @@ class TrainConfig:
     workers: int | None = None  # DataLoader workers (None: min(8, CPUs))
     diffaug_view: str = "center"  # DiffAug of the center view (the paper's code) or of the random crop ("same")
     on_bad_file: str = "error"  # error | skip (substitute the next image, counted in metrics.jsonl)
+    transforms: str = "torchvision"  # train / eval transforms: torchvision (v2) | timm (create_transform)
+    aligned: list[str] | None = None  # DeepAugment-style copies of the training set: one CE term per copy's view
+    extra_data: str | None = None  # labelled images added to the training set (+Synth), classes by folder name
+    # any data:
+    denoiser_size: int | None = None  # run the denoiser at this size (resized there and back); None: the crop size
+    sync_bn: bool = False  # SyncBatchNorm under DDP (a no-op on one process)
 
     def resolved(self) -> "TrainConfig":
         cfg = dataclasses.replace(self)
@@ -124,6 +130,13 @@ class TrainConfig:
             raise InputError(f"unknown DiffAug view {self.diffaug_view!r}; use one of {', '.join(DIFFAUG_VIEWS)}")
         if self.on_bad_file not in BAD_FILE_POLICIES:
             raise InputError(f"unknown bad-file policy {self.on_bad_file!r}; use one of {', '.join(BAD_FILE_POLICIES)}")
+        check_library(self.transforms)
+        if (self.aligned or self.extra_data) and is_in_memory(self.data):
+            raise InputError(f"--aligned and --extra-data need an image folder as --data, not {self.data}")
+        if self.aligned and self.extra_data:
+            raise InputError("--aligned copies cover the training set only; use --aligned or --extra-data, not both")
+        if self.denoiser_size is not None:
+            check_size(self.denoiser_size)
 
 
 # ---------------------------------------------------------------------- distributed helpers
@@ -184,12 +197,16 @@ class AugMixViews:
 
 
 def recipe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, diffaug, augmix,
-                generator: torch.Generator, jsd, x_diffaug: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator, jsd, x_diffaug: torch.Tensor | None = None,
+                x_aligned: list[torch.Tensor] = ()) -> torch.Tensor:
     """The loss of one step of ``cfg.recipe`` (one forward pass over all views). DiffAug is applied to
-    ``x_diffaug`` (another view of the same images, e.g. their center crop) when given, else to ``x``."""
+    ``x_diffaug`` (another view of the same images, e.g. their center crop) when given, else to ``x``. Each
+    aligned view (DeepAugment's copies of the same images, same crop) adds ``CE(f(view), y)``."""
     views, n = [x], x.shape[0]
     if "augmix" in cfg.recipe:
         views += list(augmix(x, generator))
+    first_aligned = len(views) * n
+    views += list(x_aligned)
     n_da = 0
     if "diffaug" in cfg.recipe:
         n_da = max(1, round(cfg.diffaug_fraction * n))
@@ -200,6 +217,9 @@ def recipe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
         loss = jsd(logits[: 3 * n], y.repeat(3))
     else:
         loss = F.cross_entropy(logits[:n], y, label_smoothing=cfg.label_smoothing)
+    for j in range(len(x_aligned)):
+        start = first_aligned + j * n
+        loss = loss + F.cross_entropy(logits[start : start + n], y, label_smoothing=cfg.label_smoothing)
     if n_da:
         loss = loss + cfg.diffaug_weight * F.cross_entropy(logits[-n_da:], y[:n_da], label_smoothing=cfg.label_smoothing)
     return loss
@@ -250,17 +270,24 @@ class _Streamed:
     def __init__(self, cfg: TrainConfig, splits: dict, dist_info: "Dist", per_rank: int, centre_view: bool):
         from .data import ResumableSampler, SeededView, eval_transform, make_loader, train_transform
 
+        from .data import aligned_copy
+
         self.splits, self.per_rank, self.workers = splits, per_rank, cfg.workers
-        transforms = [train_transform(cfg.image_size)] + ([eval_transform(cfg.image_size)] if centre_view else [])
-        self.eval_transform = eval_transform(cfg.image_size)
+        lib = cfg.transforms
+        transforms = [train_transform(cfg.image_size, lib)] + ([eval_transform(cfg.image_size, lib)] if centre_view
+                                                                 else [])
+        self.eval_transform = eval_transform(cfg.image_size, lib)
+        aligned = [aligned_copy(splits["train"], root) for root in cfg.aligned or []]
         self.sampler = ResumableSampler(len(splits["train"]), seed=cfg.seed, rank=dist_info.rank,
                                         world_size=dist_info.world, drop_last=True)
         if self.sampler.num_samples < per_rank:
             raise InputError(f"the batch of {per_rank} per process is larger than the {self.sampler.num_samples} "
                              "training images per process; lower --batch-size")
-        self.loader = make_loader(SeededView(splits["train"], *transforms, seed=cfg.seed, count_skips=True),
+        self.loader = make_loader(SeededView(splits["train"], *transforms, seed=cfg.seed, count_skips=True,
+                                             aligned=aligned),
                                   per_rank, sampler=self.sampler, workers=cfg.workers, drop_last=True)
         self.steps_per_epoch = self.sampler.num_samples // per_rank
+        self.views = len(transforms)  # then one view per aligned copy
         self._it, self._at = None, None
 
     def get(self, epoch: int, pos: int):
@@ -333,6 +360,12 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
 
         splits = open_splits(cfg.data, channels=den.channels if den is not None else 3, on_bad_file=cfg.on_bad_file,
                              verbose=progress and int(os.environ.get("RANK", "0")) == 0)
+        if cfg.extra_data:
+            from .data import with_extra
+
+            splits["train"] = with_extra(splits["train"], cfg.extra_data)
+            if progress and int(os.environ.get("RANK", "0")) == 0:
+                print(f"data: {cfg.extra_data} added: {len(splits['train'])} training images")
         if cfg.classes is not None:
             splits = {k: d.with_classes(list(cfg.classes)) for k, d in splits.items()}
         train, val, test = splits["train"], splits["val"], splits["test"]
@@ -351,11 +384,17 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     if started and not (resume or force):
         raise InputError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
     diffaug = None
-    if den is not None:
-        den.check_images(first, name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")  # once, here
+    if den is not None:  # the denoiser at the crop size if its network allows, else around --denoiser-size
+        from .augment import ResizedDiffAug, denoiser_at
+
+        den, resize_to = denoiser_at(den, first.shape[-1], cfg.denoiser_size)
+        seen = first if resize_to is None else torch.nn.functional.interpolate(first, size=(resize_to, resize_to))
+        den.check_images(seen, name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")  # once, here
         t_max = den.num_timesteps - 1 if cfg.t_max is None else cfg.t_max
         diffaug = DiffAug(den.to(device), t_range=(cfg.t_min, t_max), validate=False)  # the loop makes no syncs
         accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
+        if resize_to is not None:
+            diffaug = ResizedDiffAug(diffaug, resize_to)
     C = first.shape[1]
     model = create_classifier(cfg.model, train.num_classes, C, pretrained=cfg.pretrained, seed=cfg.seed).to(device)
     accel.accelerate(model, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
@@ -375,6 +414,9 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     dist_info = init_distributed(device)
     if dist_info.world > 1 and cfg.batch_size % dist_info.world:
         raise InputError(f"batch size {cfg.batch_size} is not divisible by {dist_info.world} ranks")
+    if cfg.sync_bn and dist_info.world > 1 and device.type != "cuda":
+        raise InputError("--sync-bn needs CUDA devices under torchrun (PyTorch's SyncBatchNorm has no CPU "
+                         "implementation); drop --sync-bn")
     per_rank = cfg.batch_size // dist_info.world
     if streamed:
         stream = _Streamed(cfg, splits, dist_info, per_rank, "diffaug" in cfg.recipe and cfg.diffaug_view == "center")
@@ -414,6 +456,11 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         ckpt.write_text(out / METRICS_FILE, "")  # a new run starts a new log
 
     net: nn.Module = model
+    if cfg.sync_bn and dist_info.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and buffers, same state_dict keys
+        net = model
+    elif cfg.sync_bn and dist_info.main and progress:
+        print("train: --sync-bn has no effect on one process (BatchNorm kept as it is)")
     if dist_info.world > 1:
         net = data_parallel(model, device)
     augmix = AugMixViews() if "augmix" in cfg.recipe else None
@@ -442,11 +489,13 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         for step in bar:
             epoch, pos = divmod(step, steps_per_epoch)
             if streamed:  # the batch is a function of (seed, epoch, rank, pos), whatever the workers
-                x, *centre, y, skips = stream.get(epoch, pos)
+                x, *extra, y, skips = stream.get(epoch, pos)
+                centre, aligned = extra[: stream.views - 1], extra[stream.views - 1:]
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x_da = centre[0].to(device, non_blocking=True) if centre else None
                 skipped += int(skips.sum())
-                loss = recipe_loss(net, x, y, cfg, diffaug, augmix, gen, jsd, x_diffaug=x_da)
+                more = {"x_aligned": [v.to(device, non_blocking=True) for v in aligned]} if aligned else {}
+                loss = recipe_loss(net, x, y, cfg, diffaug, augmix, gen, jsd, x_diffaug=x_da, **more)
             else:
                 if epoch != order_epoch:  # the sampler's order is a pure function of (seed, epoch, rank)
                     sampler.set_epoch(epoch)

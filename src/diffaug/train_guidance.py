@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import accel
 from . import checkpoint as ckpt
-from .data import load_dataset
+from .data import check_size, check_workers, is_in_memory, load_dataset
 from .denoiser import Denoiser, load_denoiser
 from .errors import InputError
 from .guidance import KINDS, GuidanceClassifier, build_guidance
@@ -49,9 +49,15 @@ class GuidanceTrainConfig:
     precision: str = "fp32"  # autocast of the classifier and (for da) the denoiser: fp32 | bf16 | fp16
     channels_last: bool = False
     compile: bool = False  # torch.compile the classifier's and denoiser's networks
+    # streamed folders only (digits and CIFAR-10 keep their in-memory path):
+    image_size: int | None = None  # Resize + CenterCrop to this (None: the denoiser's size)
+    workers: int | None = None  # DataLoader workers (None: min(8, CPUs))
 
     def validate(self) -> None:
         accel.autocast_dtype(self.precision)
+        if self.image_size is not None:
+            check_size(self.image_size)
+        check_workers(self.workers)
         if not 0 < self.labelled_fraction <= 1:
             raise InputError(f"labelled_fraction must lie in (0, 1], got {self.labelled_fraction}")
         if self.consistency_weight < 0 or self.consistency_delta < 1:
@@ -115,8 +121,19 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     ckpt.check_run_folder(ckpt_path, out_dir, resume)
     device = torch.device(device)
     den = load_denoiser(cfg.denoiser, device=device)
-    train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
-    den.check_images(train.images[:1], name=f"images of {cfg.data}")
+    streamed = not is_in_memory(cfg.data)
+    if streamed:  # a folder, read lazily through the data layer; images resized to the size the denoiser runs at
+        from .data import open_splits
+
+        size = cfg.image_size or (den.image_size[0] if den.image_size else None)
+        if size is None:
+            raise InputError(f"denoiser {cfg.denoiser} has no fixed image size; pass --image-size")
+        den = den.at_size(size)
+        splits = open_splits(cfg.data, channels=den.channels, verbose=progress)
+        train, test = splits["train"], splits["test"]
+    else:
+        train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
+        den.check_images(train.images[:1], name=f"images of {cfg.data}")
     model = build_guidance(cfg.kind, den, train.num_classes, width=cfg.width, seed=cfg.seed).to(device)
     speed = accel.Speed(cfg.precision, cfg.channels_last, cfg.compile)
     speed.apply(den)
@@ -148,21 +165,44 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         ckpt.write_json(out_dir / "train_config.json", config_json)
         ckpt.write_text(out_dir / "log.jsonl", "")  # a new run starts a new log
     labelled, unlabelled = labelled_split(train.labels, cfg.labelled_fraction, cfg.seed)
-    images, labels = train.images[labelled].to(device), train.labels[labelled].to(device)
-    extra_images = train.images[unlabelled].to(device)
+    n_lab, n_unlab = len(labelled), len(unlabelled)
+
+    def lab_batch(step):  # indices into the labelled / unlabelled parts: the same batches in memory or streamed
+        return _batch_indices(n_lab, min(cfg.batch_size, n_lab), step, cfg.seed)
+
+    def unlab_batch(step):
+        return _batch_indices(n_unlab, cfg.batch_size, step, cfg.seed + 1)
+
+    if streamed:
+        from .data import SeededView, generative_transform, make_step_loader
+
+        view = SeededView(train, generative_transform(den.image_size[0]), seed=cfg.seed)
+        batches = iter(make_step_loader(view, lambda s: labelled[lab_batch(s)], start, cfg.steps, workers=cfg.workers))
+        if cfg.consistency_weight > 0:
+            extra_batches = iter(make_step_loader(view, lambda s: unlabelled[unlab_batch(s)], start, cfg.steps,
+                                                  workers=cfg.workers))
+    else:
+        images, labels = train.images[labelled].to(device), train.labels[labelled].to(device)
+        extra_images = train.images[unlabelled].to(device)
     model.net.train()
     log, t0 = [], time.perf_counter()
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                      desc=f"train-guidance ({cfg.kind})"):
-        idx = _batch_indices(len(images), min(cfg.batch_size, len(images)), step, cfg.seed).to(device)
-        x_t, t = noisy_batch(den, images[idx], gen)
+        if streamed:
+            x, y = (v.to(device, non_blocking=True) for v in next(batches))
+        else:
+            idx = lab_batch(step).to(device)
+            x, y = images[idx], labels[idx]
+        x_t, t = noisy_batch(den, x, gen)
         with torch.no_grad():
             inputs = model.inputs(x_t, t)
-        loss = F.cross_entropy(model.logits(inputs, t), labels[idx])
+        loss = F.cross_entropy(model.logits(inputs, t), y)
         if cfg.consistency_weight > 0:
-            uidx = _batch_indices(len(extra_images), cfg.batch_size, step, cfg.seed + 1).to(device)
-            loss = loss + cfg.consistency_weight * consistency_loss(
-                model, den.encode(extra_images[uidx]), cfg.consistency_delta, gen)
+            if streamed:
+                x_u = next(extra_batches)[0].to(device, non_blocking=True)
+            else:
+                x_u = extra_images[unlab_batch(step).to(device)]
+            loss = loss + cfg.consistency_weight * consistency_loss(model, den.encode(x_u), cfg.consistency_delta, gen)
         accel.optimizer_step(loss, opt, scaler)
         sched.step()
         log.append({"step": step + 1, "loss": loss.detach()})  # on the device until the log is written
@@ -181,8 +221,16 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         "data": cfg.data, "denoiser": cfg.denoiser, "seed": cfg.seed, "steps": cfg.steps,
         "labelled_fraction": cfg.labelled_fraction, "consistency_weight": cfg.consistency_weight,
         "labelled_images": len(labelled)})
-    metrics = accuracy_over_t(model, test.images.to(device), test.labels.to(device),
-                              generator=torch.Generator(device=device).manual_seed(cfg.seed + 1))
+    test_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    if streamed:
+        from .data import SeededView, generative_transform, make_loader
+
+        loader = make_loader(SeededView(test, generative_transform(den.image_size[0], flip=False)), 512,
+                             workers=cfg.workers)
+        metrics = accuracy_over_t(model, None, None, generator=test_gen,
+                                  batches=lambda: ((x.to(device), y.to(device)) for x, y in loader))
+    else:
+        metrics = accuracy_over_t(model, test.images.to(device), test.labels.to(device), generator=test_gen)
     metrics["seconds"] = time.perf_counter() - t0
     ckpt.write_json(out_dir / "metrics.json", metrics)
     if progress:
@@ -191,20 +239,25 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
 
 
 @torch.no_grad()
-def accuracy_over_t(model, images: torch.Tensor, labels: torch.Tensor, *, generator: torch.Generator,
-                    bins: int = 10, repeats: int = 3, batch_size: int = 512) -> dict:
+def accuracy_over_t(model, images: torch.Tensor | None, labels: torch.Tensor | None, *, generator: torch.Generator,
+                    bins: int = 10, repeats: int = 3, batch_size: int = 512, batches=None) -> dict:
     """The paper's Table 4 number (accuracy with t uniform, ``repeats`` draws per image) and accuracy per t-bin.
 
     ``model(x_t, t)`` is a guidance classifier; for a clean classifier wrap it as ``lambda x, t: clf(decode(x))``.
+    ``batches`` (instead of ``images`` and ``labels``): a function returning an iterable of ``(images, labels)``
+    batches on the model's device, called once per repeat (e.g. over a streamed folder's loader).
     """
     den = model.denoiser
     T = den.num_timesteps
     hits = torch.zeros(bins)
     counts = torch.zeros(bins)
+    if batches is None:
+        def batches():
+            return ((images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size))
     for _ in range(repeats):
-        for i in range(0, len(images), batch_size):
-            x_t, t = noisy_batch(den, images[i : i + batch_size], generator)
-            correct = (model(x_t, t).argmax(1) == labels[i : i + batch_size]).float().cpu()
+        for x, y in batches():
+            x_t, t = noisy_batch(den, x, generator)
+            correct = (model(x_t, t).argmax(1) == y).float().cpu()
             b = (t.cpu() * bins // T).clamp(max=bins - 1)
             hits.index_add_(0, b, correct)
             counts.index_add_(0, b, torch.ones_like(correct))
@@ -239,6 +292,9 @@ def load_guidance(folder: str | Path, denoiser: Denoiser, *, speed: "accel.Speed
     if lacking or "schedule.alpha_bar" not in tensors:
         raise InputError(f"{folder} is not a guidance classifier saved by diffaug (no {(lacking or ['schedule'])[0]}); "
                          "train one with diffaug train-guidance")
+    if (denoiser.image_size is not None and list(denoiser.image_size) != list(spec["image_size"])
+            and denoiser.accepts_size(spec["image_size"][0]) and spec["image_size"][0] == spec["image_size"][1]):
+        denoiser = denoiser.at_size(spec["image_size"][0])  # a convolutional denoiser run at the trained size
     if list(denoiser.image_size) != list(spec["image_size"]) or denoiser.channels != spec["channels"]:
         raise InputError(f"guidance classifier {folder} was trained for {spec['channels']}x{spec['image_size']} "
                          f"images, the denoiser makes {denoiser.channels}x{list(denoiser.image_size)}")

@@ -10,23 +10,26 @@
 * :mod:`~diffaug.data.loader`: a DataLoader with workers over a resumable, rank-aware sampler.
 """
 
-from .files import (BAD_FILE_POLICIES, SPLIT_FRACTIONS, BadImageError, ImageFiles, ImageList, class_folders,
+from .files import (BAD_FILE_POLICIES, SPLIT_FRACTIONS, BadImageError, ImageFiles, ImageList, aligned_copy,
+                    class_folders, with_extra,
                     class_index_map, decode_image, open_corrupted, open_folder, open_splits, open_unlabelled,
                     restrict_logits, split_indices, split_layout)
-from .loader import ResumableSampler, check_workers, default_workers, make_loader
+from .loader import ResumableSampler, StepBatches, check_workers, default_workers, make_loader, make_step_loader
 from .memory import (CIFAR10_CLASSES, CORRUPTED_LAYOUTS, FAR_OOD_SETS, IMAGE_SUFFIXES, SPLITS, ImageDataset,
                      corrupted_layout, corrupted_names, digits_split_indices, is_in_memory, load_cifar10,
                      load_corrupted, load_dataset, load_digits, load_image_folder, noise_images, photo_patches,
                      subset_classes)
-from .transforms import SeededView, check_size, eval_transform, sample_seed, train_transform
+from .transforms import (TRANSFORM_LIBRARIES, SeededView, check_library, check_size, eval_transform,
+                         generative_transform, sample_seed, train_transform)
 
 __all__ = [
     "BAD_FILE_POLICIES", "CIFAR10_CLASSES", "CORRUPTED_LAYOUTS", "FAR_OOD_SETS", "IMAGE_SUFFIXES", "SPLITS",
-    "SPLIT_FRACTIONS", "BadImageError", "ImageDataset", "ImageFiles", "ImageList", "ResumableSampler", "SeededView",
-    "check_size", "check_workers", "class_folders", "class_index_map", "corrupted_layout", "corrupted_names",
-    "decode_image", "default_workers", "digits_split_indices", "eval_transform", "is_in_memory", "load_cifar10",
+    "SPLIT_FRACTIONS", "TRANSFORM_LIBRARIES", "BadImageError", "aligned_copy", "with_extra", "ImageDataset", "ImageFiles", "ImageList",
+    "ResumableSampler", "SeededView", "StepBatches", "check_library", "check_size", "check_workers", "class_folders", "class_index_map", "corrupted_layout", "corrupted_names",
+    "decode_image", "default_workers", "digits_split_indices", "eval_transform", "generative_transform",
+    "is_in_memory", "load_cifar10",
     "load_corrupted",
-    "load_dataset", "load_digits", "load_image_folder", "make_loader", "noise_images", "open_corrupted",
+    "load_dataset", "load_digits", "load_image_folder", "make_loader", "make_step_loader", "noise_images", "open_corrupted",
     "open_folder", "open_splits", "open_unlabelled", "photo_patches", "restrict_logits", "sample_seed",
     "split_indices", "split_layout", "subset_classes", "train_transform",
 ]

@@ -301,6 +301,41 @@ def open_splits(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
     return sets
 
 
+# ---------------------------------------------------------------------- aligned copies and extra training data
+def aligned_copy(source: ImageFiles, root: str | os.PathLike) -> ImageFiles:
+    """The files of ``source`` under another root with the same relative paths (DeepAugment's EDSR / CAE copies of
+    a training set), same labels and order. ``root`` may hold the copy directly or, for a split layout, in
+    ``root/train`` (or whatever split folder ``source`` came from).
+
+    Raises:
+        InputError: naming the first file the copy lacks (every file is checked, none decoded).
+    """
+    base, root = Path(source.root), Path(root)
+    if not root.is_dir():
+        raise InputError(f"aligned folder {root} does not exist; give a copy of the training set with the same "
+                         "relative paths")
+    target = root / base.name if base.name in SPLITS and (root / base.name).is_dir() else root
+    samples = []
+    for path, label in source.samples:
+        copy = target / Path(path).relative_to(base)
+        if not copy.is_file():
+            raise InputError(f"aligned folder {root} lacks {copy.relative_to(root)} (the copy of {path}); every "
+                             "training image needs its copy at the same relative path")
+        samples.append((str(copy), label))
+    return ImageFiles(samples, source.classes, channels=source.channels, on_bad_file=source.on_bad_file, root=target)
+
+
+def with_extra(source: ImageFiles, root: str | os.PathLike) -> ImageFiles:
+    """``source`` followed by the labelled images of ``root/<class>/<image>`` (or ``root/train/...``), classes
+    matched by folder name (+Synth: synthetic images added to a training set). A class the training set lacks is
+    a one-line error naming it."""
+    root = Path(root)
+    folder = root / "train" if split_layout(root) == "splits" else root
+    extra = open_folder(folder, channels=source.channels, on_bad_file=source.on_bad_file, classes=source.classes)
+    return ImageFiles(source.samples + extra.samples, source.classes, channels=source.channels,
+                      on_bad_file=source.on_bad_file, root=source.root)
+
+
 # ---------------------------------------------------------------------- image lists, OOD folders, ImageNet-C
 class ImageList(ImageFiles):
     """An OpenOOD-style image list: each line ``relative/path label`` (label optional: -1), paths relative

@@ -90,6 +90,38 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+class StepBatches(torch.utils.data.Sampler):
+    """A batch sampler for step-indexed training loops: batch ``step`` is ``[(step, i) for i in
+    batch_indices(step)]`` for ``step`` in ``start .. stop - 1``, so each sample's random transform is a function
+    of ``(seed, step, index)`` and a resumed run starts at its step without reading the batches before it.
+
+    Args:
+        batch_indices: ``step -> indices`` of that step's batch (a pure function of the step).
+        start, stop: the steps to yield.
+    """
+
+    def __init__(self, batch_indices, start: int, stop: int):
+        self.batch_indices, self.start, self.stop = batch_indices, int(start), int(stop)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield [(step, int(i)) for i in self.batch_indices(step)]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def make_step_loader(dataset, batch_indices, start: int, stop: int, *, workers: int | None = None,
+                     pin_memory: bool | None = None) -> "Loader":
+    """A DataLoader over :class:`StepBatches` (``dataset``: usually a
+    :class:`~diffaug.data.transforms.SeededView`); arguments as :class:`StepBatches` and :func:`make_loader`."""
+    workers = check_workers(workers)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return Loader(dataset, batch_sampler=StepBatches(batch_indices, start, stop), num_workers=workers,
+                  pin_memory=pin_memory, persistent_workers=False)
+
+
 def make_loader(dataset, batch_size: int, *, sampler=None, workers: int | None = None,
                 pin_memory: bool | None = None, drop_last: bool = False, prefetch_factor: int | None = None
                 ) -> Loader:

@@ -235,8 +235,13 @@ FAR_OOD_SETS = ("photo-patches", "noise")
 
 def photo_patches(size: int = 8, channels: int = 1, scale: int = 8) -> torch.Tensor:
     """Real photographs at the digits' size: scikit-learn's two bundled sample photos (``china.jpg``,
-    ``flower.jpg``), downscaled ``scale`` times by area averaging, converted to gray for 1 channel, cut into
-    non-overlapping ``size`` x ``size`` patches. Fixed (no randomness); about 2 x 96 patches at the defaults."""
+    ``flower.jpg``, 427 x 640), downscaled ``scale`` times by area averaging, converted to gray for 1 channel, cut
+    into non-overlapping ``size`` x ``size`` patches. Fixed (no randomness); about 2 x 96 patches at the defaults.
+
+    Patches too large for the downscaled photos (``size > 427 // scale``, e.g. 54 px and more at the default
+    scale) are cut at a lower scale, ``max(1, 427 // (4 * size))`` (several patches per photo where its size
+    allows); a patch larger than the photos takes the whole photo resized (antialiased) so that its shorter side
+    is ``size``. Smaller patches are cut exactly as before."""
     from sklearn.datasets import load_sample_images
 
     patches = []
@@ -244,7 +249,13 @@ def photo_patches(size: int = 8, channels: int = 1, scale: int = 8) -> torch.Ten
         x = torch.from_numpy(img.astype(np.float32) / 255).permute(2, 0, 1)[None]
         if channels == 1:
             x = (x * torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
-        x = torch.nn.functional.avg_pool2d(x, scale)
+        short = min(x.shape[-2:])
+        if short < size:
+            from torchvision.transforms.v2.functional import resize
+
+            x = resize(x, size, antialias=True)
+        short = min(x.shape[-2:])
+        x = torch.nn.functional.avg_pool2d(x, scale if short // scale >= size else max(1, short // (4 * size)))
         p = x.unfold(2, size, size).unfold(3, size, size)  # [1, C, h, w, size, size]
         patches.append(p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], size, size))
     return torch.cat(patches).clamp(0, 1)

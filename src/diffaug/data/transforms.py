@@ -2,8 +2,13 @@
 
 * training: ``RandomResizedCrop(size)`` + ``RandomHorizontalFlip()``;
 * evaluation: ``Resize(round(size / 0.875))`` + ``CenterCrop(size)`` (ImageNet's 224 / 256);
+* generative training (``train-diffusion``): ``Resize(size)`` + ``CenterCrop(size)`` + horizontal flip (the whole
+  image, no random crop);
 
-both on the decoded ``uint8`` image, ending in ``ToDtype(float32, scale=True)`` (values in [0, 1]).
+all on the decoded ``uint8`` image, ending in ``ToDtype(float32, scale=True)`` (values in [0, 1]).
+``library="timm"`` builds the train / eval transforms with timm's ``create_transform`` instead (its
+``RandomResizedCrop`` + flip and its ``Resize`` + ``CenterCrop`` at crop fraction 0.875, colour jitter off, no
+normalisation: the networks get [0, 1] images either way).
 
 The random crop and flip of a sample are a function of ``(seed, epoch, index)`` only (:func:`sample_seed`), so
 they do not depend on the number of workers, on the rank, or on where a resumed run started: torchvision's v2
@@ -20,6 +25,7 @@ from ..errors import InputError
 from ..seeding import private_cpu_seed
 
 EVAL_CROP_FRACTION = 0.875
+TRANSFORM_LIBRARIES = ("torchvision", "timm")
 
 
 def check_size(size: int) -> int:
@@ -29,22 +35,76 @@ def check_size(size: int) -> int:
     return int(size)
 
 
-def train_transform(size: int):
-    """``RandomResizedCrop(size)`` + horizontal flip on a ``uint8`` image, then float in [0, 1]."""
+def check_library(library: str) -> str:
+    """``library`` if it is one of :data:`TRANSFORM_LIBRARIES`, else a one-line error."""
+    if library not in TRANSFORM_LIBRARIES:
+        raise InputError(f"unknown transform library {library!r}; use one of {', '.join(TRANSFORM_LIBRARIES)}")
+    return library
+
+
+class _TimmTransform:
+    """timm's ``create_transform`` pipeline (PIL in, tensor in [0, 1] out) on a ``uint8 [C, H, W]`` tensor."""
+
+    def __init__(self, size: int, is_training: bool):
+        from timm.data import create_transform
+
+        from torchvision.transforms import v2
+
+        self.transform = create_transform(size, is_training=is_training, color_jitter=None, interpolation="bilinear",
+                                          crop_pct=EVAL_CROP_FRACTION, normalize=False)
+        self.to_float = v2.ToDtype(torch.float32, scale=True)
+
+    def __call__(self, image):
+        import random
+
+        from torchvision.transforms.v2.functional import to_pil_image
+
+        # timm's random crop draws from Python's `random`: give it a private state drawn from torch's CPU RNG
+        # (which SeededView seeds per sample), and restore the caller's afterwards
+        state = random.getstate()
+        random.seed(int(torch.randint(0, 2**62, (1,))))
+        try:
+            out = self.transform(to_pil_image(image) if isinstance(image, torch.Tensor) else image)
+        finally:
+            random.setstate(state)
+        return self.to_float(out)  # timm without normalisation ends in uint8
+
+    def __repr__(self) -> str:
+        return f"timm:{self.transform!r}"
+
+
+def train_transform(size: int, library: str = "torchvision"):
+    """``RandomResizedCrop(size)`` + horizontal flip on a ``uint8`` image, then float in [0, 1]
+    (torchvision's v2 API, or timm's ``create_transform(size, is_training=True)`` with ``library="timm"``)."""
     from torchvision.transforms import v2
 
     size = check_size(size)
+    if check_library(library) == "timm":
+        return _TimmTransform(size, is_training=True)
     return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
                        v2.ToDtype(torch.float32, scale=True)])
 
 
-def eval_transform(size: int):
-    """``Resize(round(size / 0.875))`` (shorter side) + ``CenterCrop(size)``, then float in [0, 1]."""
+def eval_transform(size: int, library: str = "torchvision"):
+    """``Resize(round(size / 0.875))`` (shorter side) + ``CenterCrop(size)``, then float in [0, 1]
+    (torchvision's v2 API, or timm's ``create_transform(size, crop_pct=0.875)`` with ``library="timm"``)."""
     from torchvision.transforms import v2
 
     size = check_size(size)
+    if check_library(library) == "timm":
+        return _TimmTransform(size, is_training=False)
     return v2.Compose([v2.ToImage(), v2.Resize(round(size / EVAL_CROP_FRACTION), antialias=True),
                        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
+
+
+def generative_transform(size: int, flip: bool = True):
+    """``Resize(size)`` (shorter side) + ``CenterCrop(size)`` (+ a random horizontal flip), then float in [0, 1]:
+    the whole image, as a diffusion model (or a guidance classifier) is trained on it."""
+    from torchvision.transforms import v2
+
+    size = check_size(size)
+    return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                       *([v2.RandomHorizontalFlip()] if flip else []), v2.ToDtype(torch.float32, scale=True)])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -68,15 +128,19 @@ class SeededView(torch.utils.data.Dataset):
         seed: the run's seed.
         count_skips: append to each item how many unreadable files were replaced to get it (see
             :class:`~diffaug.data.files.ImageFiles`' ``on_bad_file``), so a training loop can count them exactly.
+        aligned: sources with the same items as ``source`` (e.g. :func:`~diffaug.data.files.aligned_copy`):
+            the item gains, after the views, each one's image through the first transform with the same random
+            draws as the first view (the same crop and flip of the aligned copy).
     """
 
-    def __init__(self, source, *transforms, seed: int = 0, count_skips: bool = False):
+    def __init__(self, source, *transforms, seed: int = 0, count_skips: bool = False, aligned=()):
         if not transforms:
             raise InputError("SeededView needs at least one transform")
         self.source = source
         self.transforms = transforms
         self.seed = int(seed)
         self.count_skips = count_skips
+        self.aligned = tuple(aligned)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -97,4 +161,7 @@ class SeededView(torch.utils.data.Dataset):
         for k, transform in enumerate(self.transforms):
             with private_cpu_seed(sample_seed(self.seed + k, epoch, index)):
                 views.append(transform(image))
+        for copy in self.aligned:  # the item actually read (index + skips), with the first view's draws
+            with private_cpu_seed(sample_seed(self.seed, epoch, index)):
+                views.append(self.transforms[0](copy.read((index + skips) % len(copy))[0]))
         return (*views, label, skips) if self.count_skips else (*views, label)
