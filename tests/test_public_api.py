@@ -39,3 +39,34 @@ def test_unknown_attribute_still_raises():
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         diffaug.nope  # noqa: B018
     assert "ood" in dir(diffaug) and set(diffaug.__all__) <= set(dir(diffaug))
+
+
+SNAPSHOT = __import__("pathlib").Path(__file__).parent / "data" / "public_api.txt"
+
+
+def public_names() -> list[str]:
+    """Every public name: the package's ``__all__``, its submodules, and each subpackage's ``__all__``."""
+    import diffaug.data
+
+    names = [f"diffaug.{n}" for n in diffaug.__all__] + [f"diffaug.{m}" for m in diffaug.SUBMODULES]
+    names += [f"diffaug.data.{n}" for n in diffaug.data.__all__]
+    return sorted(set(names))
+
+
+def test_public_api_matches_the_checked_in_snapshot():
+    """An export cannot go missing (or appear) unnoticed: compare with tests/data/public_api.txt (kornia-style).
+    After a deliberate change, rewrite it with ``python tests/test_public_api.py``."""
+    import importlib
+
+    listed = SNAPSHOT.read_text().split()
+    names = public_names()
+    assert names == listed, (f"missing: {sorted(set(listed) - set(names))}, new: {sorted(set(names) - set(listed))}; "
+                             "update tests/data/public_api.txt if the change is deliberate")
+    for name in names:  # and every listed name resolves
+        module, _, attr = name.rpartition(".")
+        assert getattr(importlib.import_module(module), attr) is not None, name
+
+
+if __name__ == "__main__":
+    SNAPSHOT.write_text("\n".join(public_names()) + "\n")
+    print(f"wrote {len(public_names())} names to {SNAPSHOT}")
