@@ -12,7 +12,7 @@
 
 from .files import (BAD_FILE_POLICIES, SPLIT_FRACTIONS, BadImageError, ImageFiles, ImageList, class_folders,
                     class_index_map, decode_image, open_corrupted, open_folder, open_splits, open_unlabelled,
-                    restrict_logits, split_indices, split_layout)
+                    restrict_logits, split_indices, split_layout, stratified_sample)
 from .loader import ResumableSampler, check_workers, default_workers, make_loader
 from .memory import (CIFAR10_CLASSES, CORRUPTED_LAYOUTS, FAR_OOD_SETS, IMAGE_SUFFIXES, SPLITS, ImageDataset,
                      corrupted_layout, corrupted_names, digits_split_indices, is_in_memory, load_cifar10,
@@ -28,5 +28,5 @@ __all__ = [
     "load_corrupted",
     "load_dataset", "load_digits", "load_image_folder", "make_loader", "noise_images", "open_corrupted",
     "open_folder", "open_splits", "open_unlabelled", "photo_patches", "restrict_logits", "sample_seed",
-    "split_indices", "split_layout", "subset_classes", "train_transform",
+    "split_indices", "split_layout", "stratified_sample", "subset_classes", "train_transform",
 ]
