@@ -189,7 +189,8 @@ def create_classifier(name: str, num_classes: int, channels: int = 3, *, mean=No
 
     Args:
         mean, std: the input normalisation (default: a timm / torchvision model fine-tuned from ``pretrained``
-            weights gets its architecture's own statistics, :func:`native_normalisation`; otherwise 0.5).
+            weights gets its architecture's own statistics, :func:`native_normalisation`, unless the file is a
+            wrapper's state dict that carries its own ``mean`` / ``std``; otherwise 0.5).
         image_size: the input size the network is built for and trained at, recorded in ``spec["image_size"]``
             (the evaluations resize their data to it); timm architectures that need it get ``img_size``.
     """

@@ -412,7 +412,9 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
             for sev in severities:
                 folder = Path(data) / c / str(sev)
                 if not folder.is_dir():
-                    raise InputError(f"{folder} is missing: ImageNet-C layout is corruption/severity/class/image")
+                    present = sorted(int(d.name) for d in folder.parent.iterdir() if d.is_dir() and d.name.isdigit())
+                    raise InputError(f"{folder} is missing (ImageNet-C layout is corruption/severity/class/image); "
+                                     f"pass --severities with those present ({','.join(map(str, present)) or 'none'})")
                 extra = [k for k in class_folders(folder) if k not in set(reference_classes)]
                 if extra:
                     raise InputError(f"{folder} has classes {', '.join(extra[:5])} that {data}/{names[0]}/"
