@@ -83,7 +83,7 @@ def test_streamed_evaluations_end_to_end(world, tmp_path):
 
     out = tmp_path / "cert"  # --limit: one image per class (stratified), not the first three files
     assert main(["certify", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--sigma", "0.25",
-                 "--n", "40", "--n0", "8", "--limit", "3", "--workers", "0", "--out", str(out), "--quiet",
+                 "--n", "40", "--n0", "8", "--limit", "3", "--workers", "1", "--out", str(out), "--quiet",
                  "--device", "cpu"]) == 0
     cert = _rows_tsv(out / "clf" / "sigma_0.25" / "certify.tsv")
     assert sorted(int(r["label"]) for r in cert) == [0, 1, 2]

@@ -42,14 +42,21 @@ def _read_rows(path: Path) -> list[list[str]]:
 
 
 class StreamedImages:
-    """Item ``i`` of a lazy dataset (e.g. :func:`diffaug.evaldata.eval_view` of a folder), decoded when it is
-    certified and moved to ``device``: what :func:`certify_images` indexes instead of an in-memory tensor."""
+    """The images of a lazy dataset (e.g. :func:`diffaug.evaldata.eval_view` of a folder) for
+    :func:`certify_images`, instead of an in-memory tensor: ``items(indices)`` decodes them in that order, one at a
+    time, ``workers`` DataLoader processes reading ahead; each is moved to ``device``."""
 
-    def __init__(self, dataset, device: torch.device):
-        self.dataset, self.device = dataset, torch.device(device)
+    def __init__(self, dataset, device: torch.device, workers: int | None = 0):
+        self.dataset, self.device, self.workers = dataset, torch.device(device), workers
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.dataset[int(i)][0].to(self.device)
+
+    def items(self, indices):
+        from .evaldata import batches
+
+        for x, _ in batches(self.dataset, 1, workers=self.workers, indices=indices):
+            yield x[0].to(self.device)
 
 
 def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, *, n0: int, n: int,
@@ -68,14 +75,15 @@ def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, 
     write_text(out_tsv, HEADER + "".join("\t".join(r) + "\n" for r in rows))
     todo = [i for i in indices if i not in done]
     device = images.device
-    for i in tqdm(todo, disable=not progress, desc=f"certify sigma={smooth.sigma}"):
+    items = images.items(todo) if isinstance(images, StreamedImages) else (images[i] for i in todo)
+    for i, x in tqdm(zip(todo, items), total=len(todo), disable=not progress, desc=f"certify sigma={smooth.sigma}"):
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
         t0 = time.perf_counter()
         if sequential_radii is None:
-            (pred, radius), used = smooth.certify(images[i], n0, n, alpha, batch_size, generator=gen), n0 + n
+            (pred, radius), used = smooth.certify(x, n0, n, alpha, batch_size, generator=gen), n0 + n
         else:
             pred, radius, used = dataclasses.astuple(smooth.certify_sequential(
-                images[i], alpha, n, batch_size, radii=sequential_radii, n0=n0, generator=gen))
+                x, alpha, n, batch_size, radii=sequential_radii, n0=n0, generator=gen))
         label = int(labels[i])
         append_text(out_tsv, f"{i}\t{label}\t{pred}\t{radius:.4f}\t{int(pred == label)}\t"
                     f"{time.perf_counter() - t0:.4f}\t{used}\n")
@@ -191,8 +199,8 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     Data: ``digits`` / CIFAR-10 in memory (``limit``: the first images, as before); any other folder is streamed
     one image at a time (:func:`diffaug.evaldata.open_eval_folder`: a classifier's own training folder gives its
     test split, any other class folder is used whole) at the classifiers' input size (``image_size``, default
-    their ``model.json``'s), classes matched by name, and ``limit`` takes a seeded, class-stratified sample.
-    ``workers`` is accepted for symmetry with the other evaluations (images are read one at a time)."""
+    their ``model.json``'s), classes matched by name, and ``limit`` takes a seeded, class-stratified sample;
+    ``workers`` DataLoader processes decode the next images while one is certified."""
     from .classifier import load_classifier
     from .data import check_workers, is_in_memory, load_dataset
     from .denoiser import load_denoiser
@@ -226,7 +234,7 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
         channels = next(iter(models.values())).spec.get("channels", 3)
         view = eval_view(open_eval_folder(data, models, channels=channels,
                                           verbose=progress and int(os.environ.get("RANK", "0")) == 0), size)
-        images, labels, classes = StreamedImages(view, device), view.labels, view.classes
+        images, labels, classes = StreamedImages(view, device, workers), view.labels, view.classes
         first = images[0][None]
     den = load_denoiser(denoiser, device=device, speed=speed) if denoiser else None
     if den is not None:
