@@ -208,3 +208,50 @@ def test_stratified_sample_is_proportional_seeded_and_without_repeats():
         np.testing.assert_array_equal(idx, stratified_sample(labels, n, seed=3))
     assert not np.array_equal(stratified_sample(labels, 10, 0), stratified_sample(labels, 10, 1))
     np.testing.assert_array_equal(stratified_sample(labels, 500), np.arange(100))
+
+
+def test_bad_ood_sets_fail_in_one_line_before_any_output(world, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "list.txt").write_text("imgs/a.jpg 0\nimgs/missing.jpg 1\n")
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "imgs" / "a.jpg")
+    for ood, message in ((str(empty), "holds no images"), (str(tmp_path / "list.txt"), "line 2")):
+        out = tmp_path / "o"
+        assert main(["eval-ood", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--ood", ood,
+                     "--workers", "0", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_holdout_on_a_folder_is_the_test_images_of_the_classes_left_out(world, tmp_path):
+    clf = create_classifier("small_cnn", 2, 3, seed=0, image_size=SIZE)
+    save_classifier(clf, tmp_path / "clf", extra={"classes": list(WNIDS[:2]), "class_indices": [0, 1]})
+    out = tmp_path / "o"
+    assert main(["eval-ood", "--data", str(world["tree"]), "--classifier", str(tmp_path / "clf"), "--workers", "0",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    rows = _rows(out / "results.csv")
+    assert {(r["set"], r["group"]) for r in rows} == {("holdout", "near"), ("noise", "far")}
+
+
+@pytest.mark.slow
+def test_torchrun_shards_streamed_conditions_and_images_and_matches_one_process(world, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = ["eval-shift", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--denoiser",
+            str(world["den"]), "--modes", "default,de", "--corruptions", "fog", "--severities", "5", "--batch", "2",
+            "--workers", "0", "--no-analyses", "--quiet", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "diffaug.cli", *args, "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+
+    def rows(folder):
+        return [(r["corruption"], r["mode"], r["n"], r["accuracy"]) for r in _rows(folder / "results.csv")]
+
+    # 9 test images in 5 batches of 2 per condition, spread over both ranks: pooled, the same numbers
+    assert rows(tmp_path / "ddp") == rows(tmp_path / "one") and [r[2] for r in rows(tmp_path / "one")] == ["9"] * 4

@@ -140,8 +140,10 @@ def _subset(n: int, limit: int | None) -> torch.Tensor:
 def evaluate_condition(models: dict, den, batches, modes, *, members, dda_kwargs: dict, seed: int, key: tuple,
                        batch_size: int, device: str | torch.device = "cpu") -> list[dict]:
     """Accuracy and seconds per image of every classifier x mode on one condition, given as ``(images, labels)``
-    batches of (already corrupted) images on ``device`` (:func:`diffaug.evaldata.chunks` of a tensor, or a
-    stream); the DE / DDA draws continue from batch to batch."""
+    batches of (already corrupted) images on ``device`` (:func:`diffaug.evaldata.chunks` of a tensor): the DE /
+    DDA draws continue from batch to batch. Batches given as ``(images, labels, b)`` (a stream, perhaps a shard of
+    it) draw from generators keyed by the batch index ``b`` instead, so a batch's numbers do not depend on which
+    rank evaluates it."""
     from .dda import dda_adapt
     from .ensemble import ensemble_probs, ensemble_views
 
@@ -151,7 +153,10 @@ def evaluate_condition(models: dict, den, batches, modes, *, members, dda_kwargs
     seconds = {(c, m): 0.0 for c in models for m in modes}
     gen_de = keyed_generator(seed, *key, "de", device=device)
     gen_dda = keyed_generator(seed, *key, "dda", device=device)
-    for x, y in batches:
+    for x, y, *batch_key in batches:
+        if batch_key:
+            gen_de = keyed_generator(seed, *key, "de", *batch_key, device=device)
+            gen_dda = keyed_generator(seed, *key, "dda", *batch_key, device=device)
         y = y.to(device)
         n += x.shape[0]
         diffusion = {}
@@ -204,7 +209,7 @@ def de_accuracy_vs_t(models: dict, den, conditions, *, seed: int, t_max: int = 4
     device = torch.device(device)
     for key, batches in conditions:
         gen = keyed_generator(seed, *key, "de-vs-t", device=device)
-        for x, y in batches:
+        for x, y, *_ in batches:
             y = y.to(device)
             views = ensemble_views(den, x, grid, generator=gen, batch_size=batch_size)
             for c, model in models.items():
@@ -233,7 +238,7 @@ def entropy_vs_t(models: dict, den, batches, *, seed: int, num_points: int = 21,
     gen = keyed_generator(seed, "entropy", device=torch.device(device))
     sums = {(c, t): 0.0 for c in models for t in times}
     n = 0
-    for x, _ in batches:
+    for x, *_ in batches:
         n += x.shape[0]
         views = ensemble_views(den, x, times, generator=gen, batch_size=batch_size)
         for c, model in models.items():
@@ -244,6 +249,23 @@ def entropy_vs_t(models: dict, den, batches, *, seed: int, num_points: int = 21,
     n = max(n, 1)
     return [{"classifier": c, "recipe": models[c].spec.get("recipe", "?"), "t": t, "entropy": v / n}
             for (c, t), v in sums.items()]
+
+
+def merge_shards(rows: list[dict]) -> list[dict]:
+    """One row per (classifier, mode, corruption, severity): the parts that ranks computed on disjoint image
+    shards, pooled (accuracy and seconds per image weighted by their image counts). Rows already whole pass
+    through unchanged."""
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["classifier"], r["mode"], r["corruption"], r["severity"])
+        if k not in merged:
+            merged[k] = dict(r)
+            continue
+        m, n = merged[k], merged[k]["n"] + r["n"]
+        correct = round(m["accuracy"] * m["n"]) + round(r["accuracy"] * r["n"])
+        m["seconds_per_image"] = (m["seconds_per_image"] * m["n"] + r["seconds_per_image"] * r["n"]) / n
+        m["accuracy"], m["n"] = correct / n, n
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------------- tables and plots
@@ -427,8 +449,19 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         models = _check_shapes(models, den, probe(clean).to(device), clean.classes, clean.num_classes, str(data))
     conditions = ([(CLEAN, 0)] if not layout else []) + [(c, s) for c in names for s in severities]
 
-    def condition_batches(corruption: str, severity: int):
-        """The condition's ``(images on device, labels)`` batches."""
+    def shard_batches(ds, keep_c, shard, what: str):
+        """``(x, y, b)`` for the batches ``b`` of ``ds[keep_c]`` that ``shard(b)`` selects (all when None)."""
+        nb = -(-len(keep_c) // batch_size)
+        picked = [b for b in range(nb) if shard is None or shard(b)]
+        if not picked:
+            return
+        idx = torch.cat([keep_c[b * batch_size : (b + 1) * batch_size] for b in picked])
+        for (x, y), b in zip(batches(ds, batch_size, workers=workers, indices=idx, what=what), picked):
+            yield accel.to_device(x, device), y, b
+
+    def condition_batches(corruption: str, severity: int, shard=None):
+        """The condition's ``(images on device, labels)`` batches; a streamed set's are ``(images, labels, b)``
+        with ``b`` the batch index, only those ``shard(b)`` selects."""
         if layout == "cifar10-c":
             ds = load_corrupted(data, corruption, severity)
             keep_c = _subset(len(ds), limit)
@@ -438,17 +471,14 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         if layout == "imagenet-c":
             ds = eval_view(open_corrupted(data, corruption, severity, channels=channels, classes=reference_classes),
                            size)
-            for x, y in batches(ds, batch_size, workers=workers, indices=_subset(len(ds), limit),
-                                what=f"{data}/{corruption}/{severity}"):
-                yield accel.to_device(x, device), y
+            yield from shard_batches(ds, _subset(len(ds), limit), shard, f"{data}/{corruption}/{severity}")
             return
-        if streamed:  # a folder's clean test images, corrupted batch by batch (one generator per condition)
-            gen = keyed_generator(seed, corruption, severity, "corrupt", device=device)
-            for x, y in batches(clean, batch_size, workers=workers, indices=keep, what=str(data)):
-                x = accel.to_device(x, device)
+        if streamed:  # a folder's clean test images, corrupted batch by batch (a generator per batch)
+            for x, y, b in shard_batches(clean, keep, shard, str(data)):
                 if corruption != CLEAN:
+                    gen = keyed_generator(seed, corruption, severity, "corrupt", b, device=device)
                     x = corrupt(x, corruption, severity, generator=gen, frost_images=frost_images)
-                yield x, y
+                yield x, y, b
             return
         if corruption == CLEAN:
             yield from chunks(clean_images, clean_labels, batch_size)
@@ -458,12 +488,16 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
                           clean_labels, batch_size)
 
     dist_info = init_distributed(device)
-    mine = conditions[dist_info.rank :: dist_info.world]
     rows = []
-    for corruption, severity in tqdm(mine, disable=not (progress and dist_info.main), desc="eval-shift"):
-        rows += evaluate_condition(models, den, condition_batches(corruption, severity), modes, members=members,
-                                   dda_kwargs=dda_kwargs, seed=seed, key=(corruption, severity),
-                                   batch_size=batch_size, device=device)
+    if streamed:  # ranks shard conditions and images: batch b of condition k goes to rank (k + b) % world
+        work = [(cond, lambda b, k=k: (k + b) % dist_info.world == dist_info.rank) for k, cond in enumerate(conditions)]
+    else:  # in memory: whole conditions per rank
+        work = [(cond, None) for cond in conditions[dist_info.rank :: dist_info.world]]
+    for (corruption, severity), shard in tqdm(work, disable=not (progress and dist_info.main), desc="eval-shift"):
+        part = evaluate_condition(models, den, condition_batches(corruption, severity, shard), modes,
+                                  members=members, dda_kwargs=dda_kwargs, seed=seed, key=(corruption, severity),
+                                  batch_size=batch_size, device=device)
+        rows += [r for r in part if r["n"]]  # a rank may hold no batch of a small condition
     out.mkdir(parents=True, exist_ok=True)
     if dist_info.world > 1:
         import torch.distributed as dist
@@ -476,6 +510,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         rows = [r for k in range(dist_info.world) for r in json.loads((out / f"rows.rank{k}.json").read_text())]
         for k in range(dist_info.world):
             (out / f"rows.rank{k}.json").unlink()
+    rows = merge_shards(rows)
     order = {cond: i for i, cond in enumerate(conditions)}
     rows.sort(key=lambda r: (order[(r["corruption"], r["severity"])], list(models).index(r["classifier"]),
                              MODES.index(r["mode"])))
