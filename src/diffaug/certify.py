@@ -10,6 +10,7 @@ with ``sequential``); rows of TSVs written before that column existed are read w
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -40,11 +41,30 @@ def _read_rows(path: Path) -> list[list[str]]:
     return [ln.split("\t") + pad for ln in lines if ln.count("\t") == len(columns) - 1]
 
 
-def certify_images(smooth: Smooth, images: torch.Tensor, labels: torch.Tensor, out_tsv: Path, *, n0: int, n: int,
+class StreamedImages:
+    """The images of a lazy dataset (e.g. :func:`diffaug.evaldata.eval_view` of a folder) for
+    :func:`certify_images`, instead of an in-memory tensor: ``items(indices)`` decodes them in that order, one at a
+    time, ``workers`` DataLoader processes reading ahead; each is moved to ``device``."""
+
+    def __init__(self, dataset, device: torch.device, workers: int | None = 0):
+        self.dataset, self.device, self.workers = dataset, torch.device(device), workers
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset[int(i)][0].to(self.device)
+
+    def items(self, indices):
+        from .evaldata import batches
+
+        for x, _ in batches(self.dataset, 1, workers=self.workers, indices=indices):
+            yield x[0].to(self.device)
+
+
+def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, *, n0: int, n: int,
                    alpha: float, batch_size: int, seed: int, indices, progress: bool = False,
                    sequential_radii=None) -> None:
     """Certify ``images[i]`` for ``i`` in ``indices``, appending rows to ``out_tsv``; already-done rows are kept.
 
+    ``images``: a tensor ``[N, C, H, W]`` or a :class:`StreamedImages` (read one image at a time).
     With ``sequential_radii`` (a grid) each image is certified by ``Smooth.certify_sequential`` with ``max_n = n``;
     otherwise by fixed-n ``Smooth.certify``."""
     from tqdm.auto import tqdm
@@ -55,14 +75,15 @@ def certify_images(smooth: Smooth, images: torch.Tensor, labels: torch.Tensor, o
     write_text(out_tsv, HEADER + "".join("\t".join(r) + "\n" for r in rows))
     todo = [i for i in indices if i not in done]
     device = images.device
-    for i in tqdm(todo, disable=not progress, desc=f"certify sigma={smooth.sigma}"):
+    items = images.items(todo) if isinstance(images, StreamedImages) else (images[i] for i in todo)
+    for i, x in tqdm(zip(todo, items), total=len(todo), disable=not progress, desc=f"certify sigma={smooth.sigma}"):
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
         t0 = time.perf_counter()
         if sequential_radii is None:
-            (pred, radius), used = smooth.certify(images[i], n0, n, alpha, batch_size, generator=gen), n0 + n
+            (pred, radius), used = smooth.certify(x, n0, n, alpha, batch_size, generator=gen), n0 + n
         else:
             pred, radius, used = dataclasses.astuple(smooth.certify_sequential(
-                images[i], alpha, n, batch_size, radii=sequential_radii, n0=n0, generator=gen))
+                x, alpha, n, batch_size, radii=sequential_radii, n0=n0, generator=gen))
         label = int(labels[i])
         append_text(out_tsv, f"{i}\t{label}\t{pred}\t{radius:.4f}\t{int(pred == label)}\t"
                     f"{time.perf_counter() - t0:.4f}\t{used}\n")
@@ -152,17 +173,38 @@ def write_report(out: Path, results: dict[str, dict[float, list[list[str]]]], se
     return text
 
 
+def certify_indices(labels, skip: int, limit: int | None, seed: int, stratified: bool) -> list[int]:
+    """The test images to certify: every ``skip``-th, then at most ``limit`` of them: the first ``limit``
+    (``stratified=False``, the in-memory sets, as before) or a seeded sample stratified by class
+    (:func:`diffaug.data.stratified_sample`)."""
+    from .data import stratified_sample
+
+    candidates = np.arange(0, len(labels), skip)
+    if limit is None:
+        return candidates.tolist()
+    if not stratified:
+        return candidates[:limit].tolist()
+    return candidates[stratified_sample(np.asarray(labels)[candidates], limit, seed)].tolist()
+
+
 def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigmas: list[float], n0: int, n: int,
                 alpha: float, batch_size: int, skip: int, limit: int | None, seed: int, out: str | Path,
                 device: str = "cpu", progress: bool = True, speed=None, sequential: bool = False,
-                max_n: int | None = None) -> str:
+                max_n: int | None = None, image_size: int | None = None, workers: int | None = None) -> str:
     """The CLI's job: every classifier x sigma, sharded over torchrun ranks, resumable; returns the table.
 
     ``sequential``: ``Smooth.certify_sequential`` with at most ``max_n`` draws (default ``n``) on the table's
-    radius grid, instead of fixed-n CERTIFY."""
+    radius grid, instead of fixed-n CERTIFY.
+
+    Data: ``digits`` / CIFAR-10 in memory (``limit``: the first images, as before); any other folder is streamed
+    one image at a time (:func:`diffaug.evaldata.open_eval_folder`: a classifier's own training folder gives its
+    test split, any other class folder is used whole) at the classifiers' input size (``image_size``, default
+    their ``model.json``'s), classes matched by name, and ``limit`` takes a seeded, class-stratified sample;
+    ``workers`` DataLoader processes decode the next images while one is certified."""
     from .classifier import load_classifier
-    from .data import load_dataset
+    from .data import check_workers, is_in_memory, load_dataset
     from .denoiser import load_denoiser
+    from .evaldata import at_size, eval_size, eval_view, match_classes, open_eval_folder
     from .train_classifier import init_distributed
 
     out = Path(out)
@@ -180,21 +222,32 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
         raise InputError(f"--skip must be >= 1, got {skip}")
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
-    test = load_dataset(data, "test")
+    check_workers(workers)
+    in_memory = is_in_memory(data)
+    test = load_dataset(data, "test") if in_memory else None
     models = {Path(c).name or str(c): load_classifier(c, device=device, speed=speed) for c in classifiers}
+    size = eval_size(models, image_size)
+    if in_memory:
+        images, labels, classes = at_size(test.images, size), test.labels, test.classes
+        first = images[:1]
+    else:
+        channels = next(iter(models.values())).spec.get("channels", 3)
+        view = eval_view(open_eval_folder(data, models, channels=channels,
+                                          verbose=progress and int(os.environ.get("RANK", "0")) == 0), size)
+        images, labels, classes = StreamedImages(view, device, workers), view.labels, view.classes
+        first = images[0][None]
     den = load_denoiser(denoiser, device=device, speed=speed) if denoiser else None
     if den is not None:
-        den.check_images(test.images[:1], name=f"images of {data}")
+        den.check_images(first, name=f"images of {data}")
+    models = {name: match_classes(m, None if in_memory else classes, len(classes), name, str(data))
+              for name, m in models.items()}  # in memory: matched by count, as before
     smooths = {(name, s): Smooth(m, m.spec["num_classes"], s, denoiser=den) for name, m in models.items()
                for s in sigmas}  # every check (sigma, schedule reach) before any work
-    for name, m in models.items():
-        if m.spec["num_classes"] != test.num_classes:
-            raise InputError(f"classifier {name} has {m.spec['num_classes']} classes but {data} has "
-                             f"{test.num_classes}; certify it on the data it was trained for")
     dist_info = init_distributed(device)
-    indices = list(range(0, len(test), skip))[:limit]
+    indices = certify_indices(labels.numpy(), skip, limit, seed, stratified=not in_memory)
     mine = indices[dist_info.rank :: dist_info.world]
-    images, labels = accel.to_device(test.images, device), test.labels
+    if in_memory:
+        images = accel.to_device(images, device)
     for (name, s), smooth in smooths.items():
         folder = out / name / f"sigma_{s:g}"
         certify_images(smooth, images, labels, folder / f"certify.rank{dist_info.rank}.tsv", n0=n0, n=n,

@@ -97,6 +97,51 @@ def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return model, head
 
 
+def native_normalisation(name: str, channels: int) -> tuple[list[float], list[float]] | None:
+    """The mean and std a timm / torchvision architecture's published weights were trained with (timm's
+    ``pretrained_cfg``, torchvision's default weights' preset), or None for the project's own models, for an
+    architecture that records none, or when ``channels`` differs from the recorded statistics'. Nothing is
+    downloaded."""
+    if name in OWN_MODELS:
+        return None
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(name.split(":", 1)[1]).DEFAULT
+            preset = weights.transforms()
+            mean, std = list(preset.mean), list(preset.std)
+        except (ValueError, AttributeError, TypeError, KeyError):
+            return None
+    else:
+        import timm
+
+        timm_name = name.split(":", 1)[1] if name.startswith("timm:") else name
+        try:
+            cfg = timm.models.get_pretrained_cfg(timm_name.split(".")[0])
+        except (RuntimeError, ValueError, KeyError):
+            cfg = None
+        if cfg is None:
+            return None
+        mean, std = list(cfg.mean), list(cfg.std)
+    return (mean, std) if len(mean) == len(std) == channels else None
+
+
+def _timm_model(timm_name: str, num_classes: int, channels: int, image_size: int | None) -> nn.Module:
+    """A timm model; architectures whose layers depend on the input size (ViTs' position embeddings) are built
+    for ``image_size``; the others (which take no ``img_size``) are built as usual."""
+    import timm
+
+    if image_size is not None:
+        try:
+            return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=channels,
+                                     img_size=image_size)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=channels)
+
+
 def _torchvision_model(name: str, num_classes: int, channels: int = 3) -> tuple[nn.Module, nn.Linear]:
     import torchvision
 
@@ -135,21 +180,33 @@ def _set_input_channels(model: nn.Module, channels: int, name: str) -> None:
 
 def create_classifier(name: str, num_classes: int, channels: int = 3, *, mean=None, std=None,
                       pretrained: str | os.PathLike | None = None, width: int = 32,
-                      seed: int | None = None) -> Classifier:
+                      seed: int | None = None, image_size: int | None = None) -> Classifier:
     """Build a classifier by name; ``pretrained`` is a local safetensors (or state-dict ``.pt``) file.
 
     Names: ``small_cnn``, ``resnet_small`` (the project's own, for small images), ``timm:<name>`` or a timm
     model name, ``torchvision:<name>``. Nothing is downloaded. ``seed`` makes the initial weights reproducible
     (without touching the global RNG).
+
+    Args:
+        mean, std: the input normalisation (default: a timm / torchvision model fine-tuned from ``pretrained``
+            weights gets its architecture's own statistics, :func:`native_normalisation`, unless the file is a
+            wrapper's state dict that carries its own ``mean`` / ``std``; otherwise 0.5).
+        image_size: the input size the network is built for and trained at, recorded in ``spec["image_size"]``
+            (the evaluations resize their data to it); timm architectures that need it get ``img_size``.
     """
     with private_seed(seed):
-        return _create(name, num_classes, channels, mean, std, pretrained, width)
+        return _create(name, num_classes, channels, mean, std, pretrained, width, image_size)
 
 
-def _create(name, num_classes, channels, mean, std, pretrained, width) -> Classifier:
+def _create(name, num_classes, channels, mean, std, pretrained, width, image_size=None) -> Classifier:
+    native = native_normalisation(name, channels) if pretrained is not None and mean is None and std is None else None
+    if native is not None:
+        mean, std = native
     mean = [0.5] * channels if mean is None else list(mean)
     std = [0.5] * channels if std is None else list(std)
     spec = {"name": name, "num_classes": num_classes, "channels": channels, "width": width}
+    if image_size is not None:
+        spec["image_size"] = int(image_size)
     if name in OWN_MODELS:
         features, dim = _own_model(name, channels, width)
         head = nn.Linear(dim, num_classes)
@@ -162,8 +219,7 @@ def _create(name, num_classes, channels, mean, std, pretrained, width) -> Classi
         if not timm.list_models(timm_name):
             raise InputError(f"unknown model {name!r}; use one of {', '.join(OWN_MODELS)}, a timm model name "
                              "(timm.list_models()) or torchvision:<name>")
-        model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=channels)
-        features, head = _split_timm(model)
+        features, head = _split_timm(_timm_model(timm_name, num_classes, channels, image_size))
     clf = Classifier(features, head, mean, std, spec)
     if pretrained is not None:
         load_weights(clf, pretrained)
@@ -222,6 +278,13 @@ def save_classifier(clf: Classifier, folder: str | os.PathLike, extra: dict | No
                                        "std": clf.std.flatten().tolist(), **(extra or {})})
 
 
+def input_size(model: nn.Module) -> int | None:
+    """The square input size a classifier was trained at (``model.json``'s ``image_size``), or None for a
+    model saved before it was recorded (the evaluations then take the data at its own size, as before)."""
+    size = getattr(model, "spec", {}).get("image_size")
+    return None if size is None else int(size)
+
+
 def load_classifier(folder: str | os.PathLike, *, device: str | torch.device | None = None,
                     speed: "accel.Speed | None" = None) -> Classifier:
     """A classifier saved by ``diffaug train`` (or :func:`save_classifier`), in eval mode, on ``device``, set up
@@ -235,7 +298,7 @@ def load_classifier(folder: str | os.PathLike, *, device: str | torch.device | N
             raise InputError(f"{folder} is not a trained classifier: missing {p.name}; train one with `diffaug train`")
     spec = json.loads(cfg_path.read_text())
     clf = create_classifier(spec["name"], spec["num_classes"], spec["channels"], mean=spec["mean"],
-                            std=spec["std"], width=spec.get("width", 32))
+                            std=spec["std"], width=spec.get("width", 32), image_size=spec.get("image_size"))
     load_weights(clf, weights)
     clf.spec.update({k: v for k, v in spec.items() if k not in clf.spec})
     clf.eval()

@@ -42,6 +42,15 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first batches)")
 
 
+def _add_eval_data(p: argparse.ArgumentParser) -> None:
+    """The options every evaluation that streams image folders takes."""
+    p.add_argument("--image-size", dest="image_size", type=int,
+                   help="evaluate at this input size (default: the size in the classifier's model.json; image "
+                        "folders are brought to it by Resize(size / 0.875) + CenterCrop(size))")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes for streamed image folders "
+                   "(default min(8, CPUs); 0 reads in the main process)")
+
+
 def _png_path(value: str) -> Path:
     out = Path(value)
     if out.suffix.lower() != ".png":
@@ -95,7 +104,7 @@ def cmd_certify(args) -> None:
                         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
                         limit=args.limit, seed=args.seed, out=args.out, device=_device(args.device),
                         progress=not args.quiet, speed=_speed(args), sequential=args.sequential,
-                        max_n=args.max_n)
+                        max_n=args.max_n, image_size=args.image_size, workers=args.workers)
     if table:
         print(table)
 
@@ -104,7 +113,8 @@ def cmd_eval_ood(args) -> None:
     from .eval_ood import run_eval_ood
 
     print(run_eval_ood(data=args.data, classifiers=args.classifier, ood=args.ood, seed=args.seed, out=args.out,
-                       device=_device(args.device), search_percentile=args.search_percentile, speed=_speed(args)))
+                       device=_device(args.device), search_percentile=args.search_percentile, speed=_speed(args),
+                       image_size=args.image_size, workers=args.workers, image_root=args.image_root))
 
 
 def cmd_eval_shift(args) -> None:
@@ -116,7 +126,7 @@ def cmd_eval_shift(args) -> None:
                            de_step=args.de_step, dda_t=args.dda_t, dda_steps=args.dda_steps,
                            dda_scale=args.dda_scale, dda_downsample=args.dda_downsample, dda_norm=args.dda_norm,
                            analyses=not args.no_analyses, progress=not args.quiet, speed=_speed(args),
-                           frost_images=args.frost_images)
+                           frost_images=args.frost_images, image_size=args.image_size, workers=args.workers)
     if table:
         print(table)
 
@@ -324,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, help="most estimation draws per image with --sequential (default: --n)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=1, help="certify every K-th test image")
-    p.add_argument("--limit", type=int, help="at most N images")
+    p.add_argument("--limit", type=int, help="at most N images (digits / CIFAR-10: the first N; an image folder: a "
+                   "seeded sample stratified by class)")
+    _add_eval_data(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--device")
@@ -335,11 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-ood", help="OOD detection (MSP, ReAct, ASH, SCALE): the paper's Table 3")
     p.add_argument("--data", default="digits", help="the ID data: 'digits' or a folder")
     p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
-    p.add_argument("--ood", nargs="+", help="holdout | photo-patches | noise | PATH | near=PATH "
-                                            "(default: all that apply)")
+    p.add_argument("--ood", nargs="+", help="holdout | photo-patches | noise | PATH | near=PATH: PATH an image "
+                   "folder (flat, images/<class>/ or class folders) or an OpenOOD image list file (default: all "
+                   "that apply; noise and holdout for a streamed folder)")
+    p.add_argument("--image-root", dest="image_root",
+                   help="the folder OpenOOD image lists' paths are relative to (default: each list's folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic noise set")
     p.add_argument("--search-percentile", dest="search_percentile", action="store_true",
                    help="pick ReAct/ASH/SCALE percentiles on ID-val vs a synthetic OOD-val set (default: OpenOOD's)")
+    _add_eval_data(p)
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     _add_speed(p)
@@ -368,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dda-norm", dest="dda_norm", default="image", choices=["image", "batch"])
     p.add_argument("--no-analyses", dest="no_analyses", action="store_true",
                    help="skip DE-vs-t and entropy-vs-t")
+    _add_eval_data(p)
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")

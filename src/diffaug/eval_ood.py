@@ -20,6 +20,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import write_csv, write_text
@@ -32,13 +33,24 @@ from .report import mean_std
 COLUMN_NAMES = {"ash_s": "ASH", "msp": "MSP", "react": "ReAct", "scale": "SCALE"}
 
 
-def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int, channels: int, seed: int):
-    """``{name: (group, images)}``; every set is checked for emptiness and shape before any scoring."""
+def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int, channels: int, seed: int,
+              *, lazy_test=None, image_root: str | None = None):
+    """``{name: (group, images)}``: an in-memory tensor, or a lazy source (a streamed folder or image list);
+    every set is checked for emptiness and shape before any scoring. ``lazy_test``: the streamed ID test split
+    (for ``holdout`` on a folder)."""
+    from .data import ImageList, open_unlabelled
+
     sets = {}
     for name in names:
         if name == "holdout":
             if classes is None:
                 raise InputError("holdout needs a classifier trained on a subset of classes (diffaug train --classes)")
+            if lazy_test is not None:
+                held = np.flatnonzero(~np.isin(lazy_test.labels.numpy(), classes))
+                if not len(held):
+                    raise InputError(f"holdout: {data} has no test images outside the classifier's classes")
+                sets[name] = ("near", lazy_test.subset(held))
+                continue
             test = load_dataset(data, "test")
             held = [c for c in range(test.num_classes) if c not in classes]
             sets[name] = ("near", subset_classes(test, held).images if len(held) > 1
@@ -49,10 +61,20 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
             sets[name] = ("far", noise_images(200, size, channels, seed))
         else:
             group, path = ("near", name[5:]) if name.startswith("near=") else ("far", name)
-            if not Path(path).exists():
-                raise InputError(f"unknown OOD set {name!r}: use holdout, {', '.join(FAR_OOD_SETS)} or a folder")
-            sets[Path(path).name] = (group, load_dataset(path, "test").images)
+            path = Path(path)
+            if path.is_file():  # an OpenOOD image list: relative/path [label] per line
+                root = Path(image_root) if image_root else path.parent
+                sets[path.stem] = (group, ImageList(path, root, channels=channels))
+            elif not path.exists():
+                raise InputError(f"unknown OOD set {name!r}: use holdout, {', '.join(FAR_OOD_SETS)}, a folder or an "
+                                 "image list file")
+            elif lazy_test is not None:  # streamed: a flat folder, images/<class>/, or class folders
+                sets[path.name] = (group, open_unlabelled(path, channels=channels))
+            else:
+                sets[path.name] = (group, load_dataset(path, "test").images)
     for name, (_, images) in sets.items():
+        if not isinstance(images, torch.Tensor):
+            continue  # lazy: brought to the ID size by the evaluation transform
         if images.shape[0] == 0:
             raise InputError(f"OOD set {name} is empty")
         if tuple(images.shape[1:]) != (channels, size, size):
@@ -61,28 +83,73 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
     return sets
 
 
+def _set_features(scorer: OODScorer, images, size: int | None, batch_size: int, workers, device, what: str):
+    """Penultimate features ``[N, D]`` of an in-memory tensor, or of a lazy source streamed batch by batch at
+    ``size`` through a DataLoader (only the features are kept)."""
+    if isinstance(images, torch.Tensor):
+        return scorer.features_of(images.to(device))
+    from .evaldata import batches, eval_view
+
+    feats = [scorer.features_of(x.to(device), batch_size) for x, _ in
+             batches(eval_view(images, size), batch_size, workers=workers, what=what)]
+    return torch.cat(feats)
+
+
 def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int, device,
-                        search: bool = False, speed=None) -> list[dict]:
-    """Rows ``{classifier, recipe, score, set, group, auroc, fpr95, aupr_in, aupr_out}`` for one classifier."""
+                        search: bool = False, speed=None, *, image_size: int | None = None,
+                        workers: int | None = None, image_root: str | None = None, batch_size: int = 256
+                        ) -> list[dict]:
+    """Rows ``{classifier, recipe, score, set, group, auroc, fpr95, aupr_in, aupr_out}`` for one classifier.
+
+    ``digits`` / CIFAR-10 are held in memory (as before); any other ``data`` folder is streamed (its val and test
+    splits, :func:`diffaug.data.open_splits`), and so are OOD folders and image lists, at the classifier's input
+    size (``image_size``, default its ``model.json``'s). Features are computed once per set, batch by batch, and
+    shared by every score."""
+    from .data import check_workers, is_in_memory, open_splits
+    from .evaldata import at_size, eval_size
+
+    check_workers(workers)
     model = load_classifier(folder, device=device, speed=speed)
     classes = model.spec.get("class_indices")
-    val, test = load_dataset(data, "val"), load_dataset(data, "test")
-    if classes is not None:
-        val, test = subset_classes(val, classes), subset_classes(test, classes)
-    if model.spec["num_classes"] != test.num_classes:
-        raise InputError(f"classifier {folder} has {model.spec['num_classes']} classes, the ID data {test.num_classes}")
-    names = ood if ood else (["holdout"] if classes else []) + list(FAR_OOD_SETS)
-    _, C, H, _ = test.images.shape
-    sets = _ood_sets(names, data, classes, H, C, seed)
+    size = eval_size({folder: model}, image_size)
+    lazy_test = None
+    if is_in_memory(data):
+        val, test = load_dataset(data, "val"), load_dataset(data, "test")
+        if classes is not None:
+            val, test = subset_classes(val, classes), subset_classes(test, classes)
+        num_classes, val_set, test_set = test.num_classes, at_size(val.images, size), at_size(test.images, size)
+        _, C, H, _ = test_set.shape
+    else:
+        C = model.spec.get("channels", 3)
+        splits = open_splits(data, channels=C)
+        lazy_test = splits["test"]
+        val_set, test_set = splits["val"], splits["test"]
+        if classes is not None:
+            val_set, test_set = val_set.with_classes(list(classes)), test_set.with_classes(list(classes))
+        num_classes = test_set.num_classes
+        if size is None:
+            raise InputError(f"classifier {folder} records no input size (a model.json from before it was "
+                             "recorded); pass --image-size N to evaluate it on an image folder")
+        H = size
+    if model.spec["num_classes"] != num_classes:
+        raise InputError(f"classifier {folder} has {model.spec['num_classes']} classes, the ID data {num_classes}")
+    if model.spec.get("channels", C) != C:
+        raise InputError(f"classifier {folder} takes {model.spec['channels']}-channel images, the ID data has {C} "
+                         "channels")
+    names = ood if ood else (["holdout"] if classes else []) + (list(FAR_OOD_SETS) if lazy_test is None else ["noise"])
+    sets = _ood_sets(names, data, classes, H, C, seed, lazy_test=lazy_test, image_root=image_root)
     rows = []
-    ood_val = noise_images(200, H, C, seed + 1).to(device)  # a validation OOD set apart from every test set
+    probe = OODScorer(model, "msp")
+    feats = {key: _set_features(probe, images, size, batch_size, workers, device, key) for key, images in
+             (("id-val", val_set), ("id-test", test_set)) + tuple((n, s) for n, (_, s) in sets.items())}
+    ood_val = probe.features_of(noise_images(200, H, C, seed + 1).to(device))  # apart from every test set
     for method in SCORES:
-        p = search_percentile(model, method, val.images.to(device), ood_val) if search else None
+        p = search_percentile(model, method, feats["id-val"], ood_val, features=True) if search else None
         p = None if p is not None and p != p else p  # NaN: the score has no percentile
-        scorer = OODScorer(model, method, percentile=p).fit(val.images.to(device))
-        id_scores = scorer(test.images.to(device))
-        for name, (group, images) in sets.items():
-            m = metrics(id_scores.numpy(), scorer(images.to(device)).numpy())
+        scorer = OODScorer(model, method, percentile=p).fit_features(feats["id-val"])
+        id_scores = scorer.score(feats["id-test"])
+        for name, (group, _) in sets.items():
+            m = metrics(id_scores.numpy(), scorer.score(feats[name]).numpy())
             rows.append({"classifier": str(folder), "recipe": model.spec.get("recipe", "?"), "score": method,
                          "set": name, "group": group, "percentile": scorer.percentile, **m})
     return rows
@@ -108,11 +175,17 @@ def _group_table(rows: list[dict], metric: str, group: str) -> list[str]:
 
 
 def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, seed: int, out: str | Path,
-                 device: str = "cpu", search_percentile: bool = False, speed=None) -> str:
-    """Evaluate every classifier; write ``out/results.csv`` (every number) and ``out/table.md``; return the table."""
+                 device: str = "cpu", search_percentile: bool = False, speed=None, image_size: int | None = None,
+                 workers: int | None = None, image_root: str | None = None, batch_size: int = 256) -> str:
+    """Evaluate every classifier; write ``out/results.csv`` (every number) and ``out/table.md``; return the table.
+
+    See :func:`evaluate_classifier` for the data (in memory or streamed), ``image_size``, ``workers`` and
+    ``image_root`` (the folder an OpenOOD image list's paths are relative to; default the list's folder)."""
     out = Path(out)
     rows = [r for c in classifiers
-            for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile, speed)]
+            for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile, speed,
+                                         image_size=image_size, workers=workers, image_root=image_root,
+                                         batch_size=batch_size)]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", rows)
     lines = ["# OOD detection (the paper's Table 3 layout)", "",

@@ -16,6 +16,7 @@ Analyses (rank 0): DE accuracy against the largest member time for member steps 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 import zlib
@@ -68,13 +69,14 @@ class _Clock:
 
 
 def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device,
-                  analyses, speed=None):
+                  analyses, speed=None, workers=None):
     """Load and check everything before any work; returns what the run needs."""
     from .classifier import load_classifier
-    from .data import corrupted_layout, corrupted_names, load_dataset
+    from .data import check_workers, corrupted_layout, corrupted_names, is_in_memory, load_dataset
     from .denoiser import load_denoiser
 
     modes = parse_modes(modes)
+    check_workers(workers)
     severities = parse_severities(severities)
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
@@ -96,7 +98,7 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
         test = None
     else:
         names = parse_corruptions(corruptions)
-        test = load_dataset(data, "test")
+        test = load_dataset(data, "test") if is_in_memory(data) else None  # a folder is streamed
     if not classifiers:
         raise InputError("give at least one --classifier folder")
     models = {}
@@ -113,16 +115,19 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
     return modes, severities, layout, names, test, models, den
 
 
-def _check_shapes(models, den, images: torch.Tensor, num_classes: int, source: str) -> None:
+def _check_shapes(models, den, images: torch.Tensor, classes, num_classes: int, source: str) -> dict:
+    """Check channels, classes and the denoiser on a probe batch at the evaluation size; returns the models, each
+    scored on the set's classes (:func:`diffaug.evaldata.match_classes`)."""
+    from .evaldata import match_classes
+
     for name, model in models.items():
-        if model.spec["num_classes"] != num_classes:
-            raise InputError(f"classifier {name} has {model.spec['num_classes']} classes but {source} has "
-                             f"{num_classes}; evaluate it on the data it was trained for")
         if model.spec.get("channels", images.shape[1]) != images.shape[1]:
             raise InputError(f"classifier {name} takes {model.spec['channels']}-channel images, {source} has "
                              f"{images.shape[1]}")
+    matched = {name: match_classes(model, classes, num_classes, name, source) for name, model in models.items()}
     if den is not None:
         den.check_images(images[:1], name=f"images of {source}")
+    return matched
 
 
 def _subset(n: int, limit: int | None) -> torch.Tensor:
@@ -132,20 +137,28 @@ def _subset(n: int, limit: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_condition(models: dict, den, images: torch.Tensor, labels: torch.Tensor, modes, *, members,
-                       dda_kwargs: dict, seed: int, key: tuple, batch_size: int) -> list[dict]:
-    """Accuracy and seconds per image of every classifier x mode on one batch of (already corrupted) images."""
+def evaluate_condition(models: dict, den, batches, modes, *, members, dda_kwargs: dict, seed: int, key: tuple,
+                       batch_size: int, device: str | torch.device = "cpu") -> list[dict]:
+    """Accuracy and seconds per image of every classifier x mode on one condition, given as ``(images, labels)``
+    batches of (already corrupted) images on ``device`` (:func:`diffaug.evaldata.chunks` of a tensor): the DE /
+    DDA draws continue from batch to batch. Batches given as ``(images, labels, b)`` (a stream, perhaps a shard of
+    it) draw from generators keyed by the batch index ``b`` instead, so a batch's numbers do not depend on which
+    rank evaluates it."""
     from .dda import dda_adapt
     from .ensemble import ensemble_probs, ensemble_views
 
-    device = images.device
-    n = images.shape[0]
+    device = torch.device(device)
+    n = 0
     correct = {(c, m): 0 for c in models for m in modes}
     seconds = {(c, m): 0.0 for c in models for m in modes}
     gen_de = keyed_generator(seed, *key, "de", device=device)
     gen_dda = keyed_generator(seed, *key, "dda", device=device)
-    for start in range(0, n, batch_size):
-        x, y = images[start : start + batch_size], labels[start : start + batch_size].to(device)
+    for x, y, *batch_key in batches:
+        if batch_key:
+            gen_de = keyed_generator(seed, *key, "de", *batch_key, device=device)
+            gen_dda = keyed_generator(seed, *key, "dda", *batch_key, device=device)
+        y = y.to(device)
+        n += x.shape[0]
         diffusion = {}
         if "de" in modes:
             with _Clock(device) as clock:
@@ -175,25 +188,29 @@ def evaluate_condition(models: dict, den, images: torch.Tensor, labels: torch.Te
                 seconds[(c, m)] += spent[m]
     corruption, severity = key
     return [{"classifier": c, "recipe": models[c].spec.get("recipe", "?"), "mode": m, "corruption": corruption,
-             "severity": severity, "accuracy": correct[(c, m)] / n, "n": n, "seconds_per_image": seconds[(c, m)] / n}
+             "severity": severity, "accuracy": correct[(c, m)] / max(n, 1), "n": n,
+             "seconds_per_image": seconds[(c, m)] / max(n, 1)}
             for c in models for m in modes]
 
 
 @torch.no_grad()
-def de_accuracy_vs_t(models: dict, den, batches, *, seed: int, t_max: int = 450, batch_size: int = 256) -> list[dict]:
+def de_accuracy_vs_t(models: dict, den, conditions, *, seed: int, t_max: int = 450, batch_size: int = 256,
+                     device: str | torch.device = "cpu") -> list[dict]:
     """Figure 12: DE accuracy with members ``{0, s, 2 s, ..., t}`` for s in 25/50/75, against t.
 
-    ``batches``: ``[(key, images, labels)]``; one noise draw per member on a 25-step grid, shared by the steps.
+    ``conditions``: ``(key, batches)`` pairs, ``batches`` an iterable of ``(images, labels)`` on ``device``; one
+    noise draw per member on a 25-step grid, shared by the steps.
     """
     from .ensemble import ensemble_probs, ensemble_views
 
     grid = list(range(0, t_max + 1, 25))
     hits = {}  # (classifier, step, t) -> correct count
     total = 0
-    for key, images, labels in batches:
-        gen = keyed_generator(seed, *key, "de-vs-t", device=images.device)
-        for start in range(0, images.shape[0], batch_size):
-            x, y = images[start : start + batch_size], labels[start : start + batch_size].to(images.device)
+    device = torch.device(device)
+    for key, batches in conditions:
+        gen = keyed_generator(seed, *key, "de-vs-t", device=device)
+        for x, y, *_ in batches:
+            y = y.to(device)
             views = ensemble_views(den, x, grid, generator=gen, batch_size=batch_size)
             for c, model in models.items():
                 probs = ensemble_probs(model, views, batch_size)  # [M, n, K]
@@ -209,26 +226,46 @@ def de_accuracy_vs_t(models: dict, den, batches, *, seed: int, t_max: int = 450,
 
 
 @torch.no_grad()
-def entropy_vs_t(models: dict, den, images: torch.Tensor, *, seed: int, num_points: int = 21,
-                 batch_size: int = 256) -> list[dict]:
-    """Figure 2: mean entropy (nats) of each classifier's softmax on DiffAug views at t from 0 to T - 1."""
+def entropy_vs_t(models: dict, den, batches, *, seed: int, num_points: int = 21, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> list[dict]:
+    """Figure 2: mean entropy (nats) of each classifier's softmax on DiffAug views at t from 0 to T - 1.
+
+    ``batches``: an iterable of ``(images, labels)`` on ``device`` (labels unused)."""
     from .ensemble import ensemble_probs, ensemble_views
 
     T = den.num_timesteps
     times = sorted(set(range(0, T, max(1, T // (num_points - 1)))) | {T - 1})  # 0, 50, ..., 950, 999 for T = 1000
-    gen = keyed_generator(seed, "entropy", device=images.device)
+    gen = keyed_generator(seed, "entropy", device=torch.device(device))
     sums = {(c, t): 0.0 for c in models for t in times}
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size]
+    n = 0
+    for x, *_ in batches:
+        n += x.shape[0]
         views = ensemble_views(den, x, times, generator=gen, batch_size=batch_size)
         for c, model in models.items():
             p = ensemble_probs(model, views, batch_size)
             ent = -(p * p.clamp(min=1e-12).log()).sum(-1)  # [M, n]
             for i, t in enumerate(times):
                 sums[(c, t)] += float(ent[i].sum())
-    n = images.shape[0]
+    n = max(n, 1)
     return [{"classifier": c, "recipe": models[c].spec.get("recipe", "?"), "t": t, "entropy": v / n}
             for (c, t), v in sums.items()]
+
+
+def merge_shards(rows: list[dict]) -> list[dict]:
+    """One row per (classifier, mode, corruption, severity): the parts that ranks computed on disjoint image
+    shards, pooled (accuracy and seconds per image weighted by their image counts). Rows already whole pass
+    through unchanged."""
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["classifier"], r["mode"], r["corruption"], r["severity"])
+        if k not in merged:
+            merged[k] = dict(r)
+            continue
+        m, n = merged[k], merged[k]["n"] + r["n"]
+        correct = round(m["accuracy"] * m["n"]) + round(r["accuracy"] * r["n"])
+        m["seconds_per_image"] = (m["seconds_per_image"] * m["n"] + r["seconds_per_image"] * r["n"]) / n
+        m["accuracy"], m["n"] = correct / n, n
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------------- tables and plots
@@ -331,26 +368,36 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
                    out: str | Path, device: str = "cpu", batch_size: int = 256, de_step: int = 50,
                    dda_t: int | None = None, dda_steps: int = 50, dda_scale: float = 6.0,
                    dda_downsample: int | None = None, dda_norm: str = "image", analyses: bool = True,
-                   progress: bool = True, speed=None, frost_images: str | Path | None = None) -> str:
+                   progress: bool = True, speed=None, frost_images: str | Path | None = None,
+                   image_size: int | None = None, workers: int | None = None) -> str:
     """The CLI's job: every classifier x mode x corruption x severity (+ clean), sharded over torchrun ranks.
 
     Writes ``out/results.csv``, ``out/table.md`` and, with ``analyses``, ``de_vs_t.{csv,png}`` and
     ``entropy_vs_t.{csv,png}``. Returns the table text (empty on ranks other than 0). ``frost_images``: a folder
     of frost photographs for on-the-fly ``frost`` (the reference's); without it a procedural texture stands in,
     and the table says which was used.
+
+    Data: ``digits`` / CIFAR-10 and CIFAR-10-C are held in memory (as before); an ImageNet-C folder is streamed
+    condition by condition and an image folder's test images are streamed and corrupted batch by batch, through
+    a DataLoader with ``workers`` processes, so memory is bounded by the batch. Images are brought to the
+    classifiers' input size (``image_size``, default the size their ``model.json`` records) by the evaluation
+    transform; classes are matched by name (:mod:`diffaug.evaldata`).
     """
     from tqdm.auto import tqdm
 
     from .corruptions import check_frost_images, corrupt
     from .data import load_corrupted
     from .ensemble import ensemble_members
+    from .evaldata import at_size, batches, chunks, eval_size, eval_view, open_eval_folder, probe
     from .train_classifier import init_distributed
 
     out = Path(out)
     device = torch.device(device)
     frost_images = check_frost_images(frost_images)
     modes, severities, layout, names, test, models, den = _check_inputs(
-        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed)
+        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed,
+        workers)
+    size = eval_size(models, image_size)
     members = ensemble_members(de_step)
     dda_kwargs = {"t_start": dda_t or (den.num_timesteps // 2 if den else 500), "steps": dda_steps,
                   "guidance_scale": dda_scale, "downsample": dda_downsample, "norm": dda_norm}
@@ -365,33 +412,92 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         bad = [t for t in members if t >= den.num_timesteps]
         if bad:
             raise InputError(f"DE members {bad} exceed the denoiser's T = {den.num_timesteps}; use a smaller step")
-    if test is not None:
+    channels = next(iter(models.values())).spec.get("channels", 3)
+    streamed = test is None and layout != "cifar10-c"
+    clean = None  # a streamed folder's clean test images (lazy)
+    if test is not None:  # in memory, as before (resized only when the classifiers were trained at another size)
         keep = _subset(len(test), limit)
-        clean_images, clean_labels = test.images[keep].to(device), test.labels[keep]
-        _check_shapes(models, den, clean_images, test.num_classes, str(data))
-    else:
-        probe = load_corrupted(data, names[0], severities[0])
-        _check_shapes(models, den, probe.images, probe.num_classes, f"{data} ({names[0]})")
-    conditions = ([(CLEAN, 0)] if test is not None else []) + [(c, s) for c in names for s in severities]
+        clean_images, clean_labels = at_size(test.images[keep], size).to(device), test.labels[keep]
+        models = _check_shapes(models, den, clean_images, None, test.num_classes, str(data))  # by count
+    elif layout == "cifar10-c":
+        probe_set = load_corrupted(data, names[0], severities[0])
+        models = _check_shapes(models, den, at_size(probe_set.images[:1], size), None, probe_set.num_classes,
+                               f"{data} ({names[0]})")  # by count, as before
+    elif layout == "imagenet-c":
+        from .data import class_folders, open_corrupted
 
-    def condition_batch(corruption: str, severity: int):
-        if test is None:
+        first = open_corrupted(data, names[0], severities[0], channels=channels)
+        reference_classes = first.classes  # every condition is labelled in this order
+        models = _check_shapes(models, den, probe(eval_view(first, size)).to(device), first.classes,
+                               first.num_classes, f"{data} ({names[0]})")
+        for c in names:  # every condition's folder exists, before any work
+            for sev in severities:
+                folder = Path(data) / c / str(sev)
+                if not folder.is_dir():
+                    present = sorted(int(d.name) for d in folder.parent.iterdir() if d.is_dir() and d.name.isdigit())
+                    raise InputError(f"{folder} is missing (ImageNet-C layout is corruption/severity/class/image); "
+                                     f"pass --severities with those present ({','.join(map(str, present)) or 'none'})")
+                extra = [k for k in class_folders(folder) if k not in set(reference_classes)]
+                if extra:
+                    raise InputError(f"{folder} has classes {', '.join(extra[:5])} that {data}/{names[0]}/"
+                                     f"{severities[0]} lacks; every condition needs the same class folders")
+    else:
+        clean = eval_view(open_eval_folder(data, models, channels=channels,
+                                           verbose=progress and int(os.environ.get("RANK", "0")) == 0),
+                          size)
+        keep = _subset(len(clean), limit)
+        models = _check_shapes(models, den, probe(clean).to(device), clean.classes, clean.num_classes, str(data))
+    conditions = ([(CLEAN, 0)] if not layout else []) + [(c, s) for c in names for s in severities]
+
+    def shard_batches(ds, keep_c, shard, what: str):
+        """``(x, y, b)`` for the batches ``b`` of ``ds[keep_c]`` that ``shard(b)`` selects (all when None)."""
+        nb = -(-len(keep_c) // batch_size)
+        picked = [b for b in range(nb) if shard is None or shard(b)]
+        if not picked:
+            return
+        idx = torch.cat([keep_c[b * batch_size : (b + 1) * batch_size] for b in picked])
+        for (x, y), b in zip(batches(ds, batch_size, workers=workers, indices=idx, what=what), picked):
+            yield accel.to_device(x, device), y, b
+
+    def condition_batches(corruption: str, severity: int, shard=None):
+        """The condition's ``(images on device, labels)`` batches; a streamed set's are ``(images, labels, b)``
+        with ``b`` the batch index, only those ``shard(b)`` selects."""
+        if layout == "cifar10-c":
             ds = load_corrupted(data, corruption, severity)
-            keep = _subset(len(ds), limit)
-            return accel.to_device(ds.images[keep], device), ds.labels[keep]
+            keep_c = _subset(len(ds), limit)
+            images = at_size(accel.to_device(ds.images[keep_c], device), size)
+            yield from chunks(images, ds.labels[keep_c], batch_size)
+            return
+        if layout == "imagenet-c":
+            ds = eval_view(open_corrupted(data, corruption, severity, channels=channels, classes=reference_classes),
+                           size)
+            yield from shard_batches(ds, _subset(len(ds), limit), shard, f"{data}/{corruption}/{severity}")
+            return
+        if streamed:  # a folder's clean test images, corrupted batch by batch (a generator per batch)
+            for x, y, b in shard_batches(clean, keep, shard, str(data)):
+                if corruption != CLEAN:
+                    gen = keyed_generator(seed, corruption, severity, "corrupt", b, device=device)
+                    x = corrupt(x, corruption, severity, generator=gen, frost_images=frost_images)
+                yield x, y, b
+            return
         if corruption == CLEAN:
-            return clean_images, clean_labels
+            yield from chunks(clean_images, clean_labels, batch_size)
+            return
         gen = keyed_generator(seed, corruption, severity, "corrupt", device=device)
-        return (corrupt(clean_images, corruption, severity, generator=gen, frost_images=frost_images),
-                clean_labels)
+        yield from chunks(corrupt(clean_images, corruption, severity, generator=gen, frost_images=frost_images),
+                          clean_labels, batch_size)
 
     dist_info = init_distributed(device)
-    mine = conditions[dist_info.rank :: dist_info.world]
     rows = []
-    for corruption, severity in tqdm(mine, disable=not (progress and dist_info.main), desc="eval-shift"):
-        images, labels = condition_batch(corruption, severity)
-        rows += evaluate_condition(models, den, images, labels, modes, members=members, dda_kwargs=dda_kwargs,
-                                   seed=seed, key=(corruption, severity), batch_size=batch_size)
+    if streamed:  # ranks shard conditions and images: batch b of condition k goes to rank (k + b) % world
+        work = [(cond, lambda b, k=k: (k + b) % dist_info.world == dist_info.rank) for k, cond in enumerate(conditions)]
+    else:  # in memory: whole conditions per rank
+        work = [(cond, None) for cond in conditions[dist_info.rank :: dist_info.world]]
+    for (corruption, severity), shard in tqdm(work, disable=not (progress and dist_info.main), desc="eval-shift"):
+        part = evaluate_condition(models, den, condition_batches(corruption, severity, shard), modes,
+                                  members=members, dda_kwargs=dda_kwargs, seed=seed, key=(corruption, severity),
+                                  batch_size=batch_size, device=device)
+        rows += [r for r in part if r["n"]]  # a rank may hold no batch of a small condition
     out.mkdir(parents=True, exist_ok=True)
     if dist_info.world > 1:
         import torch.distributed as dist
@@ -404,23 +510,24 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         rows = [r for k in range(dist_info.world) for r in json.loads((out / f"rows.rank{k}.json").read_text())]
         for k in range(dist_info.world):
             (out / f"rows.rank{k}.json").unlink()
+    rows = merge_shards(rows)
     order = {cond: i for i, cond in enumerate(conditions)}
     rows.sort(key=lambda r: (order[(r["corruption"], r["severity"])], list(models).index(r["classifier"]),
                              MODES.index(r["mode"])))
     write_csv(out / "results.csv", rows)
     frost = None
-    if test is not None and "frost" in names:
+    if not layout and "frost" in names:
         frost = f"the photographs in {frost_images}" if frost_images else "the procedural texture (no --frost-images)"
     text = write_tables(out, rows, modes, severities, frost=frost)
     if analyses:
         top = max(severities)
-        batches = [((c, top), *condition_batch(c, top)) for c in names]
-        de_rows = de_accuracy_vs_t(models, den, batches, seed=seed, batch_size=batch_size)
+        de_rows = de_accuracy_vs_t(models, den, (((c, top), condition_batches(c, top)) for c in names), seed=seed,
+                                   batch_size=batch_size, device=device)
         write_csv(out / "de_vs_t.csv", de_rows)
         _plot(out / "de_vs_t.png", _series(de_rows, "t_max", "accuracy", ("recipe", "step")), "largest member t",
               "DE accuracy", f"DE accuracy vs t, severity {top}, mean over {len(names)} corruptions (Fig. 12)")
-        entropy_images = clean_images if test is not None else batches[0][1]
-        ent_rows = entropy_vs_t(models, den, entropy_images, seed=seed, batch_size=batch_size)
+        entropy_batches = condition_batches(CLEAN, 0) if not layout else condition_batches(names[0], top)
+        ent_rows = entropy_vs_t(models, den, entropy_batches, seed=seed, batch_size=batch_size, device=device)
         write_csv(out / "entropy_vs_t.csv", ent_rows)
         _plot(out / "entropy_vs_t.png", _series(ent_rows, "t", "entropy", ("recipe",)), "t",
               "mean entropy (nats)", "prediction entropy on DiffAug views vs t (Fig. 2)")

@@ -109,7 +109,9 @@ class OODScorer:
     """Scores images with one of :data:`SCORES` on a classifier (images ``[N, C, H, W]`` in [0, 1]).
 
     ``fit(id_val_images)`` sets ReAct's clipping threshold (the p-th percentile of all ID-validation feature
-    activations); the other scores need no fitting.
+    activations); the other scores need no fitting. ``features(images)``, ``fit_features(features)`` and
+    ``score(features)`` do the same from penultimate features computed once (e.g. batch by batch from a stream)
+    and shared by every score.
     """
 
     def __init__(self, model: nn.Module, method: str, *, percentile: float | None = None):
@@ -123,23 +125,35 @@ class OODScorer:
         self.react_threshold: float | None = None
 
     @torch.no_grad()
-    def _features(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    def features_of(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Penultimate features ``[N, D]`` of images ``[N, C, H, W]``, ``batch_size`` at a time."""
         if images.shape[0] == 0:
             raise InputError("an empty image set cannot be scored; check the ID/OOD folders")
         self.model.eval()
         return torch.cat([self.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
+
     def fit(self, id_val_images: torch.Tensor) -> "OODScorer":
         if self.method == "react":
-            feats = self._features(id_val_images).flatten().float().cpu().numpy()
+            self.fit_features(self.features_of(id_val_images))
+        return self
+
+    def fit_features(self, id_val_features: torch.Tensor) -> "OODScorer":
+        """:meth:`fit` from ID-validation features ``[N, D]``."""
+        if self.method == "react":
+            feats = id_val_features.flatten().float().cpu().numpy()
             self.react_threshold = float(np.percentile(feats, self.percentile))
         return self
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self._features(images)
-        return score_features(feats, self.head, self.method, percentile=self.percentile,
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores ``[N]`` (CPU, float32) from penultimate features ``[N, D]``."""
+        return score_features(features, self.head, self.method, percentile=self.percentile,
                               react_threshold=self.react_threshold).float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.score(self.features_of(images))
 
 
 def metrics(id_scores, ood_scores) -> dict[str, float]:
@@ -172,15 +186,19 @@ def metrics(id_scores, ood_scores) -> dict[str, float]:
 
 
 def search_percentile(model: nn.Module, method: str, id_val: torch.Tensor, ood_val: torch.Tensor,
-                      grid=(50, 60, 70, 75, 80, 85, 90, 95, 99)) -> float:
+                      grid=(50, 60, 70, 75, 80, 85, 90, 95, 99), *, features: bool = False) -> float:
     """OpenOOD's optional hyper-parameter search: the percentile in ``grid`` with the best AUROC on ID-val vs
-    OOD-val images (never the test sets). Returns the percentile; scores without one return NaN."""
+    OOD-val images (never the test sets); ``features=True``: ``id_val`` and ``ood_val`` are their penultimate
+    features, computed once. Returns the percentile; scores without one return NaN."""
     if method not in DEFAULT_PERCENTILE:
         return float("nan")
     best, best_p = -1.0, float(DEFAULT_PERCENTILE[method])
+    if not features:
+        probe = OODScorer(model, method)
+        id_val, ood_val = probe.features_of(id_val), probe.features_of(ood_val)
     for p in grid:
-        scorer = OODScorer(model, method, percentile=p).fit(id_val)
-        auroc = metrics(scorer(id_val).numpy(), scorer(ood_val).numpy())["auroc"]
+        scorer = OODScorer(model, method, percentile=p).fit_features(id_val)
+        auroc = metrics(scorer.score(id_val).numpy(), scorer.score(ood_val).numpy())["auroc"]
         if auroc > best:
             best, best_p = auroc, float(p)
     return best_p

@@ -396,7 +396,9 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         if resize_to is not None:
             diffaug = ResizedDiffAug(diffaug, resize_to)
     C = first.shape[1]
-    model = create_classifier(cfg.model, train.num_classes, C, pretrained=cfg.pretrained, seed=cfg.seed).to(device)
+    size = cfg.image_size if streamed else (first.shape[-1] if first.shape[-1] == first.shape[-2] else None)
+    model = create_classifier(cfg.model, train.num_classes, C, pretrained=cfg.pretrained, seed=cfg.seed,
+                              image_size=size).to(device)  # model.json records the input size
     accel.accelerate(model, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
     scaler = accel.grad_scaler(device, cfg.precision)
     cfg_json = dataclasses.asdict(cfg)
@@ -537,7 +539,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         result["bad_files_skipped"] = sum(_gather_ints(skipped, dist_info))
     data_info = {}
     if streamed:
-        data_info = {"image_size": cfg.image_size, "diffaug_view": cfg.diffaug_view,
+        data_info = {"diffaug_view": cfg.diffaug_view,
                      "split_sizes": {k: len(d) for k, d in splits.items()}}
     if dist_info.main:  # model.json is written last: its presence means the run is complete
         ckpt.append_jsonl(out / METRICS_FILE, [{"step": total, **result}])

@@ -11,9 +11,8 @@
 """
 
 from .files import (BAD_FILE_POLICIES, SPLIT_FRACTIONS, BadImageError, ImageFiles, ImageList, aligned_copy,
-                    class_folders, with_extra,
-                    class_index_map, decode_image, open_corrupted, open_folder, open_splits, open_unlabelled,
-                    restrict_logits, split_indices, split_layout)
+                    class_folders, class_index_map, decode_image, open_corrupted, open_folder, open_splits,
+                    open_unlabelled, restrict_logits, split_indices, split_layout, stratified_sample, with_extra)
 from .loader import ResumableSampler, StepBatches, check_workers, default_workers, make_loader, make_step_loader
 from .memory import (CIFAR10_CLASSES, CORRUPTED_LAYOUTS, FAR_OOD_SETS, IMAGE_SUFFIXES, SPLITS, ImageDataset,
                      corrupted_layout, corrupted_names, digits_split_indices, is_in_memory, load_cifar10,
@@ -23,13 +22,13 @@ from .transforms import (TRANSFORM_LIBRARIES, SeededView, check_library, check_s
                          generative_transform, sample_seed, train_transform)
 
 __all__ = [
-    "BAD_FILE_POLICIES", "CIFAR10_CLASSES", "CORRUPTED_LAYOUTS", "FAR_OOD_SETS", "IMAGE_SUFFIXES", "SPLITS",
-    "SPLIT_FRACTIONS", "TRANSFORM_LIBRARIES", "BadImageError", "aligned_copy", "with_extra", "ImageDataset", "ImageFiles", "ImageList",
-    "ResumableSampler", "SeededView", "StepBatches", "check_library", "check_size", "check_workers", "class_folders", "class_index_map", "corrupted_layout", "corrupted_names",
-    "decode_image", "default_workers", "digits_split_indices", "eval_transform", "generative_transform",
-    "is_in_memory", "load_cifar10",
-    "load_corrupted",
-    "load_dataset", "load_digits", "load_image_folder", "make_loader", "make_step_loader", "noise_images", "open_corrupted",
-    "open_folder", "open_splits", "open_unlabelled", "photo_patches", "restrict_logits", "sample_seed",
-    "split_indices", "split_layout", "subset_classes", "train_transform",
+    "BAD_FILE_POLICIES", "BadImageError", "CIFAR10_CLASSES", "CORRUPTED_LAYOUTS", "FAR_OOD_SETS",
+    "IMAGE_SUFFIXES", "ImageDataset", "ImageFiles", "ImageList", "ResumableSampler", "SPLITS", "SPLIT_FRACTIONS",
+    "SeededView", "StepBatches", "TRANSFORM_LIBRARIES", "aligned_copy", "check_library", "check_size",
+    "check_workers", "class_folders", "class_index_map", "corrupted_layout", "corrupted_names", "decode_image",
+    "default_workers", "digits_split_indices", "eval_transform", "generative_transform", "is_in_memory",
+    "load_cifar10", "load_corrupted", "load_dataset", "load_digits", "load_image_folder", "make_loader",
+    "make_step_loader", "noise_images", "open_corrupted", "open_folder", "open_splits", "open_unlabelled",
+    "photo_patches", "restrict_logits", "sample_seed", "split_indices", "split_layout", "stratified_sample",
+    "subset_classes", "train_transform", "with_extra",
 ]

@@ -254,6 +254,24 @@ def split_indices(labels, fractions: tuple[float, float, float] = SPLIT_FRACTION
     return {s: np.sort(np.concatenate(v)).astype(np.int64) for s, v in out.items()}
 
 
+def stratified_sample(labels, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` indices drawn without replacement, seeded, in proportion to the classes of ``labels`` (largest
+    remainder: every class gets ``floor(n * share)`` and the classes with the largest remainders one more, ties
+    to the lower label), each class's items permuted by a generator seeded with ``(seed, class)``. Sorted.
+    All indices when ``n >= len(labels)``."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / counts.sum()
+    take = np.floor(quota).astype(np.int64)
+    extra = np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]
+    take[extra] += 1
+    picked = [np.random.default_rng([int(seed) & 0xFFFFFFFF, int(c) & 0xFFFFFFFF])
+              .permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
 def split_layout(root: str | os.PathLike) -> str:
     """``"splits"`` when ``root`` holds ``train/`` and ``val/`` (ImageNet's layout), else ``"single"``."""
     root = Path(root)

@@ -1,0 +1,257 @@
+"""The evaluations on image folders: a classifier trained by `diffaug train` on the synthetic ImageNet-style tree,
+then eval-shift (ImageNet-C and a folder corrupted on the fly), eval-ood (folders, image lists) and certify on
+the same tree, at the classifier's own input size, with classes matched by name."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffaug.classifier import create_classifier, input_size, load_classifier, save_classifier
+from diffaug.cli import main
+from diffaug.data import stratified_sample
+from imagenet_tree import WNIDS, make_tree
+
+SIZE = 16
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _den_dir(path):
+    from diffusers import DDPMScheduler
+
+    import diffaug
+    from conftest import tiny_unet
+
+    den = diffaug.Denoiser.from_diffusers(tiny_unet(channels=3, size=SIZE), DDPMScheduler(num_train_timesteps=1000))
+    den.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streamed")
+    tree = make_tree(root / "tree")
+    inc = make_tree(root / "inc" / "fog", per_class={"5": 1}, odd_files=False, seed=1).parent  # fog/5/<wnid>/
+    clf = root / "clf"
+    assert main(["train", "--data", str(tree), "--recipe", "plain", "--model", "small_cnn", "--image-size", str(SIZE),
+                 "--steps", "6", "--batch-size", "8", "--workers", "0", "--out", str(clf), "--quiet",
+                 "--device", "cpu"]) == 0
+    return {"root": root, "tree": tree, "inc": inc, "clf": clf, "den": _den_dir(root / "den")}
+
+
+def test_streamed_evaluations_end_to_end(world, tmp_path):
+    spec = json.loads((world["clf"] / "model.json").read_text())
+    assert spec["image_size"] == SIZE and spec["classes"] == list(WNIDS) and spec["mean"] == [0.5] * 3
+    assert spec["test_acc"] > 1 / 3  # the colours are learnt: above chance
+
+    out = tmp_path / "inc"  # ImageNet-C of 24..72-px JPEGs, scored at 16 px, DE through a 16-px denoiser
+    assert main(["eval-shift", "--data", str(world["inc"]), "--classifier", str(world["clf"]), "--denoiser",
+                 str(world["den"]), "--modes", "default,de", "--severities", "5", "--batch", "2", "--workers", "0",
+                 "--no-analyses", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    rows = _rows(out / "results.csv")
+    assert [(r["mode"], r["corruption"], r["n"]) for r in rows] == [("default", "fog", "3"), ("de", "fog", "3")]
+
+    out = tmp_path / "folder"  # split folders: val is the test split, corrupted batch by batch
+    assert main(["eval-shift", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--modes", "default",
+                 "--corruptions", "fog,gaussian_noise", "--severities", "5", "--no-analyses", "--batch", "4",
+                 "--workers", "1", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    rows = _rows(out / "results.csv")
+    assert [(r["corruption"], r["n"]) for r in rows] == [("clean", "9"), ("fog", "9"), ("gaussian_noise", "9")]
+    assert float(rows[0]["accuracy"]) > 1 / 3
+
+    flat, lists = tmp_path / "flat", tmp_path / "lists"
+    (lists / "imgs").mkdir(parents=True)
+    flat.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20 + 7 * i, 30, 3), dtype=np.uint8)).save(flat / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 25 + 3 * i), dtype=np.uint8)).save(lists / "imgs" / f"{i}.jpg")
+    (lists / "test_x.txt").write_text("".join(f"imgs/{i}.jpg 0\n" for i in range(5)))
+    out = tmp_path / "ood"
+    assert main(["eval-ood", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--ood", str(flat),
+                 f"near={lists / 'test_x.txt'}", "--workers", "0", "--out", str(out), "--device", "cpu"]) == 0
+    rows = _rows(out / "results.csv")
+    assert {(r["set"], r["group"]) for r in rows} == {("flat", "far"), ("test_x", "near")}
+    assert all(0 <= float(r["auroc"]) <= 1 for r in rows)
+
+    out = tmp_path / "cert"  # --limit: one image per class (stratified), not the first three files
+    assert main(["certify", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--sigma", "0.25",
+                 "--n", "40", "--n0", "8", "--limit", "3", "--workers", "1", "--out", str(out), "--quiet",
+                 "--device", "cpu"]) == 0
+    cert = _rows_tsv(out / "clf" / "sigma_0.25" / "certify.tsv")
+    assert sorted(int(r["label"]) for r in cert) == [0, 1, 2]
+
+
+def _rows_tsv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _reference_logits(model, files):
+    """Each file decoded with PIL and brought to the classifier's size by hand (v2 functional ops), one by one."""
+    from torchvision.transforms.v2 import functional as F
+
+    out = []
+    for f in files:
+        x = F.pil_to_tensor(Image.open(f).convert("RGB"))
+        x = F.center_crop(F.resize(x, [round(SIZE / 0.875)], antialias=True), [SIZE])
+        out.append(model(x[None].float() / 255))
+    return torch.cat(out)
+
+
+def test_subset_classes_are_matched_by_name_and_scored_on_their_logits(tmp_path):
+    """A 2-class ImageNet-C set (classes 0 and 2 of a 3-class classifier): accuracy over those two logits, equal
+    to a reference computed file by file."""
+    clf = create_classifier("small_cnn", 3, 3, seed=1, image_size=SIZE)
+    save_classifier(clf, tmp_path / "clf", extra={"classes": list(WNIDS)})
+    inc = make_tree(tmp_path / "inc" / "fog", per_class={"3": 4}, odd_files=False, seed=2,
+                    classes=(WNIDS[2], WNIDS[0])).parent
+    out = tmp_path / "o"
+    assert main(["eval-shift", "--data", str(inc), "--classifier", str(tmp_path / "clf"), "--modes", "default",
+                 "--severities", "3", "--no-analyses", "--batch", "3", "--workers", "0", "--out", str(out),
+                 "--quiet", "--device", "cpu"]) == 0
+    (row,) = _rows(out / "results.csv")
+    model = load_classifier(tmp_path / "clf")
+    folders = sorted(p for p in (inc / "fog" / "3").iterdir())  # n01440764 (label 0), n01484850 (label 1)
+    files = [f for d in folders for f in sorted(d.iterdir())]
+    labels = torch.tensor([k for k, d in enumerate(folders) for _ in sorted(d.iterdir())])
+    with torch.no_grad():
+        pred = _reference_logits(model, files)[:, [0, 2]].argmax(1)
+    assert row["n"] == str(len(files)) and float(row["accuracy"]) == pytest.approx((pred == labels).float().mean())
+
+
+def test_a_set_with_classes_the_classifier_lacks_is_refused_naming_them(world, tmp_path, capsys):
+    other = make_tree(tmp_path / "other", per_class={"x": 1}, odd_files=False, classes=("n09999999", WNIDS[0]))
+    for argv in (["eval-shift", "--data", str(other / "x"), "--corruptions", "fog", "--modes", "default",
+                  "--no-analyses"],
+                 ["certify", "--data", str(other / "x"), "--sigma", "0.25"]):
+        out = tmp_path / "o"
+        assert main([*argv, "--classifier", str(world["clf"]), "--workers", "0", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "does not know 1 classes" in err and "n09999999" in err and len(err.splitlines()) == 1
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["eval-shift", "--corruptions", "fog", "--modes", "default"],
+    ["eval-ood"],
+    ["certify", "--sigma", "0.25"],
+])
+@pytest.mark.parametrize("extra, message", [
+    (["--workers", "-1"], "workers must be a whole number >= 0"),
+    (["--image-size", "0"], "image size must be a whole number >= 1"),
+])
+def test_bad_workers_and_size_fail_before_any_output(world, tmp_path, capsys, command, extra, message):
+    out = tmp_path / "o"
+    assert main([*command, "--data", str(world["tree"]), "--classifier", str(world["clf"]), *extra,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_model_json_without_input_size_still_loads_and_asks_for_one_on_a_folder(world, tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    spec = json.loads((world["clf"] / "model.json").read_text())
+    del spec["image_size"]
+    (old / "model.json").write_text(json.dumps(spec))
+    (old / "model.safetensors").write_bytes((world["clf"] / "model.safetensors").read_bytes())
+    model = load_classifier(old)
+    assert input_size(model) is None and input_size(load_classifier(world["clf"])) == SIZE
+    out = tmp_path / "o"
+    assert main(["eval-ood", "--data", str(world["tree"]), "--classifier", str(old), "--workers", "0",
+                 "--out", str(out)]) == 2
+    assert "--image-size" in capsys.readouterr().err and not out.exists()
+    assert main(["eval-ood", "--data", str(world["tree"]), "--classifier", str(old), "--workers", "0",
+                 "--image-size", str(SIZE), "--out", str(out), "--device", "cpu"]) == 0
+    a = [(r["score"], r["auroc"]) for r in _rows(out / "results.csv")]
+    assert main(["eval-ood", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--workers", "0",
+                 "--out", str(tmp_path / "new"), "--device", "cpu"]) == 0
+    assert a == [(r["score"], r["auroc"]) for r in _rows(tmp_path / "new" / "results.csv")]
+
+
+def test_timm_vit_is_built_for_its_size_and_pretrained_models_keep_their_normalisation(tmp_path):
+    vit = create_classifier("vit_tiny_patch16_224", 3, 3, seed=0, image_size=64).eval()
+    assert vit(torch.rand(2, 3, 64, 64)).shape == (2, 3) and vit.spec["image_size"] == 64
+    save_classifier(vit, tmp_path / "vit")
+    assert load_classifier(tmp_path / "vit")(torch.rand(1, 3, 64, 64)).shape == (1, 3)
+    for name, head, mean, std in (("resnet10t", "fc", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                                  ("torchvision:mobilenet_v3_small", "classifier.3", (0.485, 0.456, 0.406),
+                                   (0.229, 0.224, 0.225))):
+        scratch = create_classifier(name, 3, 3, seed=0)
+        assert scratch.mean.flatten().tolist() == [0.5] * 3  # trained from scratch: as before
+        weights = tmp_path / f"{name.replace(':', '_')}.pt"  # a bare backbone's checkpoint, as published
+        torch.save({**scratch.features.state_dict(), **{f"{head}.{k}": v for k, v in scratch.head.state_dict().items()}},
+                   weights)
+        tuned = create_classifier(name, 3, 3, seed=0, pretrained=weights)
+        torch.testing.assert_close(tuned.mean.flatten(), torch.tensor(mean))
+        torch.testing.assert_close(tuned.std.flatten(), torch.tensor(std))
+        save_classifier(tuned, tmp_path / name.replace(":", "_"))
+        torch.testing.assert_close(load_classifier(tmp_path / name.replace(":", "_")).mean, tuned.mean)
+
+
+def test_stratified_sample_is_proportional_seeded_and_without_repeats():
+    labels = np.repeat([0, 1, 2, 3], [50, 30, 15, 5])
+    for n in (1, 7, 10, 33, 99):
+        idx = stratified_sample(labels, n, seed=3)
+        assert len(idx) == n == len(set(idx.tolist())) and np.all(np.diff(idx) > 0)
+        counts = np.bincount(labels[idx], minlength=4)
+        assert np.all(np.abs(counts - n * np.array([50, 30, 15, 5]) / 100) < 1)
+        np.testing.assert_array_equal(idx, stratified_sample(labels, n, seed=3))
+    assert not np.array_equal(stratified_sample(labels, 10, 0), stratified_sample(labels, 10, 1))
+    np.testing.assert_array_equal(stratified_sample(labels, 500), np.arange(100))
+
+
+def test_bad_ood_sets_fail_in_one_line_before_any_output(world, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "list.txt").write_text("imgs/a.jpg 0\nimgs/missing.jpg 1\n")
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "imgs" / "a.jpg")
+    for ood, message in ((str(empty), "holds no images"), (str(tmp_path / "list.txt"), "line 2")):
+        out = tmp_path / "o"
+        assert main(["eval-ood", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--ood", ood,
+                     "--workers", "0", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_holdout_on_a_folder_is_the_test_images_of_the_classes_left_out(world, tmp_path):
+    clf = create_classifier("small_cnn", 2, 3, seed=0, image_size=SIZE)
+    save_classifier(clf, tmp_path / "clf", extra={"classes": list(WNIDS[:2]), "class_indices": [0, 1]})
+    out = tmp_path / "o"
+    assert main(["eval-ood", "--data", str(world["tree"]), "--classifier", str(tmp_path / "clf"), "--workers", "0",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    rows = _rows(out / "results.csv")
+    assert {(r["set"], r["group"]) for r in rows} == {("holdout", "near"), ("noise", "far")}
+
+
+@pytest.mark.slow
+def test_torchrun_shards_streamed_conditions_and_images_and_matches_one_process(world, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = ["eval-shift", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--denoiser",
+            str(world["den"]), "--modes", "default,de", "--corruptions", "fog", "--severities", "5", "--batch", "2",
+            "--workers", "0", "--no-analyses", "--quiet", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "diffaug.cli", *args, "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+
+    def rows(folder):
+        return [(r["corruption"], r["mode"], r["n"], r["accuracy"]) for r in _rows(folder / "results.csv")]
+
+    # 9 test images in 5 batches of 2 per condition, spread over both ranks: pooled, the same numbers
+    assert rows(tmp_path / "ddp") == rows(tmp_path / "one") and [r[2] for r in rows(tmp_path / "one")] == ["9"] * 4
