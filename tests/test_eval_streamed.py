@@ -255,3 +255,21 @@ def test_torchrun_shards_streamed_conditions_and_images_and_matches_one_process(
 
     # 9 test images in 5 batches of 2 per condition, spread over both ranks: pooled, the same numbers
     assert rows(tmp_path / "ddp") == rows(tmp_path / "one") and [r[2] for r in rows(tmp_path / "one")] == ["9"] * 4
+
+
+def test_ood_scores_are_never_fitted_on_the_test_images(tmp_path, monkeypatch):
+    from diffaug import eval_ood
+    from diffaug.data import open_splits
+
+    tree = make_tree(tmp_path / "imagenet", {"train": 6, "val": 2}, odd_files=False)  # ImageNet: no test/
+    splits = open_splits(tree)
+    assert splits["val"] is splits["test"]
+    monkeypatch.setattr(eval_ood, "FIT_IMAGES", 10)
+    fit = eval_ood.fit_split(splits, seed=0)
+    fitted = {p for p, _ in fit.samples}
+    assert len(fitted) == 10 and not fitted & {p for p, _ in splits["test"].samples}
+    assert fitted <= {p for p, _ in splits["train"].samples}
+    assert sorted(fit.labels.tolist()) == sorted(splits["train"].labels[  # stratified: the classes in proportion
+        torch.as_tensor(stratified_sample(splits["train"].labels.numpy(), 10, 0))].tolist())
+    with_test = open_splits(make_tree(tmp_path / "three", {"train": 4, "val": 2, "test": 2}, odd_files=False))
+    assert eval_ood.fit_split(with_test) is with_test["val"]

@@ -1,7 +1,8 @@
 """``diffaug eval-ood``: score classifiers for OOD detection and write the paper's Table 3.
 
 ID data is the test split of the classes a classifier was trained on (its ``model.json`` records them); ReAct is
-fitted on the val split of the same classes. OOD sets:
+fitted on the val split of the same classes (on a folder whose val split is its test split, ImageNet's ``train/`` +
+``val/``, on a stratified sample of ``FIT_IMAGES`` train images instead). OOD sets:
 
 * ``holdout`` (near-OOD): test images of the data's classes the classifier did not see (train with
   ``diffaug train --classes 0 1 2 3 4`` to hold classes out); on digits, unseen digits;
@@ -31,6 +32,22 @@ from .ood import PAPER_SCORES, SCORES, OODScorer, metrics, search_percentile
 from .report import mean_std
 
 COLUMN_NAMES = {"ash_s": "ASH", "msp": "MSP", "react": "ReAct", "scale": "SCALE"}
+
+
+# images of the train split the scores are fitted on when a folder has no val split apart from its test split
+FIT_IMAGES = 10_000
+
+
+def fit_split(splits: dict, seed: int = 0):
+    """The images the OOD scores are fitted on: the val split, or, when the val split is the test split (a folder
+    with ``train/`` + ``val/`` only, ImageNet's layout), a seeded stratified sample of ``FIT_IMAGES`` train
+    images, so that no score is fitted on the images it is tested on."""
+    from .data import stratified_sample
+
+    if splits["val"] is not splits["test"]:
+        return splits["val"]
+    train = splits["train"]
+    return train.subset(stratified_sample(train.labels.numpy(), min(len(train), FIT_IMAGES), seed))
 
 
 def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int, channels: int, seed: int,
@@ -123,7 +140,7 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
         C = model.spec.get("channels", 3)
         splits = open_splits(data, channels=C)
         lazy_test = splits["test"]
-        val_set, test_set = splits["val"], splits["test"]
+        val_set, test_set = fit_split(splits, seed), splits["test"]
         if classes is not None:
             val_set, test_set = val_set.with_classes(list(classes)), test_set.with_classes(list(classes))
         num_classes = test_set.num_classes
