@@ -273,3 +273,23 @@ def test_ood_scores_are_never_fitted_on_the_test_images(tmp_path, monkeypatch):
         torch.as_tensor(stratified_sample(splits["train"].labels.numpy(), 10, 0))].tolist())
     with_test = open_splits(make_tree(tmp_path / "three", {"train": 4, "val": 2, "test": 2}, odd_files=False))
     assert eval_ood.fit_split(with_test) is with_test["val"]
+
+
+def test_a_convolutional_denoiser_runs_at_the_classifiers_size(world, tmp_path):
+    """A denoiser built for 8-px images serves a 16-px classifier in eval-shift (DE) and certify (DDS): the UNet
+    takes any multiple of its downsampling (as ADM-256 on 224-px crops), so nothing is resized."""
+    from diffusers import DDPMScheduler
+
+    import diffaug
+    from conftest import tiny_unet
+
+    small = tmp_path / "den8"
+    diffaug.Denoiser.from_diffusers(tiny_unet(channels=3, size=8), DDPMScheduler(num_train_timesteps=1000)
+                                    ).save_pretrained(small)
+    assert main(["eval-shift", "--data", str(world["inc"]), "--classifier", str(world["clf"]), "--denoiser",
+                 str(small), "--modes", "default,de", "--severities", "5", "--batch", "3", "--workers", "0",
+                 "--no-analyses", "--out", str(tmp_path / "shift"), "--quiet", "--device", "cpu"]) == 0
+    assert [r["mode"] for r in _rows(tmp_path / "shift" / "results.csv")] == ["default", "de"]
+    assert main(["certify", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--denoiser",
+                 str(small), "--sigma", "0.25", "--n0", "5", "--n", "20", "--limit", "2", "--out",
+                 str(tmp_path / "cert"), "--device", "cpu"]) == 0

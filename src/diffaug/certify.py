@@ -238,6 +238,7 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
         first = images[0][None]
     den = load_denoiser(denoiser, device=device, speed=speed) if denoiser else None
     if den is not None:
+        den = den.at_size(first.shape[-1]) if first.shape[-1] == first.shape[-2] else den  # conv. nets: any size
         den.check_images(first, name=f"images of {data}")
     models = {name: match_classes(m, None if in_memory else classes, len(classes), name, str(data))
               for name, m in models.items()}  # in memory: matched by count, as before

@@ -154,7 +154,8 @@ class Denoiser(nn.Module):
             built = f"{self.image_size[0]}x{self.image_size[1]}"
             takes = (f"multiples of {self.size_multiple} px" if self.size_multiple else f"only {built}")
             raise InputError(f"the denoiser was built for {built} images and cannot run at {size}x{size} (its network "
-                             f"takes {takes}); pass --denoiser-size {self.image_size[0]} to resize around it")
+                             f"takes {takes}); resize the images to a size it takes (diffaug train: --denoiser-size "
+                             f"{self.image_size[0]})")
         den = Denoiser(self.net, self.alpha_bar, self.prediction_type, image_size=(size, size),
                        channels=self.channels, num_classes=self.num_classes, null_class=self.null_class)
         den.scheduler_config, den.precision, den.channels_last = self.scheduler_config, self.precision, self.channels_last

@@ -398,6 +398,8 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed,
         workers)
     size = eval_size(models, image_size)
+    if den is not None and size is not None:  # a convolutional denoiser runs at the classifiers' size (ADM-256 at 224)
+        den = den.at_size(size)
     members = ensemble_members(de_step)
     dda_kwargs = {"t_start": dda_t or (den.num_timesteps // 2 if den else 500), "steps": dda_steps,
                   "guidance_scale": dda_scale, "downsample": dda_downsample, "norm": dda_norm}
