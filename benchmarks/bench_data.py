@@ -158,10 +158,16 @@ def main() -> None:
         for n, r in m.items():
             print(f"peak RSS over {r['images']:5d} images: main {r['main_mb']:7.1f} MB, largest worker "
                   f"{r['worker_mb']:7.1f} MB")
-        for key in ("main_mb", "worker_mb"):
-            ratio = m[args.big][key] / m[args.images][key]
-            print(f"peak RSS ratio {args.big} / {args.images} images ({key.split('_')[0]}): {ratio:.3f}  "
-                  f"(target <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'})")
+        print_rss_ratios(m, args.images, args.big)
+
+
+def print_rss_ratios(peaks: dict, small: int, big: int) -> None:
+    """Print the peak-RSS ratio big / small images of the main process and the largest worker (target <= 1.2);
+    ``peaks[n]`` holds ``main_mb`` and ``worker_mb``."""
+    for key in ("main_mb", "worker_mb"):
+        ratio = peaks[big][key] / peaks[small][key]
+        print(f"peak RSS ratio {big} / {small} images ({key.split('_')[0]}): {ratio:.3f}  "
+              f"(target <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data import subset_folder, write_folder  # noqa: E402
+from bench_data import print_rss_ratios, subset_folder, write_folder  # noqa: E402
 
 
 def train_child(argv: list[str]) -> None:
@@ -84,10 +84,7 @@ def main() -> None:
         for n, r in m.items():
             print(f"diffaug train on {n:5d} images: peak RSS main {r['main_mb']:7.1f} MB, largest worker "
                   f"{r['worker_mb']:7.1f} MB ({r['seconds']:.0f} s)")
-        for key in ("main_mb", "worker_mb"):
-            ratio = m[args.big][key] / m[args.images][key]
-            print(f"peak RSS ratio {args.big} / {args.images} images ({key.split('_')[0]}): {ratio:.3f}  "
-                  f"(target <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'})")
+        print_rss_ratios(m, args.images, args.big)
 
 
 if __name__ == "__main__":

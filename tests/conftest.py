@@ -47,6 +47,18 @@ def tiny_unet(*, channels=1, size=8, num_class_embeds=None, learned_variance=Fal
     ).eval()
 
 
+def write_rgb_denoiser(folder, size: int = 16):
+    """Save a tiny RGB diffusers denoiser built for ``size`` px (two levels: it takes any even size) to ``folder``;
+    returns ``folder``."""
+    from diffusers import DDPMScheduler
+
+    import diffaug
+
+    diffaug.Denoiser.from_diffusers(tiny_unet(channels=3, size=size), DDPMScheduler(num_train_timesteps=1000)
+                                    ).save_pretrained(folder)
+    return folder
+
+
 def tiny_denoiser(prediction_type="epsilon", *, conditional=False, learned_variance=False, channels=1,
                   num_timesteps=1000, beta_schedule="linear", seed=0):
     from diffusers import DDPMScheduler

@@ -235,9 +235,10 @@ def test_certify_sequential_rejects_bad_arguments_before_sampling(kwargs, messag
 
     smooth = diffaug.Smooth(Never(), num_classes=10, sigma=0.5)
     args = {"alpha": 0.001, "max_n": 20, "batch_size": 10, "n0": 5, **kwargs}
+    g = torch.Generator().manual_seed(0)
     with pytest.raises(InputError, match=message) as err:
-        smooth.certify_sequential(torch.rand(1, 8, 8), args.pop("alpha"), args.pop("max_n"), args.pop("batch_size"),
-                                  generator=torch.Generator().manual_seed(0), **args)
+        smooth.certify_sequential(torch.rand(1, 8, 8, generator=g), args.pop("alpha"), args.pop("max_n"),
+                                  args.pop("batch_size"), generator=torch.Generator().manual_seed(0), **args)
     assert "\n" not in str(err.value)
 
 

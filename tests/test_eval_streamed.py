@@ -13,6 +13,7 @@ from PIL import Image
 from diffaug.classifier import create_classifier, input_size, load_classifier, save_classifier
 from diffaug.cli import main
 from diffaug.data import stratified_sample
+from conftest import write_rgb_denoiser
 from imagenet_tree import WNIDS, make_tree
 
 SIZE = 16
@@ -21,17 +22,6 @@ SIZE = 16
 def _rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-def _den_dir(path):
-    from diffusers import DDPMScheduler
-
-    import diffaug
-    from conftest import tiny_unet
-
-    den = diffaug.Denoiser.from_diffusers(tiny_unet(channels=3, size=SIZE), DDPMScheduler(num_train_timesteps=1000))
-    den.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +33,7 @@ def world(tmp_path_factory):
     assert main(["train", "--data", str(tree), "--recipe", "plain", "--model", "small_cnn", "--image-size", str(SIZE),
                  "--steps", "6", "--batch-size", "8", "--workers", "0", "--out", str(clf), "--quiet",
                  "--device", "cpu"]) == 0
-    return {"root": root, "tree": tree, "inc": inc, "clf": clf, "den": _den_dir(root / "den")}
+    return {"root": root, "tree": tree, "inc": inc, "clf": clf, "den": write_rgb_denoiser(root / "den", SIZE)}
 
 
 def test_streamed_evaluations_end_to_end(world, tmp_path):
@@ -278,14 +268,7 @@ def test_ood_scores_are_never_fitted_on_the_test_images(tmp_path, monkeypatch):
 def test_a_convolutional_denoiser_runs_at_the_classifiers_size(world, tmp_path):
     """A denoiser built for 8-px images serves a 16-px classifier in eval-shift (DE) and certify (DDS): the UNet
     takes any multiple of its downsampling (as ADM-256 on 224-px crops), so nothing is resized."""
-    from diffusers import DDPMScheduler
-
-    import diffaug
-    from conftest import tiny_unet
-
-    small = tmp_path / "den8"
-    diffaug.Denoiser.from_diffusers(tiny_unet(channels=3, size=8), DDPMScheduler(num_train_timesteps=1000)
-                                    ).save_pretrained(small)
+    small = write_rgb_denoiser(tmp_path / "den8", 8)
     assert main(["eval-shift", "--data", str(world["inc"]), "--classifier", str(world["clf"]), "--denoiser",
                  str(small), "--modes", "default,de", "--severities", "5", "--batch", "3", "--workers", "0",
                  "--no-analyses", "--out", str(tmp_path / "shift"), "--quiet", "--device", "cpu"]) == 0

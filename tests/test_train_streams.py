@@ -25,13 +25,9 @@ def tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def den16(tmp_path_factory):
     """A tiny RGB denoiser built for 16 px (two levels: it takes any even size)."""
-    from conftest import tiny_unet
-    from diffusers import DDPMScheduler
+    from conftest import write_rgb_denoiser
 
-    folder = tmp_path_factory.mktemp("den16")
-    diffaug.Denoiser.from_diffusers(tiny_unet(channels=3, size=16), DDPMScheduler(num_train_timesteps=1000)
-                                    ).save_pretrained(folder)
-    return folder
+    return write_rgb_denoiser(tmp_path_factory.mktemp("den16"))
 
 
 # ---------------------------------------------------------------------- train-diffusion
