@@ -18,7 +18,7 @@ import torch
 import diffaug
 from diffaug.augment import DiffAug
 from diffaug.data import load_digits
-from diffaug.train_classifier import TrainConfig, recipe_loss
+from diffaug.recipes import DiffAugRecipe, Plain
 
 
 def main() -> None:
@@ -36,14 +36,14 @@ def main() -> None:
     model = diffaug.create_classifier(args.model, 10, 1, seed=0).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator(device=device).manual_seed(0)
-    cfgs = {r: TrainConfig(recipe=r, steps=1, denoiser="digits") for r in ("plain", "diffaug")}
+    recipes = {"plain": Plain(model), "diffaug": DiffAugRecipe(model, aug)}
     t = torch.randint(0, den.num_timesteps, (args.batch,), generator=g, device=device)
     null = torch.full((args.batch,), den.null_class, device=device)
 
     x2, y2 = torch.cat([x, x]), torch.cat([y, y])
 
     def step(recipe, xb=x, yb=y):
-        loss = recipe_loss(model, xb, yb, cfgs[recipe], aug, None, g, None)
+        loss, _ = recipes[recipe](xb, yb, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -56,17 +56,17 @@ def test_training_on_a_streamed_folder_learns_above_chance(tree, tmp_path):
 
 @pytest.mark.parametrize("view", ["center", "same"])
 def test_diffaug_is_applied_to_the_chosen_view(tree, den16, monkeypatch, view):
-    from diffaug import train_classifier as tc
+    from diffaug.recipes import Recipe
     from diffaug.data import SeededView, eval_transform, open_splits, train_transform
 
     seen = []
-    original = tc.recipe_loss
+    original = Recipe.forward
 
-    def spy(model, x, y, cfg, diffaug, augmix, gen, jsd, x_diffaug=None):
+    def spy(self, x, y, generator=None, *, x_diffaug=None, x_aligned=()):
         seen.append((x.clone(), None if x_diffaug is None else x_diffaug.clone()))
-        return original(model, x, y, cfg, diffaug, augmix, gen, jsd, x_diffaug=x_diffaug)
+        return original(self, x, y, generator, x_diffaug=x_diffaug, x_aligned=x_aligned)
 
-    monkeypatch.setattr(tc, "recipe_loss", spy)
+    monkeypatch.setattr(Recipe, "forward", spy)
     cfg = TrainConfig(data=str(tree), recipe="diffaug", denoiser=str(den16), model="resnet_small", image_size=16,
                       workers=0, steps=1, batch_size=4, checkpoint_every=1, diffaug_view=view)
     train_classifier(cfg, tree.parent / f"run-{view}", progress=False)

@@ -14,7 +14,8 @@ from diffaug.augment import DiffAug
 from diffaug.classifier import create_classifier, save_classifier
 from diffaug.cli import main
 from diffaug.checkpoint import load_safetensors
-from diffaug.train_classifier import RECIPES, TrainConfig, recipe_loss, train_classifier
+from diffaug.recipes import DiffAugRecipe
+from diffaug.train_classifier import RECIPES, TrainConfig, train_classifier
 from conftest import tiny_denoiser
 
 
@@ -50,9 +51,9 @@ def test_diffaug_loss_is_clean_plus_diffaug_ce(den_dir):
     den = load_denoiser(den_dir)
     model = create_classifier("small_cnn", 10, 1, seed=0).eval()
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
-    c = TrainConfig(recipe="diffaug", diffaug_weight=0.5, diffaug_fraction=0.5, steps=1, denoiser="x")
     aug = DiffAug(den)
-    loss = recipe_loss(model, x, y, c, aug, None, torch.Generator().manual_seed(0), None)
+    loss, logits = DiffAugRecipe(model, aug, weight=0.5, fraction=0.5)(x, y, torch.Generator().manual_seed(0))
+    assert logits.shape == (12, 10)
     x_da = aug(x[:4], generator=torch.Generator().manual_seed(0))
     ref = F.cross_entropy(model(x), y) + 0.5 * F.cross_entropy(model(x_da), y[:4])
     torch.testing.assert_close(loss, ref)

@@ -155,15 +155,14 @@ def test_train_refuses_a_crop_the_denoiser_cannot_take_and_resizes_with_denoiser
 
 
 # ---------------------------------------------------------------------- aligned copies, extra data, sync-bn
-def test_recipe_loss_adds_one_cross_entropy_per_aligned_view():
-    from diffaug.train_classifier import TrainConfig, recipe_loss
+def test_recipe_adds_one_cross_entropy_per_aligned_view():
+    from diffaug.recipes import Plain
 
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     x, x1, x2 = (torch.rand(4, 3, 2, 2, generator=g) for _ in range(3))
     y = torch.tensor([0, 1, 2, 1])
-    cfg = TrainConfig(recipe="plain")
-    got = recipe_loss(model, x, y, cfg, None, None, g, None, x_aligned=[x1, x2])
+    got, _ = Plain(model)(x, y, g, x_aligned=[x1, x2])
     want = sum(F.cross_entropy(model(v), y) for v in (x, x1, x2))
     torch.testing.assert_close(got, want)
 

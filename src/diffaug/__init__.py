@@ -21,16 +21,17 @@ from .smoothing import ABSTAIN, Smooth
 SUBMODULES = (
     "accel", "adm", "augment", "certify", "checkpoint", "classifier", "cli", "corruptions", "data", "dda",
     "denoiser", "ensemble", "errors", "eval_guidance", "eval_ood", "eval_shift", "evaldata", "genmetrics",
-    "guidance", "nets", "ood", "pag", "quality", "report", "sampling", "schedule", "seeding", "sequential",
+    "guidance", "nets", "ood", "pag", "quality", "recipes", "report", "sampling", "schedule", "seeding", "sequential",
     "smoothing", "stats",
     "study", "toy", "train", "train_classifier", "train_guidance",
 )
 # public classes that live in modules imported on first use
-_LAZY_NAMES = {"GuidanceClassifier": "guidance"}
+_LAZY_NAMES = {"GuidanceClassifier": "guidance", "Recipe": "recipes", "Plain": "recipes",
+               "DiffAugRecipe": "recipes", "AugMix": "recipes"}
 
 __all__ = ["ABSTAIN", "DiffAug", "Smooth", "Denoiser", "InputError", "StorageError", "create_classifier",
            "diffaug_ensemble", "diffuse_denoise", "load_classifier", "load_denoiser", "Classifier",
-           "GuidanceClassifier"]
+           "GuidanceClassifier", "Recipe", "Plain", "DiffAugRecipe", "AugMix"]
 __version__ = "0.1.0"
 
 

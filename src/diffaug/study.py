@@ -107,7 +107,7 @@ class StudyConfig:
         return dataclasses.replace(base, **data)
 
     def validate(self) -> None:
-        from .train_classifier import RECIPES
+        from .recipes import RECIPES
 
         bad = [r for r in self.recipes if r not in RECIPES]
         if bad or not self.recipes:

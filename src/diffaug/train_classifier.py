@@ -39,9 +39,8 @@ from .classifier import Classifier, create_classifier, save_classifier
 from .data import is_in_memory, load_dataset, subset_classes
 from .data import BAD_FILE_POLICIES, check_library, check_size, check_workers
 from .errors import InputError
-from .seeding import private_seed
+from .recipes import RECIPES, from_name
 
-RECIPES = ("plain", "diffaug", "augmix", "augmix+diffaug")
 DEFAULT_MODELS = {"digits": "small_cnn"}
 DEFAULT_IMAGE_SIZE = 224
 DIFFAUG_VIEWS = ("center", "same")
@@ -177,52 +176,6 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
             p.grad = torch.zeros_like(p)  # same strides as p, hence as its bucket view
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                gradient_as_bucket_view=True)
-
-
-# ---------------------------------------------------------------------- the recipes' pieces
-class AugMixViews:
-    """Two AugMix views per image (torchvision's AugMix with the AugMix paper's ops), seeded per call."""
-
-    def __init__(self):
-        from torchvision.transforms import AugMix
-
-        self.augmix = AugMix(all_ops=False)
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        u8 = (x.detach().cpu() * 255).round().to(torch.uint8)
-        with private_seed(seed):  # torchvision draws from the global RNG: give it a private, replayable one
-            views = [torch.stack([self.augmix(img) for img in u8]) for _ in range(2)]
-        return tuple(v.to(x.device, torch.float32) / 255 for v in views)
-
-
-def recipe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, diffaug, augmix,
-                generator: torch.Generator, jsd, x_diffaug: torch.Tensor | None = None,
-                x_aligned: list[torch.Tensor] = ()) -> torch.Tensor:
-    """The loss of one step of ``cfg.recipe`` (one forward pass over all views). DiffAug is applied to
-    ``x_diffaug`` (another view of the same images, e.g. their center crop) when given, else to ``x``. Each
-    aligned view (DeepAugment's copies of the same images, same crop) adds ``CE(f(view), y)``."""
-    views, n = [x], x.shape[0]
-    if "augmix" in cfg.recipe:
-        views += list(augmix(x, generator))
-    first_aligned = len(views) * n
-    views += list(x_aligned)
-    n_da = 0
-    if "diffaug" in cfg.recipe:
-        n_da = max(1, round(cfg.diffaug_fraction * n))
-        with torch.no_grad():
-            views.append(diffaug((x if x_diffaug is None else x_diffaug)[:n_da], generator=generator))
-    logits = model(torch.cat(views))
-    if "augmix" in cfg.recipe:
-        loss = jsd(logits[: 3 * n], y.repeat(3))
-    else:
-        loss = F.cross_entropy(logits[:n], y, label_smoothing=cfg.label_smoothing)
-    for j in range(len(x_aligned)):
-        start = first_aligned + j * n
-        loss = loss + F.cross_entropy(logits[start : start + n], y, label_smoothing=cfg.label_smoothing)
-    if n_da:
-        loss = loss + cfg.diffaug_weight * F.cross_entropy(logits[-n_da:], y[:n_da], label_smoothing=cfg.label_smoothing)
-    return loss
 
 
 def _lr_lambda(cfg: TrainConfig, total: int):
@@ -465,10 +418,9 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
         print("train: --sync-bn has no effect on one process (BatchNorm kept as it is)")
     if dist_info.world > 1:
         net = data_parallel(model, device)
-    augmix = AugMixViews() if "augmix" in cfg.recipe else None
-    from timm.loss import JsdCrossEntropy
-
-    jsd = JsdCrossEntropy(num_splits=3, alpha=cfg.jsd_weight, smoothing=cfg.label_smoothing)
+    recipe = from_name(cfg.recipe, net, diffaug=diffaug, label_smoothing=cfg.label_smoothing,
+                       jsd_weight=cfg.jsd_weight, diffaug_fraction=cfg.diffaug_fraction,
+                       diffaug_weight=cfg.diffaug_weight)
     if not streamed:
         images, labels = accel.to_device(train.images, device), accel.to_device(train.labels, device)
 
@@ -497,13 +449,13 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
                 x_da = centre[0].to(device, non_blocking=True) if centre else None
                 skipped += int(skips.sum())
                 more = {"x_aligned": [v.to(device, non_blocking=True) for v in aligned]} if aligned else {}
-                loss = recipe_loss(net, x, y, cfg, diffaug, augmix, gen, jsd, x_diffaug=x_da, **more)
+                loss, _ = recipe(x, y, gen, x_diffaug=x_da, **more)
             else:
                 if epoch != order_epoch:  # the sampler's order is a pure function of (seed, epoch, rank)
                     sampler.set_epoch(epoch)
                     order, order_epoch = torch.tensor(list(sampler), device=device), epoch
                 idx = order[pos * per_rank : (pos + 1) * per_rank]
-                loss = recipe_loss(net, images[idx], labels[idx], cfg, diffaug, augmix, gen, jsd)
+                loss, _ = recipe(images[idx], labels[idx], gen)
             accel.optimizer_step(loss, opt, scaler, set_to_none=dist_info.world == 1)  # DDP: grads are bucket views
             sched.step()
             # the loss stays on the device until the log is written: no host-device sync per step
