@@ -68,8 +68,8 @@ class StudyConfig:
     semi_steps: int = 250
     toy_steps: int = 2000
     device: str = "cpu"
-    # an image folder as data (streamed by the training stages; None keeps each command's default):
-    image_size: int | None = None  # crop size of the classifiers and guidance classifiers (None: 224 / the denoiser's)
+    # an image folder as data (streamed by every stage):
+    image_size: int | None = None  # the one size of every stage's images and models (None: the denoiser's size)
     batch_size: int | None = None  # classifiers' batch (None: 128, or all training images when fewer)
 
     @classmethod
@@ -211,7 +211,8 @@ def stage_classifiers(cfg: StudyConfig, root: Path, out: Path, progress: bool) -
 def stage_augmentations(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
     from .report import show_augmentations
 
-    show_augmentations(cfg.denoiser, out / "augmentations.png", data=cfg.data, device=cfg.device)
+    show_augmentations(cfg.denoiser, out / "augmentations.png", data=cfg.data, device=cfg.device,
+                       image_size=cfg.image_size)
     return {}
 
 
@@ -264,14 +265,46 @@ def _mean_auroc(rows: list[dict], group: str) -> dict[str, list[float]]:
 
 def _ood_classes(cfg: StudyConfig) -> tuple[int, list[int]]:
     """``(number of classes, in-distribution classes of the near-OOD classifiers)``; checked before any work."""
-    from .data import load_dataset
+    from .data import is_in_memory, load_dataset, open_splits
 
-    num_classes = load_dataset(cfg.data, "test").num_classes
+    if is_in_memory(cfg.data):
+        num_classes = load_dataset(cfg.data, "test").num_classes
+    else:  # a folder: its class folders (no image is read)
+        num_classes = open_splits(cfg.data)["train"].num_classes
+        if num_classes < 3:
+            raise InputError(f"{cfg.data} has {num_classes} class{'es' if num_classes != 1 else ''}; the study's "
+                             "near-OOD stage trains classifiers on two or more classes and holds at least one out, "
+                             "so it needs a folder with at least 3 class folders")
     id_classes = cfg.ood_id_classes or list(range((num_classes + 1) // 2))
     if max(id_classes) >= num_classes or len(id_classes) >= num_classes:
         raise InputError(f"ood_id_classes {id_classes} must leave out at least one of the {num_classes} classes of "
                          f"{cfg.data} (indices 0..{num_classes - 1}); set ood_id_classes in the config")
+    if len(id_classes) < 2:
+        raise InputError(f"ood_id_classes {id_classes} must name at least two in-distribution classes (a classifier "
+                         "of one class cannot rank anything); set ood_id_classes in the config")
     return num_classes, id_classes
+
+
+def _resolved(cfg: StudyConfig) -> StudyConfig:
+    """``cfg`` with the one image size of a study on an image folder (``image_size``, else the denoiser's),
+    checked against the denoiser before any work; in-memory data (digits, CIFAR-10) unchanged."""
+    from .data import check_size, is_in_memory
+    from .denoiser import load_denoiser
+
+    if is_in_memory(cfg.data):
+        return cfg
+    if not Path(cfg.data).is_dir():
+        raise InputError(f"data folder {cfg.data} does not exist; give `digits`, a CIFAR-10 folder or an image folder "
+                         "(ROOT/train/<class>/ + ROOT/val/<class>/, or ROOT/<class>/)")
+    den = load_denoiser(cfg.denoiser)
+    size = check_size(cfg.image_size) if cfg.image_size is not None else (den.image_size or (None,))[0]
+    if size is None:
+        raise InputError(f"denoiser {cfg.denoiser} has no fixed image size; set image_size in the study config")
+    try:
+        den.at_size(size)
+    except InputError as e:
+        raise InputError(f"setting image_size {size}: {e}") from None
+    return dataclasses.replace(cfg, image_size=size)
 
 
 def stage_ood(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
@@ -535,6 +568,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, only: str | None = None, pro
     cfg.validate()
     if only is not None and only not in STAGES:
         raise InputError(f"unknown stage {only!r}; use one of {', '.join(STAGES)}")
+    cfg = _resolved(cfg)
     _ood_classes(cfg)
     out = Path(out)
     (out / "stages").mkdir(parents=True, exist_ok=True)
