@@ -93,7 +93,7 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
             _Clean(), images, labels, batches=test_batches, generator=torch.Generator(device=device).manual_seed(seed))}
 
     models_for_generation = models if generation else {}
-    judge = None
+    judge, real_set = None, "Real set: the test split."
     if models_for_generation:
         if not is_in_memory(data):  # bounded, seeded, class-stratified samples read through the loader
             from .data import read_sample
@@ -101,6 +101,8 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
             train = read_sample(splits["train"], view.transforms[0], JUDGE_IMAGES, seed=seed, workers=workers)
             real_images = read_sample(splits["test"], view.transforms[0], REFERENCE_IMAGES, seed=seed,
                                       workers=workers).images.to(device)
+            real_set = (f"Real set: a class-stratified sample of {len(real_images)} test images (seed {seed}); the "
+                        f"judge was trained on one of {len(train)} train images.")
         judge = fit_classifier(create_classifier("small_cnn", num_classes, channels, seed=seed),
                                train, generator=torch.Generator().manual_seed(seed), device=device)
     y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
@@ -127,7 +129,7 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
         return text
     lines += ["", f"## Guided generation ({sampler}, {steps} steps, scale {scale}, {per_class} per class)", "",
               "Feature network and judge: a small CNN trained on the real train split (Inception weights cannot be "
-              "fetched here), so FID / IS are in its feature space. Real set: the test split.", "",
+              "fetched here), so FID / IS are in its feature space. " + real_set, "",
               "| guidance (n) | FID (lower better) | IS-style | precision | recall | accuracy % |", "|---|---|---|---|---|---|"]
     for kind in [k for k in kinds if k != "clean"]:
         mine = [r for r in gen_rows.values() if r["kind"] == kind]
