@@ -85,16 +85,17 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
     for folder in classifiers:
         model = load_classifier(folder, device=device, speed=speed).eval()
         models[f"{model.spec.get('recipe', '?')}: {Path(folder).name}"] = model
-    if not is_in_memory(data):  # before the guidance classifiers: they need the denoiser at their size
+    in_memory = is_in_memory(data)
+    if not in_memory:  # before the guidance classifiers: they need the denoiser at their size
         den, test, models = _streamed_setup(data, den, models, guidance)
     for folder in guidance:
         g = load_guidance(folder, den, speed=speed)
         models[f"{g.kind} guidance: {Path(folder).name}"] = g
-    if is_in_memory(data):
+    if in_memory:
         test = load_dataset(data, "test")
         den.check_images(test.images[:1], name=f"images of {data}")
     idx = torch.cat([torch.nonzero(test.labels == c)[:1, 0] for c in range(test.num_classes)])[:n]
-    if is_in_memory(data):
+    if in_memory:
         images, labels = test.images[idx], test.labels[idx]
     else:
         from .data import eval_transform, read_sample

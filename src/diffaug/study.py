@@ -15,6 +15,10 @@ pag             gradient panels through the denoiser (Figure 3)
 toy             the 2-D demonstration (Figure 5)
 ==============  ==========================================================================================
 
+Data: the embedded digits (default) or CIFAR-10 in memory, or an image folder (``data`` / ``--data DIR``) that
+every stage streams through :mod:`diffaug.data` at one image size (``image_size``, default the denoiser's),
+checked with the folder's classes before any stage runs.
+
 Caching: a stage's key is a hash of its settings, the keys of the stages it reads and the package version; a
 stage whose ``stage.json`` holds the same key is not rerun, so a rerun after an interruption or a settings change
 redoes only what changed (classifiers are cached one by one and resume from their checkpoints).
