@@ -212,6 +212,8 @@ def cmd_study(args) -> None:
     cfg = StudyConfig.from_file(args.config, quick=args.quick)
     if args.seeds is not None:
         cfg.seeds = args.seeds
+    if args.data is not None:
+        cfg.data = args.data
     cfg.device = _device(args.device or (cfg.device if args.config else None))  # --device, the config's, or auto
     results = run_study(cfg, args.out, only=args.only, progress=not args.quiet)
     held = sum(1 for c in results["claims"] if c["holds"])
@@ -472,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="the paper's whole evaluation, cached per stage, with a report (the main job)")
     p.add_argument("--config", help="JSON file of settings (see diffaug.study.StudyConfig)")
+    p.add_argument("--data", help="'digits' (default), a CIFAR-10 folder or an image folder, streamed (overrides "
+                   "the config's data; give image_size and the denoiser in --config)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--quick", action="store_true", help="a small, fast configuration (smoke tests, CI)")
     p.add_argument("--only", help="run this stage (and any stage it needs that is missing)")

@@ -131,9 +131,19 @@ def _check_shapes(models, den, images: torch.Tensor, classes, num_classes: int, 
 
 
 def _subset(n: int, limit: int | None) -> torch.Tensor:
-    """A fixed (seed 0) random subset of ``limit`` indices, the same for every --seed and run."""
+    """A fixed (seed 0) random subset of ``limit`` indices, the same for every --seed and run (in-memory sets)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     return order[:limit].sort().values if limit else torch.arange(n)
+
+
+def _stratified_subset(labels: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """A streamed set's ``limit`` images: a fixed (seed 0, the same for every --seed and run) class-stratified
+    sample (:func:`diffaug.data.stratified_sample`, as ``certify --limit``), sorted; all images without a limit."""
+    from .data import stratified_sample
+
+    if not limit:
+        return torch.arange(len(labels))
+    return torch.as_tensor(stratified_sample(labels.numpy(), limit, seed=0), dtype=torch.long)
 
 
 @torch.no_grad()
@@ -377,9 +387,10 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     of frost photographs for on-the-fly ``frost`` (the reference's); without it a procedural texture stands in,
     and the table says which was used.
 
-    Data: ``digits`` / CIFAR-10 and CIFAR-10-C are held in memory (as before); an ImageNet-C folder is streamed
-    condition by condition and an image folder's test images are streamed and corrupted batch by batch, through
-    a DataLoader with ``workers`` processes, so memory is bounded by the batch. Images are brought to the
+    Data: ``digits`` / CIFAR-10 and CIFAR-10-C are held in memory (as before; ``limit``: a fixed random subset); an
+    ImageNet-C folder is streamed condition by condition and an image folder's test images are streamed and
+    corrupted batch by batch, through a DataLoader with ``workers`` processes, so memory is bounded by the batch
+    (``limit``: a fixed, seed 0, class-stratified sample, as ``certify --limit``). Images are brought to the
     classifiers' input size (``image_size``, default the size their ``model.json`` records) by the evaluation
     transform; classes are matched by name (:mod:`diffaug.evaldata`).
     """
@@ -447,7 +458,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         clean = eval_view(open_eval_folder(data, models, channels=channels,
                                            verbose=progress and int(os.environ.get("RANK", "0")) == 0),
                           size)
-        keep = _subset(len(clean), limit)
+        keep = _stratified_subset(clean.labels, limit)
         models = _check_shapes(models, den, probe(clean).to(device), clean.classes, clean.num_classes, str(data))
     conditions = ([(CLEAN, 0)] if not layout else []) + [(c, s) for c in names for s in severities]
 
@@ -473,7 +484,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         if layout == "imagenet-c":
             ds = eval_view(open_corrupted(data, corruption, severity, channels=channels, classes=reference_classes),
                            size)
-            yield from shard_batches(ds, _subset(len(ds), limit), shard, f"{data}/{corruption}/{severity}")
+            yield from shard_batches(ds, _stratified_subset(ds.labels, limit), shard, f"{data}/{corruption}/{severity}")
             return
         if streamed:  # a folder's clean test images, corrupted batch by batch (a generator per batch)
             for x, y, b in shard_batches(clean, keep, shard, str(data)):

@@ -61,11 +61,16 @@ def pag_panel(den: Denoiser, images: torch.Tensor, labels: torch.Tensor, models:
 
 
 def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data: str = "digits", t: int = 300,
-            n: int = 6, seed: int = 0, out: str | Path, device: str = "cpu", speed=None) -> Path:
+            n: int = 6, seed: int = 0, out: str | Path, device: str = "cpu", speed=None,
+            workers: int | None = None) -> Path:
     """The ``diffaug pag`` job: load the models, take one test image per class (the first ``n``), draw the panel.
-    ``speed``: an :class:`~diffaug.accel.Speed` for every network (gradients flow through all of them)."""
+    ``speed``: an :class:`~diffaug.accel.Speed` for every network (gradients flow through all of them).
+
+    ``digits`` / CIFAR-10 are read in memory (as before); on an image folder only those ``n`` test images are
+    read (through the loader, ``workers`` processes), brought to the models' input size by the evaluation
+    transform (the classifiers' and guidance classifiers' sizes must agree; the denoiser runs at it)."""
     from .classifier import load_classifier
-    from .data import load_dataset
+    from .data import is_in_memory, load_dataset
     from .denoiser import load_denoiser
     from .train_guidance import load_guidance
 
@@ -80,14 +85,54 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
     for folder in classifiers:
         model = load_classifier(folder, device=device, speed=speed).eval()
         models[f"{model.spec.get('recipe', '?')}: {Path(folder).name}"] = model
+    in_memory = is_in_memory(data)
+    if not in_memory:  # before the guidance classifiers: they need the denoiser at their size
+        den, test, models = _streamed_setup(data, den, models, guidance)
     for folder in guidance:
         g = load_guidance(folder, den, speed=speed)
         models[f"{g.kind} guidance: {Path(folder).name}"] = g
-    test = load_dataset(data, "test")
-    den.check_images(test.images[:1], name=f"images of {data}")
+    if in_memory:
+        test = load_dataset(data, "test")
+        den.check_images(test.images[:1], name=f"images of {data}")
     idx = torch.cat([torch.nonzero(test.labels == c)[:1, 0] for c in range(test.num_classes)])[:n]
+    if in_memory:
+        images, labels = test.images[idx], test.labels[idx]
+    else:
+        from .data import eval_transform, read_sample
+
+        picked = read_sample(test, eval_transform(den.image_size[0]), indices=idx, workers=workers)
+        images, labels = picked.images, picked.labels
     gen = torch.Generator(device=device).manual_seed(seed)
-    return write_pag(den, test.images[idx].to(device), test.labels[idx].to(device), models, out, t=t, generator=gen)
+    return write_pag(den, images.to(device), labels.to(device), models, out, t=t, generator=gen)
+
+
+def _streamed_setup(data, den: Denoiser, classifiers: dict, guidance: list[str]):
+    """An image folder's test split, the denoiser at the models' one input size, and the classifiers scored on
+    the folder's classes (matched by name)."""
+    import json
+
+    from .classifier import input_size
+    from .data import open_splits
+    from .evaldata import match_classes
+
+    sizes = {name: input_size(m) for name, m in classifiers.items()}
+    for folder in guidance:
+        spec = Path(folder) / "guidance.json"
+        if spec.is_file():
+            shape = json.loads(spec.read_text()).get("image_size")
+            sizes[f"{Path(folder).name} (guidance)"] = shape[0] if shape and shape[0] == shape[1] else None
+    known = {s for s in sizes.values() if s is not None}
+    if len(known) > 1:
+        raise InputError("the models take different input sizes (" + ", ".join(f"{k}: {v}" for k, v in sizes.items())
+                         + "); draw them in separate panels")
+    if known:
+        den = den.at_size(known.pop())
+    elif den.image_size is None:
+        raise InputError(f"no model records an input size and the denoiser has none; cannot read {data} at a size")
+    test = open_splits(data, channels=den.channels)["test"]
+    classifiers = {name: match_classes(m, test.classes, test.num_classes, name, str(data))
+                   for name, m in classifiers.items()}
+    return den, test, classifiers
 
 
 def write_pag(den: Denoiser, images, labels, models: dict, out: str | Path, *, t: int = 300,

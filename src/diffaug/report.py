@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write_bytes
+from .errors import InputError
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Lay out, write atomically (creating the folder) and close a matplotlib figure as PNG; returns the path."""
@@ -62,10 +63,14 @@ def augmentation_grid(aug, images: torch.Tensor, times, generator: torch.Generat
 
 
 def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_images: int = 4,
-                       times=AUGMENTATION_TIMES, seed: int = 0, device: str = "cpu") -> Path:
+                       times=AUGMENTATION_TIMES, seed: int = 0, device: str = "cpu", image_size: int | None = None,
+                       workers: int | None = None) -> Path:
     """The paper's Figure 1 analogue: rows of training images, columns of DiffAug views at ``times``.
 
     ``denoiser`` is a :class:`~diffaug.Denoiser` or a name/folder for :func:`~diffaug.load_denoiser`.
+    ``digits`` / CIFAR-10 are read in memory (as before); on an image folder only the ``num_images`` picked train
+    images are read (through the loader, ``workers`` processes), whole (``Resize`` + ``CenterCrop``) at
+    ``image_size`` (default the denoiser's size; the denoiser runs at it).
     """
     import matplotlib
 
@@ -73,19 +78,37 @@ def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_i
     import matplotlib.pyplot as plt
 
     from .augment import DiffAug
-    from .data import load_dataset
+    from .data import is_in_memory, load_dataset
     from .denoiser import Denoiser, load_denoiser
 
     den = denoiser if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
+    streamed = not is_in_memory(data)
+    if streamed:  # an image folder: the denoiser at the figure's size
+        from .data import check_size, open_splits
+
+        size = check_size(image_size) if image_size is not None else (den.image_size or (None,))[0]
+        if size is None:
+            raise InputError(f"denoiser {denoiser} has no fixed image size; pass an image size for {data}")
+        den = den.at_size(size)
     aug = DiffAug(den)
     for t in times:
         if not 0 <= t < den.num_timesteps:
             raise ValueError(f"time {t} is outside this denoiser's schedule [0, {den.num_timesteps})")
-    train = load_dataset(data, "train")
-    den.check_images(train.images[:1], name=f"images of {data}")
+    if streamed:
+        train = open_splits(data, channels=den.channels)["train"]
+    else:
+        train = load_dataset(data, "train")
+        den.check_images(train.images[:1], name=f"images of {data}")
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(train), generator=gen)[:num_images]
-    images = train.images[pick].to(device)
+    if streamed:
+        from .data import generative_transform, read_sample
+
+        picked = read_sample(train, generative_transform(den.image_size[0], flip=False), indices=pick, workers=workers)
+        images, labels = picked.images.to(device), picked.labels
+    else:
+        images, labels = train.images[pick].to(device), train.labels[pick]
+    num_images = images.shape[0]  # a folder with fewer training images
     with torch.no_grad():
         views = augmentation_grid(aug, images, times, generator=torch.Generator(device=device).manual_seed(seed))
     cols = 1 + len(times)
@@ -100,7 +123,7 @@ def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_i
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title("x0" if c == 0 else f"t={times[c - 1]}", fontsize=8)
-        axes[r, 0].set_ylabel(train.classes[int(train.labels[pick[r]])], fontsize=8)
+        axes[r, 0].set_ylabel(train.classes[int(labels[r])], fontsize=8)
     fig.suptitle("DiffAug views: diffuse to t, denoise in one step", fontsize=9)
     return save_figure(fig, out)
 

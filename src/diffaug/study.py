@@ -15,6 +15,10 @@ pag             gradient panels through the denoiser (Figure 3)
 toy             the 2-D demonstration (Figure 5)
 ==============  ==========================================================================================
 
+Data: the embedded digits (default) or CIFAR-10 in memory, or an image folder (``data`` / ``--data DIR``) that
+every stage streams through :mod:`diffaug.data` at one image size (``image_size``, default the denoiser's),
+checked with the folder's classes before any stage runs.
+
 Caching: a stage's key is a hash of its settings, the keys of the stages it reads and the package version; a
 stage whose ``stage.json`` holds the same key is not rerun, so a rerun after an interruption or a settings change
 redoes only what changed (classifiers are cached one by one and resume from their checkpoints).
@@ -68,9 +72,11 @@ class StudyConfig:
     semi_steps: int = 250
     toy_steps: int = 2000
     device: str = "cpu"
-    # an image folder as data (streamed by the training stages; None keeps each command's default):
-    image_size: int | None = None  # crop size of the classifiers and guidance classifiers (None: 224 / the denoiser's)
+    # an image folder as data (streamed by every stage):
+    image_size: int | None = None  # the one size of every stage's images and models (None: the denoiser's size)
     batch_size: int | None = None  # classifiers' batch (None: 128, or all training images when fewer)
+    workers: int | None = None  # DataLoader processes of every stage on a folder (None: min(8, CPUs)); no number
+    # depends on it, so it is not part of any stage's cache key
 
     @classmethod
     def quick(cls) -> "StudyConfig":
@@ -139,6 +145,9 @@ class StudyConfig:
             raise InputError(f"unknown ood_holdout_recipes {bad}; use {', '.join(RECIPES)}")
         if len(set(self.ood_id_classes)) != len(self.ood_id_classes) or any(c < 0 for c in self.ood_id_classes):
             raise InputError(f"ood_id_classes must be distinct class indices >= 0, got {self.ood_id_classes}")
+        from .data import check_workers
+
+        check_workers(self.workers)
 
 
 SETTINGS = {  # the settings each stage depends on (besides data and denoiser, and the stages it reads)
@@ -182,7 +191,8 @@ def _trained_classifier(cfg: StudyConfig, recipe: str, seed: int, folder: Path, 
             shutil.rmtree(folder)
         extra = {}
         if not is_in_memory(cfg.data):  # a folder, streamed: the study's crop size and a batch the folder can fill
-            extra = {"image_size": cfg.image_size, "batch_size": cfg.batch_size or _folder_batch(cfg.data, classes)}
+            extra = {"image_size": cfg.image_size, "batch_size": cfg.batch_size or _folder_batch(cfg.data, classes),
+                     "workers": cfg.workers}
         train_classifier(TrainConfig(data=cfg.data, recipe=recipe, epochs=cfg.epochs, seed=seed, classes=classes,
                                      denoiser=cfg.denoiser if "diffaug" in recipe else None, **extra),
                          folder, resume=resume, device=cfg.device, progress=progress)
@@ -211,7 +221,8 @@ def stage_classifiers(cfg: StudyConfig, root: Path, out: Path, progress: bool) -
 def stage_augmentations(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
     from .report import show_augmentations
 
-    show_augmentations(cfg.denoiser, out / "augmentations.png", data=cfg.data, device=cfg.device)
+    show_augmentations(cfg.denoiser, out / "augmentations.png", data=cfg.data, device=cfg.device,
+                       image_size=cfg.image_size, workers=cfg.workers)
     return {}
 
 
@@ -228,7 +239,7 @@ def stage_shift(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict
     folders = [str(p) for p in _classifier_dirs(root, cfg).values()]
     run_eval_shift(data=cfg.data, classifiers=folders, denoiser=cfg.denoiser, corruptions=cfg.shift_corruptions,
                    severities=cfg.shift_severities, limit=cfg.shift_limit, seed=0, out=out, device=cfg.device,
-                   progress=progress)
+                   progress=progress, workers=cfg.workers)
     rows = _read_csv(out / "results.csv")
     top = max(int(r["severity"]) for r in rows)
     per = {}  # recipe -> mode -> [per-classifier mean accuracy at the top severity]
@@ -264,14 +275,46 @@ def _mean_auroc(rows: list[dict], group: str) -> dict[str, list[float]]:
 
 def _ood_classes(cfg: StudyConfig) -> tuple[int, list[int]]:
     """``(number of classes, in-distribution classes of the near-OOD classifiers)``; checked before any work."""
-    from .data import load_dataset
+    from .data import is_in_memory, load_dataset, open_splits
 
-    num_classes = load_dataset(cfg.data, "test").num_classes
+    if is_in_memory(cfg.data):
+        num_classes = load_dataset(cfg.data, "test").num_classes
+    else:  # a folder: its class folders (no image is read)
+        num_classes = open_splits(cfg.data)["train"].num_classes
+        if num_classes < 3:
+            raise InputError(f"{cfg.data} has {num_classes} class{'es' if num_classes != 1 else ''}; the study's "
+                             "near-OOD stage trains classifiers on two or more classes and holds at least one out, "
+                             "so it needs a folder with at least 3 class folders")
     id_classes = cfg.ood_id_classes or list(range((num_classes + 1) // 2))
     if max(id_classes) >= num_classes or len(id_classes) >= num_classes:
         raise InputError(f"ood_id_classes {id_classes} must leave out at least one of the {num_classes} classes of "
                          f"{cfg.data} (indices 0..{num_classes - 1}); set ood_id_classes in the config")
+    if len(id_classes) < 2:
+        raise InputError(f"ood_id_classes {id_classes} must name at least two in-distribution classes (a classifier "
+                         "of one class cannot rank anything); set ood_id_classes in the config")
     return num_classes, id_classes
+
+
+def _resolved(cfg: StudyConfig) -> StudyConfig:
+    """``cfg`` with the one image size of a study on an image folder (``image_size``, else the denoiser's),
+    checked against the denoiser before any work; in-memory data (digits, CIFAR-10) unchanged."""
+    from .data import check_size, is_in_memory
+    from .denoiser import load_denoiser
+
+    if is_in_memory(cfg.data):
+        return cfg
+    if not Path(cfg.data).is_dir():
+        raise InputError(f"data folder {cfg.data} does not exist; give `digits`, a CIFAR-10 folder or an image folder "
+                         "(ROOT/train/<class>/ + ROOT/val/<class>/, or ROOT/<class>/)")
+    den = load_denoiser(cfg.denoiser)
+    size = check_size(cfg.image_size) if cfg.image_size is not None else (den.image_size or (None,))[0]
+    if size is None:
+        raise InputError(f"denoiser {cfg.denoiser} has no fixed image size; set image_size in the study config")
+    try:
+        den.at_size(size)
+    except InputError as e:
+        raise InputError(f"setting image_size {size}: {e}") from None
+    return dataclasses.replace(cfg, image_size=size)
 
 
 def stage_ood(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
@@ -280,7 +323,7 @@ def stage_ood(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
     num_classes, id_classes = _ood_classes(cfg)
     folders = [str(p) for p in _classifier_dirs(root, cfg).values()]
     far = run_eval_ood(data=cfg.data, classifiers=folders, ood=cfg.ood_sets, seed=0, out=out / "all-classes",
-                       device=cfg.device)
+                       device=cfg.device, workers=cfg.workers)
     held = []
     for recipe in cfg.ood_holdout_recipes:
         for seed in cfg.seeds:
@@ -288,7 +331,7 @@ def stage_ood(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
             _trained_classifier(cfg, recipe, seed, folder, progress, classes=id_classes)
             held.append(str(folder))
     near = run_eval_ood(data=cfg.data, classifiers=held, ood=["holdout", *cfg.ood_sets], seed=0,
-                        out=out / "holdout" / "eval", device=cfg.device)
+                        out=out / "holdout" / "eval", device=cfg.device, workers=cfg.workers)
     held_out = [c for c in range(num_classes) if c not in id_classes]
 
     def body(table: str) -> list[str]:  # under a heading of its own: one level deeper, without the title
@@ -314,7 +357,8 @@ def stage_certify(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> di
     # 0.94x the fixed-n wall time per image on 2 CPU cores), so certify_limit stays at 30 images (README).
     run_certify(data=cfg.data, classifiers=[str(p) for p in dirs.values()], denoiser=cfg.denoiser,
                 sigmas=cfg.certify_sigmas, n0=cfg.certify_n0, n=cfg.certify_n, alpha=0.001, batch_size=500, skip=1,
-                limit=cfg.certify_limit, seed=0, out=out, device=cfg.device, progress=progress, sequential=True)
+                limit=cfg.certify_limit, seed=0, out=out, device=cfg.device, progress=progress, sequential=True,
+                workers=cfg.workers)
     # One number per classifier without picking a radius: the best-sigma curve averaged over the table's radii
     # (a single radius can saturate: n samples cap the radius at sigma * Phi^-1(alpha ** (1 / n))).
     radii = table_radii(cfg.certify_sigmas)
@@ -337,14 +381,15 @@ def stage_guidance(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> d
             if not (folder / "metrics.json").is_file():  # written last
                 shutil.rmtree(folder, ignore_errors=True)
                 train_guidance(GuidanceTrainConfig(kind=kind, data=cfg.data, denoiser=cfg.denoiser,
-                                                   steps=cfg.guidance_steps, seed=seed, checkpoint_every=10**9, image_size=cfg.image_size),
+                                                   steps=cfg.guidance_steps, seed=seed, checkpoint_every=10**9,
+                                                   image_size=cfg.image_size, workers=cfg.workers),
                                folder, device=cfg.device, progress=progress)
             folders.append(str(folder))
     clean = _classifier_dirs(root, cfg, ["plain"])[("plain", cfg.seeds[0])] if (root / "stages" / "classifiers").is_dir() else None
     run_eval_guidance(guidance=folders, denoiser=cfg.denoiser, data=cfg.data,
                       clean_classifier=str(clean) if clean and (clean / "model.safetensors").is_file() else None,
                       per_class=cfg.guidance_per_class, steps=cfg.guidance_sample_steps, seed=0, out=out / "eval",
-                      device=cfg.device, progress=progress)
+                      device=cfg.device, progress=progress, workers=cfg.workers)
     res = json.loads((out / "eval" / "results.json").read_text())
     acc_t = {}
     for r in res["accuracy_over_t"].values():
@@ -367,7 +412,8 @@ def stage_semi(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
                 shutil.rmtree(folder, ignore_errors=True)
                 train_guidance(GuidanceTrainConfig(kind="da", data=cfg.data, denoiser=cfg.denoiser,
                                                    steps=cfg.semi_steps, seed=seed, checkpoint_every=10**9,
-                                                   labelled_fraction=cfg.semi_fraction, consistency_weight=weight, image_size=cfg.image_size),
+                                                   labelled_fraction=cfg.semi_fraction, consistency_weight=weight,
+                                                   image_size=cfg.image_size, workers=cfg.workers),
                                folder, device=cfg.device, progress=progress)
             metrics = json.loads((folder / "metrics.json").read_text())
             acc.setdefault(name, []).append(metrics["accuracy"])
@@ -395,7 +441,7 @@ def stage_pag(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
     guid = root / "stages" / "guidance"
     guidance = [str(guid / f"{k}-s{seed}") for k in ("noisy", "da")] if (guid / f"noisy-s{seed}").is_dir() else []
     run_pag(classifiers=[str(dirs[("plain", seed)]), str(dirs[("diffaug", seed)])], guidance=guidance,
-            denoiser=cfg.denoiser, data=cfg.data, out=out / "pag.png", device=cfg.device)
+            denoiser=cfg.denoiser, data=cfg.data, out=out / "pag.png", device=cfg.device, workers=cfg.workers)
     return {}
 
 
@@ -535,6 +581,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, only: str | None = None, pro
     cfg.validate()
     if only is not None and only not in STAGES:
         raise InputError(f"unknown stage {only!r}; use one of {', '.join(STAGES)}")
+    cfg = _resolved(cfg)
     _ood_classes(cfg)
     out = Path(out)
     (out / "stages").mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,15 @@
   mode, ImageNet's ``train/`` + ``val/``, a single folder split without overlap, ImageNet-V2 numeric classes,
   ImageNet-R/-A subsets, OpenOOD image lists, OOD folders, ImageNet-C).
 * :mod:`~diffaug.data.transforms`: torchvision v2 train / eval transforms, seeded per sample.
-* :mod:`~diffaug.data.loader`: a DataLoader with workers over a resumable, rank-aware sampler.
+* :mod:`~diffaug.data.loader`: a DataLoader with workers over a resumable, rank-aware sampler, and
+  :func:`~diffaug.data.loader.read_sample`: a bounded, seeded, class-stratified sample held in memory.
 """
 
 from .files import (BAD_FILE_POLICIES, SPLIT_FRACTIONS, BadImageError, ImageFiles, ImageList, aligned_copy,
                     class_folders, class_index_map, decode_image, open_corrupted, open_folder, open_splits,
                     open_unlabelled, restrict_logits, split_indices, split_layout, stratified_sample, with_extra)
-from .loader import ResumableSampler, StepBatches, check_workers, default_workers, make_loader, make_step_loader
+from .loader import (ResumableSampler, StepBatches, check_workers, default_workers, make_loader, make_step_loader,
+                     read_sample)
 from .memory import (CIFAR10_CLASSES, CORRUPTED_LAYOUTS, FAR_OOD_SETS, IMAGE_SUFFIXES, SPLITS, ImageDataset,
                      corrupted_layout, corrupted_names, digits_split_indices, is_in_memory, load_cifar10,
                      load_corrupted, load_dataset, load_digits, load_image_folder, noise_images, photo_patches,
@@ -29,6 +31,6 @@ __all__ = [
     "default_workers", "digits_split_indices", "eval_transform", "generative_transform", "is_in_memory",
     "load_cifar10", "load_corrupted", "load_dataset", "load_digits", "load_image_folder", "make_loader",
     "make_step_loader", "noise_images", "open_corrupted", "open_folder", "open_splits", "open_unlabelled",
-    "photo_patches", "restrict_logits", "sample_seed", "split_indices", "split_layout", "stratified_sample",
+    "photo_patches", "read_sample", "restrict_logits", "sample_seed", "split_indices", "split_layout", "stratified_sample",
     "subset_classes", "train_transform", "with_extra",
 ]

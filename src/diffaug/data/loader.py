@@ -144,3 +144,44 @@ def make_loader(dataset, batch_size: int, *, sampler=None, workers: int | None =
     extra = {"prefetch_factor": prefetch_factor} if workers and prefetch_factor else {}
     return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=drop_last, **extra)
+
+
+def read_sample(source, transform, n: int | None = None, *, indices=None, seed: int = 0, batch_size: int = 64,
+                workers: int | None = None):
+    """A bounded part of a (lazy) source read through ``transform`` into memory, for what needs real images held
+    together (a reference set for generation metrics, a judge's training set, the images of a figure).
+
+    Args:
+        source: a dataset with ``labels`` (e.g. :class:`~diffaug.data.files.ImageFiles`).
+        transform: a deterministic transform (e.g. :func:`~diffaug.data.transforms.eval_transform`); each
+            item is read through :class:`~diffaug.data.transforms.SeededView` with ``seed``.
+        n: at most this many items, a seeded class-stratified sample
+            (:func:`~diffaug.data.files.stratified_sample` with ``seed``), in index order.
+        indices: instead of ``n``, exactly these items, in this order.
+        seed, batch_size, workers: the sample's seed, the loader's batch and worker processes.
+
+    Returns:
+        An :class:`~diffaug.data.memory.ImageDataset` (images ``[m, C, size, size]`` in [0, 1], labels, the
+        source's classes); only ``m`` images are ever held.
+    """
+    from torch.utils.data import Subset
+
+    from .files import stratified_sample
+    from .memory import ImageDataset
+    from .transforms import SeededView
+
+    if (n is None) == (indices is None):
+        raise InputError("give exactly one of n (a stratified sample) or indices")
+    if indices is None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"sample size must be a whole number >= 1, got {n!r}")
+        indices = stratified_sample(source.labels.numpy(), n, seed)
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise InputError("the sample holds no images")
+    view = Subset(SeededView(source, transform, seed=seed), indices)
+    images, labels = [], []
+    for x, y in make_loader(view, batch_size, workers=workers, pin_memory=False):
+        images.append(x)
+        labels.append(y)
+    return ImageDataset(torch.cat(images), torch.cat(labels).long(), list(source.classes))
