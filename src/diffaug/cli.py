@@ -149,9 +149,8 @@ def cmd_sample(args) -> None:
 
     import torch
     from .denoiser import load_denoiser
-    from .guidance import guided_sample
+    from .guidance import GuidanceClassifier, guided_sample
     from .report import save_grid
-    from .train_guidance import load_guidance
 
     out = _png_path(args.out)
     if args.n < 1:
@@ -160,7 +159,7 @@ def cmd_sample(args) -> None:
         raise InputError(f"--scale must be a finite number, got {args.scale}")
     device, speed = _device(args.device), _speed(args)
     den = load_denoiser(args.denoiser, device=device, speed=speed)
-    guidance = load_guidance(args.guidance, den, speed=speed)
+    guidance = GuidanceClassifier.from_pretrained(args.guidance, den, speed=speed)
     k = guidance.spec["num_classes"]
     if not 0 <= args.cls < k:
         raise InputError(f"--class {args.cls} does not exist; the guidance classifier has classes 0..{k - 1}")
