@@ -99,8 +99,37 @@ def parse(argv: str) -> dict:
     return {k: (v.__name__ if k == "func" else v) for k, v in sorted(vars(ns).items())}
 
 
+TRAINING = {"train-diffusion": ("train", "train_diffusion"), "train": ("train_classifier", "train_classifier"),
+            "train-guidance": ("train_guidance", "train_guidance")}
+
+
+def run_config(argv: str) -> dict:
+    """What a training command line hands its training function: the config's fields that differ from the
+    config's defaults, and the run options (all but the device, which depends on the machine)."""
+    import dataclasses
+    import importlib
+
+    seen = {}
+
+    def capture(cfg, out, **options):
+        defaults = dataclasses.asdict(type(cfg)())
+        seen.update(config={k: v for k, v in dataclasses.asdict(cfg).items() if v != defaults[k]}, out=str(out),
+                    options={k: v for k, v in options.items() if k != "device"})
+
+    module, function = TRAINING[argv.split()[0]]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.import_module(f"diffaug.{module}"), function, capture)
+        assert cli.main(argv.split()) == 0
+    return json.loads(json.dumps(seen))
+
+
+def _training_lines() -> list[str]:
+    return [a for a in COMMAND_LINES if a.split()[0] in TRAINING and "exit" not in parse(a)]
+
+
 def snapshot() -> dict:
-    return {"commands": describe(cli.build_parser()), "namespaces": {argv: parse(argv) for argv in COMMAND_LINES}}
+    return {"commands": describe(cli.build_parser()), "namespaces": {argv: parse(argv) for argv in COMMAND_LINES},
+            "configs": {argv: run_config(argv) for argv in _training_lines()}}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +154,12 @@ def test_every_flag_is_pinned(pinned):
 def test_command_lines_parse_as_pinned(pinned, capsys):
     for argv, expected in pinned["namespaces"].items():
         assert parse(argv) == expected, argv
+
+
+def test_training_commands_build_the_pinned_configs(pinned):
+    assert sorted(pinned["configs"]) == sorted(_training_lines())
+    for argv, expected in pinned["configs"].items():
+        assert run_config(argv) == expected, argv
 
 
 def test_no_function_in_cli_is_longer_than_80_lines():
