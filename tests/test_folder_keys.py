@@ -19,7 +19,7 @@ from diffaug.evaldata import folder_keys
 
 
 def test_keys_are_the_folder_name_when_it_is_unique_and_longer_only_when_needed():
-    assert folder_keys(["runs/plain-s0", "runs/diffaug-s0/", "other/plain-s1"]) == ["plain-s0", "diffaug-s0", "plain-s1"]
+    assert folder_keys(["runs/plain-s0", "runs/diffaug-s0/", "x/plain-s1"]) == ["plain-s0", "diffaug-s0", "plain-s1"]
     assert folder_keys(["runs/a/s0", "runs/b/s0", "runs/b/s1"]) == ["a/s0", "b/s0", "s1"]
     assert folder_keys(["x/a/s0", "y/a/s0", "z/b/s0"]) == ["x/a/s0", "y/a/s0", "b/s0"]
     here = Path.cwd().parts[1:]
@@ -77,7 +77,8 @@ def test_eval_ood_keeps_two_ood_folders_of_one_name(tmp_path, twins):
     for run in ("a", "b"):
         (tmp_path / run / "images" / "x").mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(gen.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / run / "images" / "x" / f"{i}.png")
+            pixels = gen.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / run / "images" / "x" / f"{i}.png")
     run_eval_ood(data="digits", classifiers=twins[:1], ood=[str(tmp_path / "a" / "images"),
                                                              f"near={tmp_path / 'b' / 'images'}"],
                  seed=0, out=tmp_path / "o", device=torch.device("cpu"))
