@@ -77,6 +77,8 @@ def test_guidance_round_trip_without_training_code(tmp_path):
         diffaug.GuidanceClassifier.from_pretrained(tmp_path, den)
     # loading one (as eval-guidance, pag and sample do) imports no training module
     den.save_pretrained(tmp_path / "den")
+    moved = diffaug.Denoiser.from_pretrained(tmp_path / "den", device="meta")  # the same keywords as Classifier's
+    assert moved.alpha_bar.device.type == "meta" and next(moved.parameters()).device.type == "meta"
     code = ("import sys, diffaug\n"
             f"den = diffaug.load_denoiser({str(tmp_path / 'den')!r})\n"
             f"diffaug.GuidanceClassifier.from_pretrained({str(tmp_path / 'g')!r}, den)\n"

@@ -1,4 +1,5 @@
-"""``diffaug train-guidance``: train a noisy or denoise-augmented (DA) guidance classifier, save and load it.
+"""``diffaug train-guidance``: train a noisy or denoise-augmented (DA) guidance classifier (saved and loaded by
+:meth:`diffaug.guidance.GuidanceClassifier.save_pretrained` / ``from_pretrained``).
 
 Training images are forward-diffused with ``t ~ U{0, ..., T-1}`` by the frozen denoiser's schedule; the DA
 classifier also sees the denoiser's one-step estimate (computed without gradients during training). Batches and
