@@ -203,7 +203,8 @@ def cmd_denoiser_quality(args) -> None:
 # ------------------------------------------------------------------ the parser
 # Flags that most commands share; _common builds each command's parent parser from them.
 SHARED_FLAGS = {"seed": {"type": int, "default": 0}, "device": {}, "quiet": {"action": "store_true"},
-                "resume": {"action": "store_true"}}
+                "resume": {"action": "store_true"},
+                "force": {"action": "store_true", "help": "overwrite a finished or unfinished run in --out"}}
 SPEED_FIELDS = ("precision", "channels_last", "compile")  # the speed flags, also fields of every training config
 WORKERS_HELP = "DataLoader worker processes for a streamed folder (default min(8, CPUs); 0 loads in the main process)"
 
@@ -227,9 +228,9 @@ def _add_eval_data(p: argparse.ArgumentParser) -> None:
 
 def _common(out_help: str | None, *names: str, **helps: str) -> argparse.ArgumentParser:
     """The parent parser of one command's shared flags: ``--out`` (required; ``out_help``) and those in ``names``:
-    ``seed``, ``device``, ``quiet``, ``resume`` (:data:`SHARED_FLAGS`; ``helps[name]`` is this command's help
-    text), ``speed`` (--precision, --channels-last, --compile) and ``eval-data`` (--image-size, --workers of the
-    streaming evaluations)."""
+    ``seed``, ``device``, ``quiet``, ``resume``, ``force`` (:data:`SHARED_FLAGS`; ``helps[name]`` replaces a flag's
+    help text for this command), ``speed`` (--precision, --channels-last, --compile) and ``eval-data``
+    (--image-size, --workers of the streaming evaluations)."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--out", required=True, help=out_help)
     for name in names:
@@ -238,7 +239,8 @@ def _common(out_help: str | None, *names: str, **helps: str) -> argparse.Argumen
         elif name == "eval-data":
             _add_eval_data(parent)
         else:
-            parent.add_argument(f"--{name}", help=helps.get(name), **SHARED_FLAGS[name])
+            kwargs = {**SHARED_FLAGS[name], **({"help": helps[name]} if name in helps else {})}
+            parent.add_argument(f"--{name}", **kwargs)
     return parent
 
 
@@ -351,7 +353,6 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
     _field_flags(p.add_mutually_exclusive_group(), TrainConfig, STEPS_FLAGS)
     _field_flags(p, TrainConfig, CLASSIFIER_FLAGS, defaults=("data", "recipe"))
-    p.add_argument("--force", action="store_true", help="overwrite a finished or unfinished run in --out")
 
 
 def _train_guidance_flags(p: argparse.ArgumentParser) -> None:
@@ -494,7 +495,7 @@ COMMANDS = {
                                {"device": "torch device (default: cuda if available)",
                                 "resume": "continue the run in --out from its checkpoint"}),
     "train": Command("train a classifier with a recipe (plain, diffaug, augmix, augmix+diffaug)", cmd_train,
-                     _train_flags, None, _TRAINING),
+                     _train_flags, None, (*_TRAINING, "force")),
     "certify": Command("certified L2 accuracy by randomized / diffusion denoised smoothing", cmd_certify,
                        _certify_flags, None, ("eval-data", *_EVALUATION)),
     "eval-ood": Command("OOD detection (MSP, ReAct, ASH, SCALE): the paper's Table 3", cmd_eval_ood, _eval_ood_flags,
