@@ -221,7 +221,8 @@ def test_diffusion_training_in_reduced_precision_resumes_exactly(tmp_path, preci
 def test_guidance_classifier_precision_and_reduced_precision_guidance_training(tmp_path, monkeypatch):
     from diffaug import checkpoint
     from diffaug.guidance import build_guidance
-    from diffaug.train_guidance import GuidanceTrainConfig, load_guidance, train_guidance
+    from diffaug.guidance import load_guidance
+    from diffaug.train_guidance import GuidanceTrainConfig, train_guidance
 
     den = tiny_denoiser()
     g = build_guidance("da", den, 10, width=16, seed=0)

@@ -21,7 +21,7 @@ from diffaug.cli import main
 def ws(tmp_path_factory, den_dir):
     """A workspace of good and broken files the cases point at."""
     from diffaug.guidance import build_guidance
-    from diffaug.train_guidance import save_guidance
+    from diffaug.guidance import save_guidance
 
     root = tmp_path_factory.mktemp("ws")
     save_classifier(create_classifier("small_cnn", 10, 1, seed=0), root / "clf")

@@ -181,7 +181,7 @@ def test_timm_vit_is_built_for_its_size_and_pretrained_models_keep_their_normali
         weights = tmp_path / f"{name.replace(':', '_')}.pt"  # a bare backbone's checkpoint, as published
         torch.save({**scratch.features.state_dict(), **{f"{head}.{k}": v for k, v in scratch.head.state_dict().items()}},
                    weights)
-        tuned = create_classifier(name, 3, 3, seed=0, pretrained=weights)
+        tuned = create_classifier(name, 3, 3, seed=0, checkpoint_path=weights)
         torch.testing.assert_close(tuned.mean.flatten(), torch.tensor(mean))
         torch.testing.assert_close(tuned.std.flatten(), torch.tensor(std))
         save_classifier(tuned, tmp_path / name.replace(":", "_"))

@@ -7,9 +7,9 @@ from scipy import linalg
 from diffaug import InputError
 from diffaug.cli import main
 from diffaug.genmetrics import frechet_distance, inception_style_score, precision_recall
-from diffaug.guidance import build_guidance, guided_sample
+from diffaug.guidance import build_guidance, guided_sample, load_guidance, save_guidance
 from diffaug.sampling import ddim_sample
-from diffaug.train_guidance import GuidanceTrainConfig, load_guidance, save_guidance, train_guidance
+from diffaug.train_guidance import GuidanceTrainConfig, train_guidance
 
 
 def gen(seed=0):

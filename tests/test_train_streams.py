@@ -72,7 +72,8 @@ def test_default_network_and_batch_are_sized_for_the_image():
 
 # ---------------------------------------------------------------------- train-guidance
 def test_train_guidance_streams_a_folder(tree, den16, tmp_path):
-    from diffaug.train_guidance import GuidanceTrainConfig, load_guidance, train_guidance
+    from diffaug.guidance import load_guidance
+    from diffaug.train_guidance import GuidanceTrainConfig, train_guidance
 
     cfg = GuidanceTrainConfig(kind="da", data=str(tree), denoiser=str(den16), steps=2, batch_size=4, width=8,
                               workers=0, labelled_fraction=0.5, consistency_weight=1.0)

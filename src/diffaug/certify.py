@@ -204,7 +204,7 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     from .classifier import load_classifier
     from .data import check_workers, is_in_memory, load_dataset
     from .denoiser import load_denoiser
-    from .evaldata import at_size, eval_size, eval_view, match_classes, open_eval_folder
+    from .evaldata import at_size, eval_size, eval_view, folder_keys, match_classes, open_eval_folder
     from .train_classifier import init_distributed
 
     out = Path(out)
@@ -225,7 +225,8 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     check_workers(workers)
     in_memory = is_in_memory(data)
     test = load_dataset(data, "test") if in_memory else None
-    models = {Path(c).name or str(c): load_classifier(c, device=device, speed=speed) for c in classifiers}
+    keys = folder_keys(classifiers)  # a unique short name each (runs/a/s0, runs/b/s0 -> a/s0, b/s0), before any work
+    models = {key: load_classifier(c, device=device, speed=speed) for key, c in zip(keys, classifiers)}
     size = eval_size(models, image_size)
     if in_memory:
         images, labels, classes = at_size(test.images, size), test.labels, test.classes

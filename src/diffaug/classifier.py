@@ -3,7 +3,8 @@
 ``create_classifier(name, ...)`` builds the project's small nets, any ``timm`` model by name
 (``timm:resnet18`` or a plain timm name) or a torchvision model (``torchvision:resnet18``), always from local
 weights only. The wrapper normalises inputs inside the model, so DiffAug and the evaluations always pass
-[0, 1] images. ``save_classifier`` / ``load_classifier`` use safetensors + JSON.
+[0, 1] images. ``Classifier.save_pretrained`` / ``Classifier.from_pretrained`` (also spelt ``save_classifier``
+/ ``load_classifier``) use safetensors + JSON.
 """
 
 from __future__ import annotations
@@ -52,6 +53,45 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device | None = None,
+                        speed: "accel.Speed | None" = None) -> "Classifier":
+        """Load a classifier saved by ``diffaug train`` or :meth:`save_pretrained` (``model.json`` +
+        ``model.safetensors``), in eval mode.
+
+        Args:
+            folder: the run folder.
+            device: where to put it (default: the CPU).
+            speed: a :class:`~diffaug.accel.Speed` (precision, channels_last, compile) to set it up with.
+
+        Raises:
+            InputError: the folder lacks one of the two files, or the weights do not fit the recorded architecture.
+        """
+        import json
+
+        folder = Path(folder)
+        cfg_path, weights = folder / MODEL_CONFIG, folder / MODEL_FILE
+        for p in (cfg_path, weights):
+            if not p.is_file():
+                raise InputError(f"{folder} is not a trained classifier: missing {p.name}; train one with `diffaug train`")
+        spec = json.loads(cfg_path.read_text())
+        clf = create_classifier(spec["name"], spec["num_classes"], spec["channels"], mean=spec["mean"],
+                                std=spec["std"], width=spec.get("width", 32), image_size=spec.get("image_size"))
+        load_weights(clf, weights)
+        clf.spec.update({k: v for k, v in spec.items() if k not in clf.spec})
+        clf.eval()
+        clf = clf.to(device) if device is not None else clf
+        return speed.apply(clf) if speed is not None else clf
+
+    def save_pretrained(self, folder: str | os.PathLike, *, extra: dict | None = None) -> None:
+        """Write ``model.safetensors`` (weights and normalisation) and ``model.json`` (the architecture spec,
+        normalisation and ``extra``, e.g. ``classes``) into ``folder``, each file atomically;
+        :meth:`from_pretrained` reads them back."""
+        folder = Path(folder)
+        save_safetensors(dict(self.state_dict()), folder / MODEL_FILE)
+        write_json(folder / MODEL_CONFIG, {**self.spec, "mean": self.mean.flatten().tolist(),
+                                           "std": self.std.flatten().tolist(), **(extra or {})})
 
 
 class _BasicBlock(nn.Module):
@@ -179,27 +219,56 @@ def _set_input_channels(model: nn.Module, channels: int, name: str) -> None:
 
 
 def create_classifier(name: str, num_classes: int, channels: int = 3, *, mean=None, std=None,
-                      pretrained: str | os.PathLike | None = None, width: int = 32,
-                      seed: int | None = None, image_size: int | None = None) -> Classifier:
-    """Build a classifier by name; ``pretrained`` is a local safetensors (or state-dict ``.pt``) file.
+                      checkpoint_path: str | os.PathLike | None = None, pretrained: bool | str | os.PathLike = False,
+                      width: int = 32, seed: int | None = None, image_size: int | None = None) -> Classifier:
+    """Build a classifier by name, optionally with local weights from ``checkpoint_path`` (as timm's
+    ``create_model(..., checkpoint_path=...)``).
 
     Names: ``small_cnn``, ``resnet_small`` (the project's own, for small images), ``timm:<name>`` or a timm
     model name, ``torchvision:<name>``. Nothing is downloaded. ``seed`` makes the initial weights reproducible
     (without touching the global RNG).
 
     Args:
-        mean, std: the input normalisation (default: a timm / torchvision model fine-tuned from ``pretrained``
-            weights gets its architecture's own statistics, :func:`native_normalisation`, unless the file is a
-            wrapper's state dict that carries its own ``mean`` / ``std``; otherwise 0.5).
+        checkpoint_path: a local safetensors (or state-dict ``.pt``) file of the wrapper's or the bare backbone's
+            weights (:func:`load_weights`).
+        pretrained: timm's flag; only ``False`` is accepted (``True`` would download weights). A path here is
+            the old spelling of ``checkpoint_path``: it still works for this release, with a DeprecationWarning.
+        mean, std: the input normalisation (default: a timm / torchvision model fine-tuned from
+            ``checkpoint_path`` gets its architecture's own statistics, :func:`native_normalisation`, unless the
+            file is a wrapper's state dict that carries its own ``mean`` / ``std``; otherwise 0.5).
         image_size: the input size the network is built for and trained at, recorded in ``spec["image_size"]``
             (the evaluations resize their data to it); timm architectures that need it get ``img_size``.
+
+    Raises:
+        InputError: an unknown name, ``pretrained=True``, both ``pretrained=PATH`` and ``checkpoint_path``, or
+            weights that do not fit.
     """
+    checkpoint_path = _checkpoint_argument(checkpoint_path, pretrained)
     with private_seed(seed):
-        return _create(name, num_classes, channels, mean, std, pretrained, width, image_size)
+        return _create(name, num_classes, channels, mean, std, checkpoint_path, width, image_size)
 
 
-def _create(name, num_classes, channels, mean, std, pretrained, width, image_size=None) -> Classifier:
-    native = native_normalisation(name, channels) if pretrained is not None and mean is None and std is None else None
+def _checkpoint_argument(checkpoint_path, pretrained):
+    """``checkpoint_path``, or the deprecated ``pretrained=PATH`` (warned); refuses ``pretrained=True``."""
+    if isinstance(pretrained, bool):
+        if pretrained:
+            raise InputError("pretrained=True would download weights, which diffaug never does; pass "
+                             "checkpoint_path=LOCAL_FILE instead")
+        return checkpoint_path
+    if pretrained is None:
+        return checkpoint_path
+    if checkpoint_path is not None:
+        raise InputError("both pretrained=PATH and checkpoint_path given; pass the file as checkpoint_path only")
+    import warnings
+
+    warnings.warn("create_classifier(pretrained=PATH) is deprecated and will be removed in the next release; "
+                  "pass checkpoint_path=PATH (pretrained is timm's bool)", DeprecationWarning, stacklevel=3)
+    return pretrained
+
+
+def _create(name, num_classes, channels, mean, std, checkpoint_path, width, image_size=None) -> Classifier:
+    native = (native_normalisation(name, channels) if checkpoint_path is not None and mean is None and std is None
+              else None)
     if native is not None:
         mean, std = native
     mean = [0.5] * channels if mean is None else list(mean)
@@ -221,8 +290,8 @@ def _create(name, num_classes, channels, mean, std, pretrained, width, image_siz
                              "(timm.list_models()) or torchvision:<name>")
         features, head = _split_timm(_timm_model(timm_name, num_classes, channels, image_size))
     clf = Classifier(features, head, mean, std, spec)
-    if pretrained is not None:
-        load_weights(clf, pretrained)
+    if checkpoint_path is not None:
+        load_weights(clf, checkpoint_path)
     return clf
 
 
@@ -270,12 +339,8 @@ def _map_backbone_keys(clf: Classifier, state: dict) -> dict:
 
 
 def save_classifier(clf: Classifier, folder: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write ``model.safetensors`` + ``model.json`` (architecture spec, normalisation, extras)."""
-    folder = Path(folder)
-    state = {k: v for k, v in clf.state_dict().items()}
-    save_safetensors(state, folder / MODEL_FILE)
-    write_json(folder / MODEL_CONFIG, {**clf.spec, "mean": clf.mean.flatten().tolist(),
-                                       "std": clf.std.flatten().tolist(), **(extra or {})})
+    """``clf.save_pretrained(folder, extra=extra)`` (:meth:`Classifier.save_pretrained`)."""
+    clf.save_pretrained(folder, extra=extra)
 
 
 def input_size(model: nn.Module) -> int | None:
@@ -287,20 +352,6 @@ def input_size(model: nn.Module) -> int | None:
 
 def load_classifier(folder: str | os.PathLike, *, device: str | torch.device | None = None,
                     speed: "accel.Speed | None" = None) -> Classifier:
-    """A classifier saved by ``diffaug train`` (or :func:`save_classifier`), in eval mode, on ``device``, set up
-    with ``speed`` (:class:`~diffaug.accel.Speed`: precision, channels_last, compile) if given."""
-    import json
-
-    folder = Path(folder)
-    cfg_path, weights = folder / MODEL_CONFIG, folder / MODEL_FILE
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise InputError(f"{folder} is not a trained classifier: missing {p.name}; train one with `diffaug train`")
-    spec = json.loads(cfg_path.read_text())
-    clf = create_classifier(spec["name"], spec["num_classes"], spec["channels"], mean=spec["mean"],
-                            std=spec["std"], width=spec.get("width", 32), image_size=spec.get("image_size"))
-    load_weights(clf, weights)
-    clf.spec.update({k: v for k, v in spec.items() if k not in clf.spec})
-    clf.eval()
-    clf = clf.to(device) if device is not None else clf
-    return speed.apply(clf) if speed is not None else clf
+    """``Classifier.from_pretrained(folder, device=device, speed=speed)`` (:meth:`Classifier.from_pretrained`):
+    a classifier saved by ``diffaug train``, in eval mode."""
+    return Classifier.from_pretrained(folder, device=device, speed=speed)

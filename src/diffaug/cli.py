@@ -1,10 +1,20 @@
-"""The ``diffaug`` command line: a thin layer of argparse over the library functions."""
+"""The ``diffaug`` command line: a thin layer of argparse over the library functions.
+
+Each command (:data:`COMMANDS`) is a handler ``cmd_*``, a function adding its own flags, and a parent parser of
+the flags it shares with others (:func:`_common`: ``--out``, ``--seed``, ``--device``, ``--quiet``, ``--resume``,
+the speed and evaluation-data flags). Where a command maps onto a config dataclass (``train-diffusion``,
+``train``, ``train-guidance``, ``study``), its flags are derived from the fields (:func:`_field_flags`: ``field_name``
+-> ``--field-name``, the type from the annotation, help texts from a table here) and the config is built from them
+(:func:`_config`). ``tests/test_cli_flags.py`` pins every flag, the Namespace of representative command lines and
+the configs they build.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from .checkpoint import write_text
 from .errors import InputError, StorageError
@@ -34,23 +44,6 @@ def _speed(args):
     return Speed(args.precision, args.channels_last, args.compile)
 
 
-def _add_speed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="fp32",
-                   help="autocast precision of the networks: fp32 (default), bf16 (GPUs: fastest) or fp16")
-    p.add_argument("--channels-last", dest="channels_last", action="store_true",
-                   help="NHWC memory layout (faster convolutions on GPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first batches)")
-
-
-def _add_eval_data(p: argparse.ArgumentParser) -> None:
-    """The options every evaluation that streams image folders takes."""
-    p.add_argument("--image-size", dest="image_size", type=int,
-                   help="evaluate at this input size (default: the size in the classifier's model.json; image "
-                        "folders are brought to it by Resize(size / 0.875) + CenterCrop(size))")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes for streamed image folders "
-                   "(default min(8, CPUs); 0 reads in the main process)")
-
-
 def _png_path(value: str) -> Path:
     out = Path(value)
     if out.suffix.lower() != ".png":
@@ -61,36 +54,18 @@ def _png_path(value: str) -> Path:
 def cmd_train_diffusion(args) -> None:
     from .train import DiffusionTrainConfig, train_diffusion
 
-    cfg = DiffusionTrainConfig(data=args.data, seed=args.seed)
-    for name in ("steps", "batch_size", "lr", "checkpoint_every", "width", "layers_per_block", "image_size",
-                 "workers"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    cfg.sample_grid = not args.no_sample_grid
+    cfg = _config(DiffusionTrainConfig, args, DIFFUSION_FLAGS, sample_grid=not args.no_sample_grid)
     if args.unconditional:
         cfg.conditional = False
     if args.schedule:
         cfg.beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}.get(args.schedule, args.schedule)
-    cfg.precision, cfg.channels_last, cfg.compile = args.precision, args.channels_last, args.compile
     train_diffusion(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
 
 
 def cmd_train(args) -> None:
     from .train_classifier import TrainConfig, train_classifier
 
-    cfg = TrainConfig(data=args.data, recipe=args.recipe, model=args.model, denoiser=args.denoiser,
-                      pretrained=args.pretrained, steps=args.steps, epochs=args.epochs, seed=args.seed,
-                      classes=args.classes, precision=args.precision, channels_last=args.channels_last,
-                      compile=args.compile)
-    for name in ("batch_size", "lr", "optimizer", "lr_schedule", "weight_decay", "label_smoothing", "t_min",
-                 "t_max", "diffaug_weight", "diffaug_fraction", "checkpoint_every", "eval_every", "warmup_steps",
-                 "image_size", "workers", "diffaug_view", "on_bad_file", "transforms", "aligned", "extra_data",
-                 "denoiser_size"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    cfg.sync_bn = args.sync_bn
+    cfg = _config(TrainConfig, args, {**STEPS_FLAGS, **CLASSIFIER_FLAGS})
     if cfg.steps is None and cfg.epochs is None:
         cfg.epochs = 30
     train_classifier(cfg, args.out, resume=args.resume, force=args.force, device=_device(args.device),
@@ -134,14 +109,8 @@ def cmd_eval_shift(args) -> None:
 def cmd_train_guidance(args) -> None:
     from .train_guidance import GuidanceTrainConfig, train_guidance
 
-    cfg = GuidanceTrainConfig(kind=args.kind, data=args.data, denoiser=args.denoiser, seed=args.seed,
-                              precision=args.precision, channels_last=args.channels_last, compile=args.compile)
-    for name in ("steps", "batch_size", "lr", "width", "checkpoint_every", "labelled_fraction",
-                 "consistency_weight", "consistency_delta", "image_size", "workers"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    train_guidance(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
+    train_guidance(_config(GuidanceTrainConfig, args, GUIDANCE_FLAGS), args.out, resume=args.resume,
+                   device=_device(args.device), progress=not args.quiet)
 
 
 def cmd_sample(args) -> None:
@@ -149,9 +118,8 @@ def cmd_sample(args) -> None:
 
     import torch
     from .denoiser import load_denoiser
-    from .guidance import guided_sample
+    from .guidance import GuidanceClassifier, guided_sample
     from .report import save_grid
-    from .train_guidance import load_guidance
 
     out = _png_path(args.out)
     if args.n < 1:
@@ -160,7 +128,7 @@ def cmd_sample(args) -> None:
         raise InputError(f"--scale must be a finite number, got {args.scale}")
     device, speed = _device(args.device), _speed(args)
     den = load_denoiser(args.denoiser, device=device, speed=speed)
-    guidance = load_guidance(args.guidance, den, speed=speed)
+    guidance = GuidanceClassifier.from_pretrained(args.guidance, den, speed=speed)
     k = guidance.spec["num_classes"]
     if not 0 <= args.cls < k:
         raise InputError(f"--class {args.cls} does not exist; the guidance classifier has classes 0..{k - 1}")
@@ -234,93 +202,168 @@ def cmd_denoiser_quality(args) -> None:
     denoiser_quality(args.denoiser, args.out, data=args.data, seeds=args.seeds, device=_device(args.device))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffaug", description="DiffAug: diffuse-and-denoise augmentation.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------ the parser
+# Flags that most commands share; _common builds each command's parent parser from them.
+SHARED_FLAGS = {"seed": {"type": int, "default": 0}, "device": {}, "quiet": {"action": "store_true"},
+                "resume": {"action": "store_true"},
+                "force": {"action": "store_true", "help": "overwrite a finished or unfinished run in --out"}}
+SPEED_FIELDS = ("precision", "channels_last", "compile")  # the speed flags, also fields of every training config
+WORKERS_HELP = "DataLoader worker processes for a streamed folder (default min(8, CPUs); 0 loads in the main process)"
 
-    p = sub.add_parser("train-diffusion", help="train a diffusion model (the denoiser) on your training set")
-    p.add_argument("--data", default="digits", help="'digits', a CIFAR-10 folder, or an image folder streamed from "
-                   "disk (its train split: DIR/train, or 70%% of DIR/<class>/<image>)")
-    p.add_argument("--out", required=True, help="output folder (denoiser, checkpoint, samples.png)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default 12000)")
-    p.add_argument("--batch-size", dest="batch_size", type=int,
-                   help="(default: 128 up to 32 px, fewer for larger images: 32 at 64 px)")
+
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="fp32",
+                   help="autocast precision of the networks: fp32 (default), bf16 (GPUs: fastest) or fp16")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true",
+                   help="NHWC memory layout (faster convolutions on GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first batches)")
+
+
+def _add_eval_data(p: argparse.ArgumentParser) -> None:
+    """The options every evaluation that streams image folders takes."""
     p.add_argument("--image-size", dest="image_size", type=int,
-                   help="a streamed folder's images are resized and center-cropped to this power of two (default 64)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes for a streamed folder "
-                   "(default min(8, CPUs); 0 loads in the main process)")
+                   help="evaluate at this input size (default: the size in the classifier's model.json; image "
+                        "folders are brought to it by Resize(size / 0.875) + CenterCrop(size))")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes for streamed image folders "
+                   "(default min(8, CPUs); 0 reads in the main process)")
+
+
+def _common(out_help: str | None, *names: str, **helps: str) -> argparse.ArgumentParser:
+    """The parent parser of one command's shared flags: ``--out`` (required; ``out_help``) and those in ``names``:
+    ``seed``, ``device``, ``quiet``, ``resume``, ``force`` (:data:`SHARED_FLAGS`; ``helps[name]`` replaces a flag's
+    help text for this command), ``speed`` (--precision, --channels-last, --compile) and ``eval-data``
+    (--image-size, --workers of the streaming evaluations)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--out", required=True, help=out_help)
+    for name in names:
+        if name == "speed":
+            _add_speed(parent)
+        elif name == "eval-data":
+            _add_eval_data(parent)
+        else:
+            kwargs = {**SHARED_FLAGS[name], **({"help": helps[name]} if name in helps else {})}
+            parent.add_argument(f"--{name}", **kwargs)
+    return parent
+
+
+def _flag_type(hint) -> dict:
+    """``add_argument`` keywords for a dataclass field's annotation: ``int`` / ``float`` -> ``type``, ``str`` ->
+    argparse's own, ``bool`` -> ``store_true``, ``list[X]`` -> ``nargs="+"`` of X; ``X | None`` as X."""
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return {"nargs": "+", **_flag_type(typing.get_args(hint)[0])}
+    if hint is bool:
+        return {"action": "store_true"}
+    return {"type": hint} if hint in (int, float) else {}
+
+
+def _field_flags(p, config, fields: dict[str, dict], *, defaults: tuple[str, ...] = ()) -> None:
+    """``--field-name`` for each field of the dataclass ``config`` named in ``fields``, typed by its annotation
+    (:func:`_flag_type`) and given the keywords in ``fields[name]`` (help, metavar, required, choices). A flag's
+    default is None, so an absent flag leaves the config's default (:func:`_config`), except for the fields in
+    ``defaults``, whose flags show the config's default."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config)
+    config_defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, extra in fields.items():
+        kwargs = {**_flag_type(hints[name]), **extra}
+        if name in defaults:
+            kwargs["default"] = config_defaults[name]
+        p.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+
+
+def _config(config, args, fields, **fixed):
+    """The dataclass ``config`` from the flags of its ``fields``, ``--seed`` and the speed flags that were given (not
+    None; an absent flag leaves the config's default), then ``fixed``."""
+    given = {name: getattr(args, name) for name in (*fields, "seed", *SPEED_FIELDS) if getattr(args, name) is not None}
+    return config(**{**given, **fixed})
+
+
+# command -> {config field: its flag's keywords}: the flags derived from the config dataclasses
+DIFFUSION_FLAGS = {
+    "data": {"help": "'digits', a CIFAR-10 folder, or an image folder streamed from disk (its train split: "
+                     "DIR/train, or 70%% of DIR/<class>/<image>)"},
+    "steps": {"help": "optimiser steps (default 12000)"},
+    "batch_size": {"help": "(default: 128 up to 32 px, fewer for larger images: 32 at 64 px)"},
+    "image_size": {"help": "a streamed folder's images are resized and center-cropped to this power of two "
+                           "(default 64)"},
+    "workers": {"help": WORKERS_HELP},
+    "lr": {}, "width": {"help": "UNet base width (default: sized for the image)"}, "layers_per_block": {},
+    "checkpoint_every": {},
+}
+CLASSIFIER_FLAGS = {
+    "data": {"help": "'digits', a CIFAR-10 folder, or an image folder streamed from disk: DIR/train + DIR/val "
+                     "(+ DIR/test), or DIR/<class>/<image> split 70/10/20 without overlap"},
+    "recipe": {"help": "plain | diffaug | augmix | augmix+diffaug"},
+    "model": {"help": "small_cnn | resnet_small | timm name | torchvision:<name> (default per data)"},
+    "denoiser": {"help": "'digits' or a denoiser folder (DiffAug recipes)"},
+    "pretrained": {"help": "local weights to fine-tune from (.safetensors or state-dict .pt)"},
+    "batch_size": {}, "lr": {}, "optimizer": {"help": "adamw | sgd"},
+    "lr_schedule": {"help": "cosine | constant | step"}, "warmup_steps": {}, "weight_decay": {},
+    "label_smoothing": {}, "t_min": {"help": "DiffAug t range, low end (inclusive)"},
+    "t_max": {"help": "DiffAug t range, high end (inclusive)"}, "diffaug_weight": {}, "diffaug_fraction": {},
+    "checkpoint_every": {}, "eval_every": {},
+    "classes": {"help": "train on these class indices only (near-OOD protocol)"},
+    "image_size": {"help": "crop size for a streamed image folder (default 224; digits and CIFAR-10 keep their size)"},
+    "workers": {"help": WORKERS_HELP},
+    "diffaug_view": {"help": "DiffAug of the Resize + CenterCrop view of each image (center, the paper's code; "
+                             "default) or of its random crop (same)"},
+    "on_bad_file": {"help": "an unreadable image: stop naming it (error, default) or use the next image, counted in "
+                            "metrics.jsonl (skip)"},
+    "transforms": {"help": "library of a streamed folder's train / eval transforms: torchvision (v2 API, default) "
+                           "or timm (create_transform)"},
+    "denoiser_size": {"help": "run the denoiser at N x N: images are resized (antialiased) to N and back around it "
+                              "(default: the crop size, if the denoiser's network can take it)"},
+    "aligned": {"metavar": "DIR", "help": "copies of the training set with the same relative paths (DeepAugment's "
+                "EDSR / CAE): each adds a cross-entropy term on its view (same crop)"},
+    "extra_data": {"metavar": "DIR", "help": "labelled images DIR/<class>/<image> added to the training set "
+                   "(+Synth); classes matched by folder name"},
+    "sync_bn": {"help": "SyncBatchNorm under torchrun (CUDA); no effect on one process"},
+}
+STEPS_FLAGS = {"steps": {}, "epochs": {"help": "(default 30 when neither is given)"}}  # one or the other
+GUIDANCE_FLAGS = {
+    "kind": {"required": True, "choices": ["noisy", "da"]},
+    "data": {"help": "'digits', a CIFAR-10 folder, or an image folder streamed from disk"},
+    "denoiser": {}, "steps": {}, "batch_size": {}, "lr": {}, "width": {}, "checkpoint_every": {},
+    "labelled_fraction": {"help": "keep labels for this share of the train split (stratified)"},
+    "consistency_weight": {"help": "> 0: semi-supervised temporal consistency on the unlabelled rest"},
+    "consistency_delta": {"help": "t vs t + delta (default 50)"},
+    "image_size": {"help": "a streamed folder's images are resized and center-cropped to this (default: the "
+                           "denoiser's size; another size only if the denoiser's network can run at it)"},
+    "workers": {"help": WORKERS_HELP},
+}
+
+
+def _train_diffusion_flags(p: argparse.ArgumentParser) -> None:
+    from .train import DiffusionTrainConfig
+
+    _field_flags(p, DiffusionTrainConfig, DIFFUSION_FLAGS, defaults=("data",))
     p.add_argument("--no-sample-grid", dest="no_sample_grid", action="store_true",
                    help="skip the closing grid of samples (samples.png)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--width", type=int, help="UNet base width (default: sized for the image)")
-    p.add_argument("--layers-per-block", dest="layers_per_block", type=int)
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--unconditional", action="store_true", help="train without class labels")
     p.add_argument("--schedule", help="noise schedule: cosine (improved DDPM, the default) or linear (DDPM)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--device", help="torch device (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true")
-    _add_speed(p)
-    p.set_defaults(func=cmd_train_diffusion)
 
-    p = sub.add_parser("train", help="train a classifier with a recipe (plain, diffaug, augmix, augmix+diffaug)")
-    p.add_argument("--data", default="digits", help="'digits', a CIFAR-10 folder, or an image folder streamed from "
-                   "disk: DIR/train + DIR/val (+ DIR/test), or DIR/<class>/<image> split 70/10/20 without overlap")
-    p.add_argument("--recipe", default="diffaug", help="plain | diffaug | augmix | augmix+diffaug")
-    p.add_argument("--model", help="small_cnn | resnet_small | timm name | torchvision:<name> (default per data)")
-    p.add_argument("--denoiser", help="'digits' or a denoiser folder (DiffAug recipes)")
-    p.add_argument("--pretrained", help="local weights to fine-tune from (.safetensors or state-dict .pt)")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int)
-    steps.add_argument("--epochs", type=int, help="(default 30 when neither is given)")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", help="adamw | sgd")
-    p.add_argument("--lr-schedule", dest="lr_schedule", help="cosine | constant | step")
-    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float)
-    p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
-    p.add_argument("--t-min", dest="t_min", type=int, help="DiffAug t range, low end (inclusive)")
-    p.add_argument("--t-max", dest="t_max", type=int, help="DiffAug t range, high end (inclusive)")
-    p.add_argument("--diffaug-weight", dest="diffaug_weight", type=float)
-    p.add_argument("--diffaug-fraction", dest="diffaug_fraction", type=float)
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
-    p.add_argument("--eval-every", dest="eval_every", type=int)
-    p.add_argument("--classes", type=int, nargs="+", help="train on these class indices only (near-OOD protocol)")
-    p.add_argument("--image-size", dest="image_size", type=int,
-                   help="crop size for a streamed image folder (default 224; digits and CIFAR-10 keep their size)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes for a streamed folder "
-                   "(default min(8, CPUs); 0 loads in the main process)")
-    p.add_argument("--diffaug-view", dest="diffaug_view",
-                   help="DiffAug of the Resize + CenterCrop view of each image (center, the paper's code; default) "
-                        "or of its random crop (same)")
-    p.add_argument("--on-bad-file", dest="on_bad_file",
-                   help="an unreadable image: stop naming it (error, default) or use the next image, counted in "
-                        "metrics.jsonl (skip)")
-    p.add_argument("--transforms", help="library of a streamed folder's train / eval transforms: torchvision "
-                   "(v2 API, default) or timm (create_transform)")
-    p.add_argument("--denoiser-size", dest="denoiser_size", type=int,
-                   help="run the denoiser at N x N: images are resized (antialiased) to N and back around it "
-                        "(default: the crop size, if the denoiser's network can take it)")
-    p.add_argument("--aligned", nargs="+", metavar="DIR",
-                   help="copies of the training set with the same relative paths (DeepAugment's EDSR / CAE): each "
-                        "adds a cross-entropy term on its view (same crop)")
-    p.add_argument("--extra-data", dest="extra_data", metavar="DIR",
-                   help="labelled images DIR/<class>/<image> added to the training set (+Synth); classes matched "
-                        "by folder name")
-    p.add_argument("--sync-bn", dest="sync_bn", action="store_true",
-                   help="SyncBatchNorm under torchrun (CUDA); no effect on one process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--force", action="store_true", help="overwrite a finished or unfinished run in --out")
-    p.add_argument("--device")
-    p.add_argument("--quiet", action="store_true")
-    _add_speed(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("certify", help="certified L2 accuracy by randomized / diffusion denoised smoothing")
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    from .train_classifier import TrainConfig
+
+    _field_flags(p.add_mutually_exclusive_group(), TrainConfig, STEPS_FLAGS)
+    _field_flags(p, TrainConfig, CLASSIFIER_FLAGS, defaults=("data", "recipe"))
+
+
+def _train_guidance_flags(p: argparse.ArgumentParser) -> None:
+    from .train_guidance import GuidanceTrainConfig
+
+    _field_flags(p, GuidanceTrainConfig, GUIDANCE_FLAGS, defaults=("data", "denoiser"))
+
+
+def _certify_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits")
     p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
     p.add_argument("--denoiser", help="'digits' or a denoiser folder: denoised smoothing (DDS)")
@@ -338,15 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", type=int, default=1, help="certify every K-th test image")
     p.add_argument("--limit", type=int, help="at most N images (digits / CIFAR-10: the first N; an image folder: a "
                    "seeded sample stratified by class)")
-    _add_eval_data(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device")
-    p.add_argument("--quiet", action="store_true")
-    _add_speed(p)
-    p.set_defaults(func=cmd_certify)
 
-    p = sub.add_parser("eval-ood", help="OOD detection (MSP, ReAct, ASH, SCALE): the paper's Table 3")
+
+def _eval_ood_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="the ID data: 'digits' or a folder")
     p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
     p.add_argument("--ood", nargs="+", help="holdout | photo-patches | noise | PATH | near=PATH: PATH an image "
@@ -354,16 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "that apply; noise and holdout for a streamed folder)")
     p.add_argument("--image-root", dest="image_root",
                    help="the folder OpenOOD image lists' paths are relative to (default: each list's folder)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic noise set")
     p.add_argument("--search-percentile", dest="search_percentile", action="store_true",
                    help="pick ReAct/ASH/SCALE percentiles on ID-val vs a synthetic OOD-val set (default: OpenOOD's)")
-    _add_eval_data(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device")
-    _add_speed(p)
-    p.set_defaults(func=cmd_eval_ood)
 
-    p = sub.add_parser("eval-shift", help="accuracy under corruptions: Default / DE / DDA / DDA-SE (Table 1)")
+
+def _eval_shift_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="'digits', a dataset folder (corrupted on the fly) or an ImageNet-C / CIFAR-10-C folder")
     p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
@@ -375,7 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of frost photographs (ImageNet-C's frost1.png ... frost5.jpg; not shipped) for "
                         "on-the-fly frost; default: a procedural texture")
     p.add_argument("--limit", type=int, help="at most N test images (a fixed random subset)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="images per network call")
     p.add_argument("--de-step", dest="de_step", type=int, default=50, help="DE member spacing (25, 50, 75)")
     p.add_argument("--dda-t", dest="dda_t", type=int, help="DDA's start time (default T / 2)")
@@ -386,41 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dda-norm", dest="dda_norm", default="image", choices=["image", "batch"])
     p.add_argument("--no-analyses", dest="no_analyses", action="store_true",
                    help="skip DE-vs-t and entropy-vs-t")
-    _add_eval_data(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device")
-    p.add_argument("--quiet", action="store_true")
-    _add_speed(p)
-    p.set_defaults(func=cmd_eval_shift)
 
-    p = sub.add_parser("train-guidance", help="train a noisy or denoise-augmented (DA) guidance classifier")
-    p.add_argument("--kind", required=True, choices=["noisy", "da"])
-    p.add_argument("--data", default="digits", help="'digits', a CIFAR-10 folder, or an image folder streamed from disk")
-    p.add_argument("--denoiser", default="digits")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--width", type=int)
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
-    p.add_argument("--labelled-fraction", dest="labelled_fraction", type=float,
-                   help="keep labels for this share of the train split (stratified)")
-    p.add_argument("--consistency-weight", dest="consistency_weight", type=float,
-                   help="> 0: semi-supervised temporal consistency on the unlabelled rest")
-    p.add_argument("--consistency-delta", dest="consistency_delta", type=int, help="t vs t + delta (default 50)")
-    p.add_argument("--image-size", dest="image_size", type=int,
-                   help="a streamed folder's images are resized and center-cropped to this (default: the denoiser's "
-                        "size; another size only if the denoiser's network can run at it)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes for a streamed folder "
-                   "(default min(8, CPUs); 0 loads in the main process)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device")
-    p.add_argument("--quiet", action="store_true")
-    _add_speed(p)
-    p.set_defaults(func=cmd_train_guidance)
 
-    p = sub.add_parser("sample", help="classifier-guided samples of one class from an unconditional denoiser")
+def _sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoiser", default="digits")
     p.add_argument("--guidance", required=True, help="a train-guidance folder")
     p.add_argument("--class", dest="cls", type=int, required=True)
@@ -428,13 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--device")
-    _add_speed(p)
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval-guidance", help="guidance classifiers: Table 4, accuracy vs t, guided-generation metrics")
+
+def _eval_guidance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", nargs="+", required=True, help="train-guidance folder(s)")
     p.add_argument("--denoiser", default="digits")
     p.add_argument("--data", default="digits")
@@ -445,60 +440,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device")
-    p.add_argument("--quiet", action="store_true")
-    _add_speed(p)
-    p.set_defaults(func=cmd_eval_guidance)
 
-    p = sub.add_parser("pag", help="perceptually aligned gradients through the denoiser (the paper's Figure 3)")
+
+def _pag_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", nargs="*", help="classifier folder(s), e.g. a plain and a DiffAug-trained one")
     p.add_argument("--guidance", nargs="*", help="guidance classifier folder(s) (noisy, da)")
     p.add_argument("--denoiser", default="digits")
     p.add_argument("--data", default="digits")
     p.add_argument("--t", type=int, default=300)
     p.add_argument("--n", type=int, default=6, help="test images, one per class")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--device")
-    _add_speed(p)
-    p.set_defaults(func=cmd_pag)
 
-    p = sub.add_parser("toy", help="2-D demonstration: one-step denoising lands near the data (Figure 5)")
+
+def _toy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t", type=int, nargs="+", default=[50, 150, 300])
     p.add_argument("--steps", type=int, default=3000, help="training steps of the 2-D model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="PNG file to write (numbers go to the same name .json)")
-    p.set_defaults(func=cmd_toy)
 
-    p = sub.add_parser("study", help="the paper's whole evaluation, cached per stage, with a report (the main job)")
+
+def _study_flags(p: argparse.ArgumentParser) -> None:
+    from .study import StudyConfig
+
     p.add_argument("--config", help="JSON file of settings (see diffaug.study.StudyConfig)")
     p.add_argument("--data", help="'digits' (default), a CIFAR-10 folder or an image folder, streamed (overrides "
                    "the config's data; give image_size and the denoiser in --config)")
-    p.add_argument("--seeds", type=int, nargs="+")
+    _field_flags(p, StudyConfig, {"seeds": {}})
     p.add_argument("--quick", action="store_true", help="a small, fast configuration (smoke tests, CI)")
     p.add_argument("--only", help="run this stage (and any stage it needs that is missing)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("show-augmentations", help="grid of DiffAug views (the paper's Figure 1)")
+
+def _show_augmentations_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder")
     p.add_argument("--data", default="digits", help="'digits' or an image folder (default digits)")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
-    p.set_defaults(func=cmd_show_augmentations)
 
-    p = sub.add_parser("denoiser-quality", help="measure a denoiser on labelled data (sample / label accuracy)")
+
+def _denoiser_quality_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoiser", default="digits")
     p.add_argument("--data", default="digits")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--device")
-    p.set_defaults(func=cmd_denoiser_quality)
+
+
+class Command(NamedTuple):
+    """One sub-command: its help line, handler, own flags, and the shared flags its parent parser takes
+    (:func:`_common`: the help of ``--out``, the names, and this command's help texts for them)."""
+
+    help: str
+    run: Callable
+    flags: Callable[[argparse.ArgumentParser], None]
+    out_help: str | None
+    shared: tuple[str, ...]
+    shared_help: dict | None = None
+
+
+_PNG = "PNG file to write"
+_TRAINING = ("seed", "resume", "device", "quiet", "speed")
+_EVALUATION = ("seed", "device", "quiet", "speed")
+COMMANDS = {
+    "train-diffusion": Command("train a diffusion model (the denoiser) on your training set", cmd_train_diffusion,
+                               _train_diffusion_flags, "output folder (denoiser, checkpoint, samples.png)", _TRAINING,
+                               {"device": "torch device (default: cuda if available)",
+                                "resume": "continue the run in --out from its checkpoint"}),
+    "train": Command("train a classifier with a recipe (plain, diffaug, augmix, augmix+diffaug)", cmd_train,
+                     _train_flags, None, (*_TRAINING, "force")),
+    "certify": Command("certified L2 accuracy by randomized / diffusion denoised smoothing", cmd_certify,
+                       _certify_flags, None, ("eval-data", *_EVALUATION)),
+    "eval-ood": Command("OOD detection (MSP, ReAct, ASH, SCALE): the paper's Table 3", cmd_eval_ood, _eval_ood_flags,
+                        None, ("seed", "eval-data", "device", "speed"), {"seed": "seed of the synthetic noise set"}),
+    "eval-shift": Command("accuracy under corruptions: Default / DE / DDA / DDA-SE (Table 1)", cmd_eval_shift,
+                          _eval_shift_flags, None, ("eval-data", *_EVALUATION)),
+    "train-guidance": Command("train a noisy or denoise-augmented (DA) guidance classifier", cmd_train_guidance,
+                              _train_guidance_flags, None, _TRAINING),
+    "sample": Command("classifier-guided samples of one class from an unconditional denoiser", cmd_sample,
+                      _sample_flags, _PNG, ("seed", "device", "speed")),
+    "eval-guidance": Command("guidance classifiers: Table 4, accuracy vs t, guided-generation metrics",
+                             cmd_eval_guidance, _eval_guidance_flags, None, _EVALUATION),
+    "pag": Command("perceptually aligned gradients through the denoiser (the paper's Figure 3)", cmd_pag, _pag_flags,
+                   _PNG, ("seed", "device", "speed")),
+    "toy": Command("2-D demonstration: one-step denoising lands near the data (Figure 5)", cmd_toy, _toy_flags,
+                   "PNG file to write (numbers go to the same name .json)", ("seed",)),
+    "study": Command("the paper's whole evaluation, cached per stage, with a report (the main job)", cmd_study,
+                     _study_flags, None, ("device", "quiet")),
+    "show-augmentations": Command("grid of DiffAug views (the paper's Figure 1)", cmd_show_augmentations,
+                                  _show_augmentations_flags, _PNG, ("seed", "device")),
+    "denoiser-quality": Command("measure a denoiser on labelled data (sample / label accuracy)", cmd_denoiser_quality,
+                                _denoiser_quality_flags, "JSON file to write", ("device",)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffaug`` parser: one sub-command per entry of :data:`COMMANDS`, each its own flags plus its parent
+    parser of shared flags (:func:`_common`)."""
+    parser = argparse.ArgumentParser(prog="diffaug", description="DiffAug: diffuse-and-denoise augmentation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help,
+                           parents=[_common(command.out_help, *command.shared, **(command.shared_help or {}))])
+        command.flags(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

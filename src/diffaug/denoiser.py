@@ -334,8 +334,10 @@ class Denoiser(nn.Module):
         return den
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Denoiser":
-        """Load a diffusers folder in either layout ``save_pretrained`` writes.
+    def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
+                        speed: "accel.Speed | None" = None) -> "Denoiser":
+        """Load a diffusers folder in either layout ``save_pretrained`` writes, on ``device``, set up with ``speed``
+        (:class:`~diffaug.accel.Speed`) if given (:func:`load_denoiser` also takes the shipped names).
 
         * pipeline layout (as diffaug writes it): ``unet/config.json`` + ``unet/diffusion_pytorch_model.safetensors``
           and ``scheduler/scheduler_config.json``;
@@ -370,9 +372,11 @@ class Denoiser(nn.Module):
         unet.eval()
         scheduler = _scheduler_from_config(_read_json(sched_path), sched_path)
         meta = _read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
-        return cls.from_diffusers(
+        den = cls.from_diffusers(
             unet, scheduler, num_classes=meta.get("num_classes"), null_class=meta.get("null_class")
         )
+        den = den.to(device) if device is not None else den
+        return speed.apply(den) if speed is not None else den
 
     @classmethod
     def from_guided_diffusion(cls, path: str | os.PathLike, preset: str | None = None, *,

@@ -42,9 +42,9 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     from .data import check_workers, is_in_memory, load_dataset
     from .denoiser import Denoiser, load_denoiser
     from .genmetrics import generation_metrics
-    from .guidance import guided_sample
+    from .guidance import GuidanceClassifier, guided_sample
     from .train import fit_classifier
-    from .train_guidance import accuracy_over_t, load_guidance
+    from .train_guidance import accuracy_over_t
 
     device = torch.device(device)
     if per_class < 2:
@@ -52,7 +52,7 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     den = load_denoiser(denoiser, device=device, speed=speed)
     models = {}
     for folder in guidance:
-        g = load_guidance(folder, den, speed=speed)
+        g = GuidanceClassifier.from_pretrained(folder, den, speed=speed)
         models[str(folder)] = g
     clean = load_classifier(clean_classifier, device=device, speed=speed) if clean_classifier else None
     if is_in_memory(data):  # as before: the whole (small) test split in memory

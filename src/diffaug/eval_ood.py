@@ -56,7 +56,11 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
     every set is checked for emptiness and shape before any scoring. ``lazy_test``: the streamed ID test split
     (for ``holdout`` on a folder)."""
     from .data import ImageList, open_unlabelled
+    from .evaldata import folder_keys
 
+    paths = [n[5:] if n.startswith("near=") else n for n in names if n not in ("holdout", *FAR_OOD_SETS)]
+    keys = dict(zip(paths, folder_keys([Path(p).with_suffix("") if Path(p).is_file() else p for p in paths],
+                                       what="OOD set")))  # two folders named images stay apart: a/images, b/images
     sets = {}
     for name in names:
         if name == "holdout":
@@ -78,17 +82,17 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
             sets[name] = ("far", noise_images(200, size, channels, seed))
         else:
             group, path = ("near", name[5:]) if name.startswith("near=") else ("far", name)
-            path = Path(path)
+            key, path = keys[path], Path(path)
             if path.is_file():  # an OpenOOD image list: relative/path [label] per line
                 root = Path(image_root) if image_root else path.parent
-                sets[path.stem] = (group, ImageList(path, root, channels=channels))
+                sets[key] = (group, ImageList(path, root, channels=channels))
             elif not path.exists():
                 raise InputError(f"unknown OOD set {name!r}: use holdout, {', '.join(FAR_OOD_SETS)}, a folder or an "
                                  "image list file")
             elif lazy_test is not None:  # streamed: a flat folder, images/<class>/, or class folders
-                sets[path.name] = (group, open_unlabelled(path, channels=channels))
+                sets[key] = (group, open_unlabelled(path, channels=channels))
             else:
-                sets[path.name] = (group, load_dataset(path, "test").images)
+                sets[key] = (group, load_dataset(path, "test").images)
     for name, (_, images) in sets.items():
         if not isinstance(images, torch.Tensor):
             continue  # lazy: brought to the ID size by the evaluation transform
@@ -198,7 +202,10 @@ def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, se
 
     See :func:`evaluate_classifier` for the data (in memory or streamed), ``image_size``, ``workers`` and
     ``image_root`` (the folder an OpenOOD image list's paths are relative to; default the list's folder)."""
+    from .evaldata import folder_keys
+
     out = Path(out)
+    folder_keys(classifiers)  # refuses a folder given twice (it would count as two classifiers of its recipe)
     rows = [r for c in classifiers
             for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile, speed,
                                          image_size=image_size, workers=workers, image_root=image_root,

@@ -74,6 +74,7 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
     from .classifier import load_classifier
     from .data import check_workers, corrupted_layout, corrupted_names, is_in_memory, load_dataset
     from .denoiser import load_denoiser
+    from .evaldata import folder_keys
 
     modes = parse_modes(modes)
     check_workers(workers)
@@ -101,13 +102,8 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
         test = load_dataset(data, "test") if is_in_memory(data) else None  # a folder is streamed
     if not classifiers:
         raise InputError("give at least one --classifier folder")
-    models = {}
-    for folder in classifiers:
-        model = load_classifier(folder, device=device, speed=speed).eval()
-        key = Path(folder).name or str(folder)
-        if key in models:
-            key = str(folder)
-        models[key] = model
+    models = {key: load_classifier(folder, device=device, speed=speed).eval()  # runs/a/s0, runs/b/s0 -> a/s0, b/s0
+              for key, folder in zip(folder_keys(classifiers), classifiers)}
     needs = [m for m in modes if m != "default"] + (["the analyses (or pass --no-analyses)"] if analyses else [])
     if needs and not denoiser:
         raise InputError(f"{', '.join(needs)} need --denoiser")

@@ -13,12 +13,43 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from .errors import InputError
+
+
+def folder_keys(folders, what: str = "classifier") -> list[str]:
+    """One short, unique name per folder, for result tables and output sub-folders: its last path component, or
+    as many trailing components as tell it apart from the others (``runs/a/s0``, ``runs/b/s0`` -> ``a/s0``,
+    ``b/s0``; a folder whose whole path ends another's keeps its whole path, less the root). Paths are made
+    absolute (not resolved through links) first, so a key is never absolute and ``s0`` and ``./s0`` are one folder.
+
+    Raises:
+        InputError: a folder given twice.
+    """
+    folders = list(folders)
+    parts = [Path(os.path.abspath(f)).parts[1:] for f in folders]  # without the root: a key never escapes out/
+    seen = {}
+    for folder, p in zip(folders, parts):
+        if p in seen:
+            raise InputError(f"{what} folder {folder} is given twice ({seen[p]} is the same folder); give each once")
+        seen[p] = folder
+    return [_unique_suffix(p, parts[:i] + parts[i + 1:]) or str(folder)
+            for i, (folder, p) in enumerate(zip(folders, parts))]
+
+
+def _unique_suffix(parts: tuple, others: list[tuple]) -> str:
+    """The shortest trailing run of ``parts`` that ends none of ``others`` (all of ``parts`` if there is none),
+    joined with ``/``."""
+    for k in range(1, len(parts) + 1):
+        if all(q[-k:] != parts[-k:] for q in others):
+            return "/".join(parts[-k:])
+    return "/".join(parts)
 
 
 def eval_size(models: dict, image_size: int | None = None) -> int | None:

@@ -10,21 +10,30 @@ Two kinds, both trained on forward-diffused images with t uniform over the sched
 Inputs ``x_t`` are in the denoiser's model space ([-1, 1] data plus noise), like the denoiser's own inputs.
 The network is a small CNN whose blocks are shifted and scaled by an MLP of a sinusoidal embedding of t
 (FiLM, as in the UNet's ResNet blocks).
+
+A saved guidance classifier is a folder with ``guidance.safetensors`` (weights + the schedule it was trained for)
+and ``guidance.json`` (kind, sizes, classes, extras): :meth:`GuidanceClassifier.save_pretrained` writes it,
+:meth:`GuidanceClassifier.from_pretrained` reads it back for a denoiser.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import accel
+from . import checkpoint as ckpt
 from .denoiser import Denoiser
 from .errors import InputError
 
 KINDS = ("noisy", "da")
+WEIGHTS, SPEC = "guidance.safetensors", "guidance.json"
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -135,6 +144,57 @@ class GuidanceClassifier(nn.Module):
         net.load_state_dict(state)
         return cls("noisy", net.eval(), denoiser)
 
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, denoiser: Denoiser, *,
+                        speed: "accel.Speed | None" = None) -> "GuidanceClassifier":
+        """Load a guidance classifier saved by ``diffaug train-guidance`` (or :meth:`save_pretrained`) for
+        ``denoiser``, in eval mode on the denoiser's device; ``spec`` holds its ``guidance.json``.
+
+        Args:
+            folder: the folder holding ``guidance.safetensors`` (and ``guidance.json``).
+            denoiser: the diffusion model it guides; a convolutional denoiser is run at the classifier's image size.
+            speed: a :class:`~diffaug.accel.Speed` to set the classifier up with (the denoiser is set up
+                separately).
+
+        Raises:
+            InputError: no saved classifier in ``folder``, or one trained for another schedule, image size or
+                number of channels than ``denoiser``'s.
+        """
+        folder = Path(folder)
+        if not (folder / WEIGHTS).is_file():
+            raise InputError(f"{folder} holds no {WEIGHTS}; train one with diffaug train-guidance --out {folder}")
+        spec = json.loads((folder / SPEC).read_text()) if (folder / SPEC).is_file() else None
+        tensors, meta = ckpt.load_safetensors(folder / WEIGHTS)
+        spec = spec or meta
+        lacking = [k for k in ("kind", "num_classes", "width", "channels", "image_size") if k not in spec]
+        if lacking or "schedule.alpha_bar" not in tensors:
+            raise InputError(f"{folder} is not a guidance classifier saved by diffaug (no "
+                             f"{(lacking or ['schedule'])[0]}); train one with diffaug train-guidance")
+        denoiser = _denoiser_for(denoiser, spec, tensors["schedule.alpha_bar"], folder)
+        model = build_guidance(spec["kind"], denoiser, spec["num_classes"], width=spec["width"])
+        ckpt.load_state(model.net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, folder / WEIGHTS)
+        model.spec = spec
+        model = model.to(denoiser.alpha_bar.device).eval()
+        return speed.apply(model) if speed is not None else model
+
+    def save_pretrained(self, folder: str | os.PathLike, *, classes: list[str] | None = None,
+                        extra: dict | None = None) -> None:
+        """Write ``guidance.safetensors`` (the network's weights and the denoiser's ``alpha_bar``) and
+        ``guidance.json`` (kind, sizes, ``classes``, ``extra``) into ``folder``, each file atomically; the
+        denoiser's weights are not saved. ``classes`` defaults to the loaded spec's, else ``"0"``, ``"1"``, ..."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        den, net = self.denoiser, self.net
+        if classes is None:
+            classes = getattr(self, "spec", {}).get("classes") or [str(k) for k in range(net.head.out_features)]
+        tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+        tensors["schedule.alpha_bar"] = den.alpha_bar
+        spec = {"kind": self.kind, "num_classes": net.head.out_features, "width": net.block1.conv1.out_channels,
+                "channels": den.channels, "image_size": list(den.image_size), "num_timesteps": den.num_timesteps,
+                "classes": list(classes), **(extra or {})}
+        ckpt.save_safetensors(tensors, folder / WEIGHTS, metadata=spec)
+        ckpt.write_json(folder / SPEC, spec)
+
     def inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network sees: ``x_t`` or ``[x_t, x0_hat(x_t)]`` (differentiable w.r.t. ``x_t``)."""
         if self.kind == "noisy":
@@ -168,6 +228,37 @@ def build_guidance(kind: str, denoiser: Denoiser, num_classes: int, width: int =
     with private_seed(seed):
         net = TimeConditionedCNN(denoiser.channels * (2 if kind == "da" else 1), num_classes, width=width)
     return GuidanceClassifier(kind, net, denoiser)
+
+
+def _denoiser_for(denoiser: Denoiser, spec: dict, saved_alpha_bar: torch.Tensor, folder: Path) -> Denoiser:
+    """``denoiser`` (a convolutional one run at the saved image size) if it matches the saved size, channels
+    and schedule; else an InputError naming the mismatch."""
+    size = spec["image_size"]
+    if (denoiser.image_size is not None and list(denoiser.image_size) != list(size)
+            and denoiser.accepts_size(size[0]) and size[0] == size[1]):
+        denoiser = denoiser.at_size(size[0])  # a convolutional denoiser run at the trained size
+    if list(denoiser.image_size) != list(size) or denoiser.channels != spec["channels"]:
+        raise InputError(f"guidance classifier {folder} was trained for {spec['channels']}x{size} "
+                         f"images, the denoiser makes {denoiser.channels}x{list(denoiser.image_size)}")
+    if saved_alpha_bar.shape != denoiser.alpha_bar.shape or not torch.allclose(
+            saved_alpha_bar, denoiser.alpha_bar.cpu(), atol=1e-6):
+        raise InputError(f"guidance classifier {folder} was trained for another noise schedule "
+                         f"(T={saved_alpha_bar.numel()}) than this denoiser's (T={denoiser.num_timesteps}); train it "
+                         "with this denoiser")
+    return denoiser
+
+
+def save_guidance(model: GuidanceClassifier, folder: str | os.PathLike, *, classes: list[str],
+                  extra: dict) -> None:
+    """``model.save_pretrained(folder, classes=classes, extra=extra)`` (:meth:`GuidanceClassifier.save_pretrained`)."""
+    model.save_pretrained(folder, classes=classes, extra=extra)
+
+
+def load_guidance(folder: str | os.PathLike, denoiser: Denoiser, *,
+                  speed: "accel.Speed | None" = None) -> GuidanceClassifier:
+    """``GuidanceClassifier.from_pretrained(folder, denoiser, speed=speed)``
+    (:meth:`GuidanceClassifier.from_pretrained`)."""
+    return GuidanceClassifier.from_pretrained(folder, denoiser, speed=speed)
 
 
 def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Tensor, *, steps: int = 100,

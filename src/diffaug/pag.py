@@ -72,7 +72,8 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
     from .classifier import load_classifier
     from .data import is_in_memory, load_dataset
     from .denoiser import load_denoiser
-    from .train_guidance import load_guidance
+    from .evaldata import folder_keys
+    from .guidance import GuidanceClassifier
 
     if not classifiers and not guidance:
         raise InputError("give at least one --classifier or --guidance folder")
@@ -82,15 +83,16 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
     if not 0 <= t < den.num_timesteps:
         raise InputError(f"--t must lie in [0, {den.num_timesteps}), got {t}")
     models = {}
+    keys = iter(folder_keys([*classifiers, *guidance]))  # runs/a/s0, runs/b/s0 -> a/s0, b/s0
     for folder in classifiers:
         model = load_classifier(folder, device=device, speed=speed).eval()
-        models[f"{model.spec.get('recipe', '?')}: {Path(folder).name}"] = model
+        models[f"{model.spec.get('recipe', '?')}: {next(keys)}"] = model
     in_memory = is_in_memory(data)
     if not in_memory:  # before the guidance classifiers: they need the denoiser at their size
         den, test, models = _streamed_setup(data, den, models, guidance)
     for folder in guidance:
-        g = load_guidance(folder, den, speed=speed)
-        models[f"{g.kind} guidance: {Path(folder).name}"] = g
+        g = GuidanceClassifier.from_pretrained(folder, den, speed=speed)
+        models[f"{g.kind} guidance: {next(keys)}"] = g
     if in_memory:
         test = load_dataset(data, "test")
         den.check_images(test.images[:1], name=f"images of {data}")

@@ -350,7 +350,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
             diffaug = ResizedDiffAug(diffaug, resize_to)
     C = first.shape[1]
     size = cfg.image_size if streamed else (first.shape[-1] if first.shape[-1] == first.shape[-2] else None)
-    model = create_classifier(cfg.model, train.num_classes, C, pretrained=cfg.pretrained, seed=cfg.seed,
+    model = create_classifier(cfg.model, train.num_classes, C, checkpoint_path=cfg.pretrained, seed=cfg.seed,
                               image_size=size).to(device)  # model.json records the input size
     accel.accelerate(model, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
     scaler = accel.grad_scaler(device, cfg.precision)

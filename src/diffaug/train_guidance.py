@@ -1,4 +1,5 @@
-"""``diffaug train-guidance``: train a noisy or denoise-augmented (DA) guidance classifier, save and load it.
+"""``diffaug train-guidance``: train a noisy or denoise-augmented (DA) guidance classifier (saved and loaded by
+:meth:`diffaug.guidance.GuidanceClassifier.save_pretrained` / ``from_pretrained``).
 
 Training images are forward-diffused with ``t ~ U{0, ..., T-1}`` by the frozen denoiser's schedule; the DA
 classifier also sees the denoiser's one-step estimate (computed without gradients during training). Batches and
@@ -12,7 +13,6 @@ sizes, classes, the denoiser it used), ``checkpoint.safetensors``, ``train_confi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -26,9 +26,10 @@ from . import checkpoint as ckpt
 from .data import check_size, check_workers, is_in_memory, load_dataset
 from .denoiser import Denoiser, load_denoiser
 from .errors import InputError
-from .guidance import KINDS, GuidanceClassifier, build_guidance
+from .guidance import KINDS, GuidanceClassifier, build_guidance, save_guidance
+from .guidance import load_guidance  # noqa: F401 (moved to diffaug.guidance; still importable from here)
 
-WEIGHTS, SPEC, CHECKPOINT = "guidance.safetensors", "guidance.json", "checkpoint.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass
@@ -264,46 +265,3 @@ def accuracy_over_t(model, images: torch.Tensor | None, labels: torch.Tensor | N
     return {"accuracy": float(hits.sum() / counts.sum()),
             "bins": [{"t_from": k * T // bins, "t_to": (k + 1) * T // bins - 1,
                       "accuracy": float(hits[k] / counts[k]) if counts[k] else None} for k in range(bins)]}
-
-
-def save_guidance(model: GuidanceClassifier, folder: str | Path, *, classes: list[str], extra: dict) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    den = model.denoiser
-    tensors = {f"net.{k}": v for k, v in model.net.state_dict().items()}
-    tensors["schedule.alpha_bar"] = den.alpha_bar
-    spec = {"kind": model.kind, "num_classes": model.net.head.out_features, "width": model.net.block1.conv1.out_channels,
-            "channels": den.channels, "image_size": list(den.image_size), "num_timesteps": den.num_timesteps,
-            "classes": classes, **extra}
-    ckpt.save_safetensors(tensors, folder / WEIGHTS, metadata=spec)
-    ckpt.write_json(folder / SPEC, spec)
-
-
-def load_guidance(folder: str | Path, denoiser: Denoiser, *, speed: "accel.Speed | None" = None) -> GuidanceClassifier:
-    """Load a guidance classifier for ``denoiser``; refuses one trained for another schedule or image size.
-    Set up with ``speed`` (:class:`~diffaug.accel.Speed`) if given (the denoiser is set up separately)."""
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise InputError(f"{folder} holds no {WEIGHTS}; train one with diffaug train-guidance --out {folder}")
-    spec = json.loads((folder / SPEC).read_text()) if (folder / SPEC).is_file() else None
-    tensors, meta = ckpt.load_safetensors(folder / WEIGHTS)
-    spec = spec or meta
-    lacking = [k for k in ("kind", "num_classes", "width", "channels", "image_size") if k not in spec]
-    if lacking or "schedule.alpha_bar" not in tensors:
-        raise InputError(f"{folder} is not a guidance classifier saved by diffaug (no {(lacking or ['schedule'])[0]}); "
-                         "train one with diffaug train-guidance")
-    if (denoiser.image_size is not None and list(denoiser.image_size) != list(spec["image_size"])
-            and denoiser.accepts_size(spec["image_size"][0]) and spec["image_size"][0] == spec["image_size"][1]):
-        denoiser = denoiser.at_size(spec["image_size"][0])  # a convolutional denoiser run at the trained size
-    if list(denoiser.image_size) != list(spec["image_size"]) or denoiser.channels != spec["channels"]:
-        raise InputError(f"guidance classifier {folder} was trained for {spec['channels']}x{spec['image_size']} "
-                         f"images, the denoiser makes {denoiser.channels}x{list(denoiser.image_size)}")
-    saved_ab = tensors["schedule.alpha_bar"]
-    if saved_ab.shape != denoiser.alpha_bar.shape or not torch.allclose(saved_ab, denoiser.alpha_bar.cpu(), atol=1e-6):
-        raise InputError(f"guidance classifier {folder} was trained for another noise schedule (T={saved_ab.numel()}) "
-                         f"than this denoiser's (T={denoiser.num_timesteps}); train it with this denoiser")
-    model = build_guidance(spec["kind"], denoiser, spec["num_classes"], width=spec["width"])
-    ckpt.load_state(model.net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, folder / WEIGHTS)
-    model.spec = spec
-    model = model.to(denoiser.alpha_bar.device).eval()
-    return speed.apply(model) if speed is not None else model
