@@ -73,7 +73,7 @@ def cmd_train_diffusion(args) -> None:
     if args.schedule:
         cfg.beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}.get(args.schedule, args.schedule)
     cfg.precision, cfg.channels_last, cfg.compile = args.precision, args.channels_last, args.compile
-    train_diffusion(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
+    train_diffusion(cfg, args.out, resume=args.resume, force=args.force, device=_device(args.device), progress=not args.quiet)
 
 
 def cmd_train(args) -> None:
@@ -141,7 +141,7 @@ def cmd_train_guidance(args) -> None:
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
-    train_guidance(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
+    train_guidance(cfg, args.out, resume=args.resume, force=args.force, device=_device(args.device), progress=not args.quiet)
 
 
 def cmd_sample(args) -> None:
@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="noise schedule: cosine (improved DDPM, the default) or linear (DDPM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite a finished or unfinished run in --out")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--quiet", action="store_true")
     _add_speed(p)
@@ -412,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default min(8, CPUs); 0 loads in the main process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite a finished or unfinished run in --out")
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
