@@ -189,8 +189,9 @@ class Checkpoint:
                              "resume with the original settings or start over with --force")
 
     def check_world(self, dist_info: Dist, out: Path) -> None:
-        if self.meta.get("world", 1) != dist_info.world:
-            raise InputError(f"the run in {out} used {self.meta['world']} processes; resume with the same number")
+        world = self.meta.get("world", 1)  # diffaug before the harness wrote no "world" for one process
+        if world != dist_info.world:
+            raise InputError(f"the run in {out} used {world} processes; resume with the same number")
 
     def generator_state(self, rank: int) -> torch.Tensor:
         if rank == 0 and "rng.generator" in self.tensors:  # written by diffaug before the harness (one process)
