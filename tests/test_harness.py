@@ -155,24 +155,33 @@ def test_stop_signal_and_log(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- the loops
-class _SigtermAtStep:
-    """Wraps ``accel.optimizer_step``: sends this process SIGTERM during optimiser step ``at`` (0-based)."""
+def _stopped_by_sigterm(monkeypatch, at: int, train, out) -> None:
+    """Run ``train(out)`` with SIGTERM sent to this process during optimiser step ``at`` (0-based); check that
+    it saved and exited with 128 + SIGTERM at the end of that step."""
+    original, calls = accel.optimizer_step, []
 
-    def __init__(self, at):
-        self.at, self.calls, self.original = at, 0, accel.optimizer_step
+    def step_with_signal(*args, **kwargs):
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler runs; the step goes on
+        calls.append(1)
+        return original(*args, **kwargs)
 
-    def __call__(self, *args, **kwargs):
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.calls += 1
-        return self.original(*args, **kwargs)
+    monkeypatch.setattr(accel, "optimizer_step", step_with_signal)
+    with pytest.raises(SystemExit) as stopped:
+        train(out)
+    monkeypatch.setattr(accel, "optimizer_step", original)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert load_safetensors(out / "checkpoint.safetensors")[1]["step"] == at + 1
 
 
-def _same_tensors(a, b):
-    ta, tb = load_safetensors(a)[0], load_safetensors(b)[0]
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+def _same_run(a, b, files) -> None:
+    """Bitwise equal weights (and checkpoint, with its optimizer and generator) and equal logs."""
+    for name in files:
+        ta, tb = load_safetensors(a / name)[0], load_safetensors(b / name)[0]
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (name, k)
+    assert read_jsonl(a / "log.jsonl") == read_jsonl(b / "log.jsonl")
 
 
 def test_train_diffusion_sigterm_resume_and_force(tmp_path, monkeypatch, capsys):
@@ -182,20 +191,13 @@ def test_train_diffusion_sigterm_resume_and_force(tmp_path, monkeypatch, capsys)
     cfg = DiffusionTrainConfig(steps=7, batch_size=16, width=8, checkpoint_every=100, warmup_steps=2,
                                sample_grid=False)
     train_diffusion(cfg, tmp_path / "straight", progress=False)
-    original = accel.optimizer_step
-    monkeypatch.setattr(accel, "optimizer_step", _SigtermAtStep(3))
-    with pytest.raises(SystemExit) as stopped:
-        train_diffusion(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(accel, "optimizer_step", original)
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert load_safetensors(tmp_path / "cut" / "checkpoint.safetensors")[1]["step"] == 4  # saved, then stopped
+    _stopped_by_sigterm(monkeypatch, 3, lambda out: train_diffusion(cfg, out, progress=False), tmp_path / "cut")
     assert not (tmp_path / "cut" / "diffaug.json").exists()
     with pytest.raises(InputError, match="holds an unfinished run; pass --resume"):
         train_diffusion(cfg, tmp_path / "cut", progress=False)
     train_diffusion(cfg, tmp_path / "cut", resume=True, progress=False)
-    for name in ("checkpoint.safetensors", "unet/diffusion_pytorch_model.safetensors"):
-        _same_tensors(tmp_path / "straight" / name, tmp_path / "cut" / name)
-    assert read_jsonl(tmp_path / "cut" / "log.jsonl") == read_jsonl(tmp_path / "straight" / "log.jsonl")
+    _same_run(tmp_path / "straight", tmp_path / "cut",
+              ("checkpoint.safetensors", "unet/diffusion_pytorch_model.safetensors"))
 
     # --force (CLI): the finished run is started over; its log holds the new run's rows only
     assert main(["train-diffusion", "--out", str(tmp_path / "cut"), "--steps", "3", "--batch-size", "16",
@@ -212,22 +214,14 @@ def test_train_guidance_sigterm_resume_and_force(tmp_path, monkeypatch):
     cfg = GuidanceTrainConfig(kind="noisy", steps=7, batch_size=32, width=8, checkpoint_every=100,
                               labelled_fraction=0.5, consistency_weight=0.5)
     train_guidance(cfg, tmp_path / "straight", progress=False)
-    original = accel.optimizer_step
-    monkeypatch.setattr(accel, "optimizer_step", _SigtermAtStep(2))
-    with pytest.raises(SystemExit) as stopped:
-        train_guidance(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(accel, "optimizer_step", original)
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert load_safetensors(tmp_path / "cut" / "checkpoint.safetensors")[1]["step"] == 3
+    _stopped_by_sigterm(monkeypatch, 2, lambda out: train_guidance(cfg, out, progress=False), tmp_path / "cut")
     train_guidance(cfg, tmp_path / "cut", resume=True, progress=False)
-    for name in ("checkpoint.safetensors", "guidance.safetensors"):
-        _same_tensors(tmp_path / "straight" / name, tmp_path / "cut" / name)
-    assert read_jsonl(tmp_path / "cut" / "log.jsonl") == read_jsonl(tmp_path / "straight" / "log.jsonl")
+    _same_run(tmp_path / "straight", tmp_path / "cut", ("checkpoint.safetensors", "guidance.safetensors"))
 
     with pytest.raises(InputError, match="holds a finished run; pass --force"):
         train_guidance(cfg, tmp_path / "cut", progress=False)
     forced = GuidanceTrainConfig(**{**cfg.__dict__, "seed": 1, "steps": 2})  # another run in the same folder
     train_guidance(forced, tmp_path / "cut", force=True, progress=False)
     train_guidance(forced, tmp_path / "fresh", progress=False)
-    _same_tensors(tmp_path / "fresh" / "guidance.safetensors", tmp_path / "cut" / "guidance.safetensors")
+    _same_run(tmp_path / "fresh", tmp_path / "cut", ("guidance.safetensors", "checkpoint.safetensors"))
     assert [r["step"] for r in read_jsonl(tmp_path / "cut" / "log.jsonl")] == [1, 2]
