@@ -200,7 +200,8 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint written by :meth:`TrainState.save` (or by an older diffaug; see the module docstring)."""
+    """Read a checkpoint written by :meth:`TrainState.save`, or by diffaug before the harness (train-diffusion and
+    train-guidance wrote their one generator as ``rng.generator`` and no ``world``: both are still read)."""
     tensors, meta = ckpt.load_safetensors(path)
     return Checkpoint(tensors, meta, Path(path))
 
