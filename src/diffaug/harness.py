@@ -267,8 +267,8 @@ class StopSignal:
 
 
 class LossLog:
-    """A run's JSONL log. Rows (with device scalars under ``"loss"``) are held until :meth:`flush`, which
-    copies the losses to the host at once and appends the rows (on the main rank)."""
+    """A run's JSONL log. Rows (with device scalars under ``"loss"``) are held until a checkpoint:
+    :meth:`to_host` copies their losses to the host at once, :meth:`flush` appends them (on the main rank)."""
 
     def __init__(self, path: Path, main: bool = True):
         self.path, self.main, self.rows = Path(path), main, []
