@@ -96,7 +96,7 @@ def test_train_guidance_resumes_exactly(tmp_path, monkeypatch):
     resumed = train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "part", resume=True, progress=False)
     for a, b in zip(full.net.state_dict().values(), resumed.net.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(InputError, match="already holds a run"):
+    with pytest.raises(InputError, match="holds a finished run"):
         train_guidance(GuidanceTrainConfig(**cfg), tmp_path / "full", progress=False)
 
 

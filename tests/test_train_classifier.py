@@ -162,7 +162,7 @@ def test_errors_before_any_output(tmp_path, den_dir, capsys):
 DDP_LAYOUT_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch import nn
-from diffaug.train_classifier import data_parallel
+from diffaug.harness import data_parallel
 dist.init_process_group("gloo")
 conv = nn.Conv2d(1, 4, 3)
 # a [4, 1, 3, 3] weight whose size-1 dim has another stride than the kernel's gradient gives it (what oneDNN does

@@ -55,9 +55,9 @@ def test_resume_and_overwrite_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist; drop --resume"):
         train_diffusion(tiny_cfg(), tmp_path / "none", resume=True, progress=False)
     train_diffusion(tiny_cfg(steps=4), tmp_path / "run", progress=False)
-    with pytest.raises(InputError, match="already holds a run"):
+    with pytest.raises(InputError, match="holds a finished run; pass --force"):
         train_diffusion(tiny_cfg(), tmp_path / "run", progress=False)
-    with pytest.raises(InputError, match=r"differ from the checkpoint's \(lr\)"):
+    with pytest.raises(InputError, match=r"differ from the run in .* \(lr\)"):
         train_diffusion(tiny_cfg(lr=1e-2), tmp_path / "run", resume=True, progress=False)
     with pytest.raises(InputError, match="label_dropout"):
         train_diffusion(tiny_cfg(label_dropout=1.0), tmp_path / "x", progress=False)
@@ -73,7 +73,7 @@ def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_p
         del meta["config"][key]
     save_safetensors(tensors, path, metadata=meta)
     train_diffusion(tiny_cfg(steps=8), tmp_path / "run", resume=True, progress=False)
-    with pytest.raises(InputError, match=r"differ from the checkpoint's \(precision\)"):
+    with pytest.raises(InputError, match=r"differ from the run in .* \(precision\)"):
         train_diffusion(tiny_cfg(steps=8, precision="bf16"), tmp_path / "run", resume=True, progress=False)
 
 
@@ -119,4 +119,4 @@ def test_cli_train_diffusion_and_error_exit(tmp_path, capsys):
     assert (tmp_path / "r" / "unet" / "config.json").is_file()
     assert main(["train-diffusion", "--out", str(tmp_path / "r"), "--steps", "2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already holds a run" in err[0]
+    assert len(err) == 1 and "holds a finished run" in err[0]

@@ -21,7 +21,8 @@ from .smoothing import ABSTAIN, Smooth
 SUBMODULES = (
     "accel", "adm", "augment", "certify", "checkpoint", "classifier", "cli", "corruptions", "data", "dda",
     "denoiser", "ensemble", "errors", "eval_guidance", "eval_ood", "eval_shift", "evaldata", "genmetrics",
-    "guidance", "nets", "ood", "pag", "quality", "recipes", "report", "sampling", "schedule", "seeding", "sequential",
+    "guidance", "harness", "nets", "ood", "pag", "quality", "recipes", "report", "sampling", "schedule", "seeding",
+    "sequential",
     "smoothing", "stats",
     "study", "toy", "train", "train_classifier", "train_guidance",
 )

@@ -205,7 +205,7 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     from .data import check_workers, is_in_memory, load_dataset
     from .denoiser import load_denoiser
     from .evaldata import at_size, eval_size, eval_view, folder_keys, match_classes, open_eval_folder
-    from .train_classifier import init_distributed
+    from .harness import init_distributed
 
     out = Path(out)
     device = torch.device(device)

@@ -288,14 +288,6 @@ def rewind_jsonl(path: str | os.PathLike, step: int, final_key: str | None = Non
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def check_run_folder(ckpt_path: Path, out_dir: Path, resume: bool) -> None:
-    """A training run's folder rule: ``resume`` needs the checkpoint, a new run needs a folder without one."""
-    if resume and not ckpt_path.is_file():
-        raise InputError(f"--resume given but {ckpt_path} does not exist; drop --resume to start a new run")
-    if not resume and ckpt_path.exists():
-        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-
-
 def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...], defaults: dict | None = None) -> list[str]:
     """Keys of ``now`` whose values differ from a checkpoint's ``saved`` config, except ``may_change``. A key the
     saved config lacks (a setting added after it was written) counts as its value in ``defaults``."""

@@ -59,7 +59,7 @@ def cmd_train_diffusion(args) -> None:
         cfg.conditional = False
     if args.schedule:
         cfg.beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}.get(args.schedule, args.schedule)
-    train_diffusion(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
+    train_diffusion(cfg, args.out, resume=args.resume, force=args.force, device=_device(args.device), progress=not args.quiet)
 
 
 def cmd_train(args) -> None:
@@ -495,7 +495,7 @@ _TRAINING = ("seed", "resume", "device", "quiet", "speed")
 _EVALUATION = ("seed", "device", "quiet", "speed")
 COMMANDS = {
     "train-diffusion": Command("train a diffusion model (the denoiser) on your training set", cmd_train_diffusion,
-                               _train_diffusion_flags, "output folder (denoiser, checkpoint, samples.png)", _TRAINING,
+                               _train_diffusion_flags, "output folder (denoiser, checkpoint, samples.png)", (*_TRAINING, "force"),
                                {"device": "torch device (default: cuda if available)",
                                 "resume": "continue the run in --out from its checkpoint"}),
     "train": Command("train a classifier with a recipe (plain, diffaug, augmix, augmix+diffaug)", cmd_train,
@@ -507,7 +507,7 @@ COMMANDS = {
     "eval-shift": Command("accuracy under corruptions: Default / DE / DDA / DDA-SE (Table 1)", cmd_eval_shift,
                           _eval_shift_flags, None, ("eval-data", *_EVALUATION)),
     "train-guidance": Command("train a noisy or denoise-augmented (DA) guidance classifier", cmd_train_guidance,
-                              _train_guidance_flags, None, _TRAINING),
+                              _train_guidance_flags, None, (*_TRAINING, "force")),
     "sample": Command("classifier-guided samples of one class from an unconditional denoiser", cmd_sample,
                       _sample_flags, _PNG, ("seed", "device", "speed")),
     "eval-guidance": Command("guidance classifiers: Table 4, accuracy vs t, guided-generation metrics",

@@ -396,7 +396,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     from .data import load_corrupted
     from .ensemble import ensemble_members
     from .evaldata import at_size, batches, chunks, eval_size, eval_view, open_eval_folder, probe
-    from .train_classifier import init_distributed
+    from .harness import init_distributed
 
     out = Path(out)
     device = torch.device(device)

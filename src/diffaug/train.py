@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import accel
-from . import checkpoint as ckpt
+from . import harness
 from .data import ImageDataset, check_size, check_workers, is_in_memory, load_dataset
 from .denoiser import Denoiser
 from .errors import InputError
@@ -103,40 +103,28 @@ def build_diffusion_model(cfg: DiffusionTrainConfig, image_size: int, channels: 
     return unet, scheduler
 
 
-def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: bool = False,
+def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
                     device: str | torch.device = "cpu", progress: bool = True) -> Denoiser:
     """Train an epsilon-prediction DDPM on ``cfg.data`` and save the EMA weights as a denoiser folder.
 
     ``out_dir`` receives ``unet/``, ``scheduler/``, ``diffaug.json`` (the denoiser, EMA weights),
     ``checkpoint.safetensors`` (everything needed to resume), ``train_config.json``, ``log.jsonl`` and
-    ``samples.png`` (a grid, one row per class). Returns the trained (EMA) :class:`Denoiser`.
+    ``samples.png`` (a grid, one row per class). ``resume`` continues the run in ``out_dir`` (bitwise; also
+    after SIGTERM, which saves at the next step), ``force`` starts it over. Returns the trained (EMA)
+    :class:`Denoiser`.
     """
-    from tqdm.auto import tqdm
-
     cfg.validate()
     out_dir = Path(out_dir)
-    streamed = not is_in_memory(cfg.data)
-    if streamed:  # a folder, read lazily through the data layer: any image size, resized to cfg.image_size
-        from .data import open_splits
-
-        data = open_splits(cfg.data, verbose=progress)["train"]
-        C, H = data.channels, cfg.image_size or DEFAULT_STREAMED_SIZE
-        W = H
-    else:
-        data = load_dataset(cfg.data, "train")
-        _, C, H, W = data.images.shape
+    data, streamed, C, H = _diffusion_data(cfg, progress)
     if cfg.batch_size is None:
         cfg = dataclasses.replace(cfg, batch_size=default_batch_size(H))
-    if H != W:
-        raise InputError(f"train-diffusion needs square images, got {H}x{W}; crop or resize them first")
-    if H < 4 or H & (H - 1):
-        raise InputError(f"train-diffusion needs a power-of-two image size >= 4, got {H}; "
-                         + ("pass --image-size 32, 64, 128..." if streamed else "resize the images"))
     if streamed and cfg.batch_size > len(data):
         raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of {cfg.data}; "
                          "lower it")
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    ckpt.check_run_folder(ckpt_path, out_dir, resume)
+    folder = harness.RunFolder(out_dir, finished="diffaug.json", outputs=("log.jsonl",),
+                               checkpoint_file=CHECKPOINT_FILE)
+    folder.check(resume, force)
+    harness.refuse_torchrun("train-diffusion")
 
     device = torch.device(device)
     num_classes = data.num_classes if cfg.conditional else None
@@ -148,37 +136,17 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    scaler = accel.grad_scaler(device, cfg.precision)
-    start = 0
-    config_json = dataclasses.asdict(cfg)
-    if resume:
-        start = _load_diffusion_state(ckpt_path, cfg, unet, ema, opt, sched, gen, scaler)
-        ckpt.rewind_jsonl(out_dir / "log.jsonl", start)
-    else:
-        ckpt.write_json(out_dir / "train_config.json", config_json)
-        ckpt.write_text(out_dir / "log.jsonl", "")  # a new run starts a new log
+    state = harness.TrainState({"model": unet, "ema": ema}, opt, sched, accel.grad_scaler(device, cfg.precision), gen)
+    run = harness.Run(folder, state, harness.LossLog(out_dir / "log.jsonl"), dataclasses.asdict(cfg), "train-diffusion")
+    start = run.start(resume, force, "train_config.json", ("steps", "checkpoint_every", "workers", "sample_grid"),
+                      dataclasses.asdict(DiffusionTrainConfig()))
 
     den = Denoiser.from_diffusers(unet, scheduler, num_classes=num_classes, null_class=num_classes)
     accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
-    if streamed:  # batch `step` holds the same images as in memory; each flip is a function of (seed, step, index)
-        from .data import SeededView, generative_transform, make_step_loader
+    batch = _diffusion_batches(cfg, data, streamed, H, start, device)
 
-        batches = iter(make_step_loader(SeededView(data, generative_transform(H), seed=cfg.seed),
-                                        lambda s: _batch_indices(len(data), cfg.batch_size, s, cfg.seed), start,
-                                        cfg.steps, workers=cfg.workers))
-    else:
-        images, labels = accel.to_device(data.images, device), accel.to_device(data.labels, device)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train-diffusion")
-    unet.train()
-    t0, log = time.perf_counter(), []
-    for step in bar:
-        if streamed:
-            x, y = (v.to(device, non_blocking=True) for v in next(batches))
-            x0 = Denoiser.encode(x)
-        else:
-            idx = _batch_indices(len(data), cfg.batch_size, step, cfg.seed).to(device)
-            x0 = Denoiser.encode(images[idx])
-            y = labels[idx]
+    def step_fn(step: int) -> dict:
+        x0, y = batch(step)
         y = y if num_classes is not None else None
         t = torch.randint(0, cfg.num_timesteps, (x0.shape[0],), generator=gen, device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
@@ -186,17 +154,14 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
             drop = torch.rand(y.shape, generator=gen, device=device) < cfg.label_dropout
             y = torch.where(drop, torch.full_like(y, num_classes), y)
         loss = F.mse_loss(den.model_output(den.q_sample(x0, t, noise), t, y), noise)
-        accel.optimizer_step(loss, opt, scaler, clip_params=unet.parameters(), max_norm=cfg.grad_clip)
+        accel.optimizer_step(loss, opt, state.scaler, clip_params=unet.parameters(), max_norm=cfg.grad_clip)
         sched.step()
         ema.update_parameters(unet)
-        log.append({"step": step + 1, "loss": loss.detach()})  # on the device until the log is written
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            accel.losses_to_host(log)
-            bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-50:]) / len(log[-50:]):.4f}")
-            ckpt.append_jsonl(out_dir / "log.jsonl", log)
-            log = []
-            _save_diffusion_state(ckpt_path, config_json, step + 1, unet, ema, opt, sched, gen, scaler)
-    bar.close()
+        return {"step": step + 1, "loss": loss.detach()}  # on the device until the log is written
+
+    unet.train()
+    t0 = time.perf_counter()
+    harness.run_steps(run, start, cfg.steps, step_fn, checkpoint_every=cfg.checkpoint_every, progress=progress)
 
     ema_unet = ema.module.eval()
     result = Denoiser.from_diffusers(ema_unet, scheduler, num_classes=num_classes, null_class=num_classes)
@@ -209,37 +174,45 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     return result
 
 
-def _save_diffusion_state(path, config_json, step, unet, ema, opt, sched, gen, scaler) -> None:
-    opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
-    tensors = {f"model.{k}": v for k, v in unet.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    tensors.update(opt_tensors)
-    tensors["rng.generator"] = gen.get_state()
-    meta = {"step": step, "config": config_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
-            "grad_scaler": scaler.state_dict()}
-    ckpt.save_safetensors(tensors, path, metadata=meta)
+def _diffusion_data(cfg: DiffusionTrainConfig, progress: bool):
+    """``(data, streamed, channels, size)`` of the training images, their size checked (square, a power of two)."""
+    streamed = not is_in_memory(cfg.data)
+    if streamed:  # a folder, read lazily through the data layer: any image size, resized to cfg.image_size
+        from .data import open_splits
+
+        data = open_splits(cfg.data, verbose=progress)["train"]
+        C, H = data.channels, cfg.image_size or DEFAULT_STREAMED_SIZE
+        W = H
+    else:
+        data = load_dataset(cfg.data, "train")
+        _, C, H, W = data.images.shape
+    if H != W:
+        raise InputError(f"train-diffusion needs square images, got {H}x{W}; crop or resize them first")
+    if H < 4 or H & (H - 1):
+        raise InputError(f"train-diffusion needs a power-of-two image size >= 4, got {H}; "
+                         + ("pass --image-size 32, 64, 128..." if streamed else "resize the images"))
+    return data, streamed, C, H
 
 
-def _load_diffusion_state(path, cfg, unet, ema, opt, sched, gen, scaler) -> int:
-    tensors, meta = ckpt.load_safetensors(path)
-    saved = dict(meta.get("config", {}))
-    now = dataclasses.asdict(cfg)
-    changed = ckpt.changed_settings(saved, now, ("steps", "checkpoint_every", "workers", "sample_grid"),
-                                    dataclasses.asdict(DiffusionTrainConfig()))
-    if changed:
-        raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
-                         "resume with the original settings (only --steps may change)")
-    device = next(unet.parameters()).device
-    ckpt.load_state(unet, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
-    ckpt.load_state(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
-    opt.load_state_dict(ckpt.unflatten_optimizer_state(
-        {k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v for k, v in tensors.items()},
-        meta["optimizer"]))
-    sched.load_state_dict(meta["lr_scheduler"])
-    if meta.get("grad_scaler"):
-        scaler.load_state_dict(meta["grad_scaler"])
-    gen.set_state(tensors["rng.generator"])
-    return int(meta["step"])
+def _diffusion_batches(cfg: DiffusionTrainConfig, data, streamed: bool, size: int, start: int, device):
+    """``batch(step) -> (x0, labels)`` in model space on ``device``: the same images in memory or streamed."""
+    if streamed:  # batch `step` holds the same images as in memory; each flip is a function of (seed, step, index)
+        from .data import SeededView, generative_transform, make_step_loader
+
+        batches = iter(make_step_loader(SeededView(data, generative_transform(size), seed=cfg.seed),
+                                        lambda s: _batch_indices(len(data), cfg.batch_size, s, cfg.seed), start,
+                                        cfg.steps, workers=cfg.workers))
+
+        def batch(step):
+            x, y = (v.to(device, non_blocking=True) for v in next(batches))
+            return Denoiser.encode(x), y
+    else:
+        images, labels = accel.to_device(data.images, device), accel.to_device(data.labels, device)
+
+        def batch(step):
+            idx = _batch_indices(len(data), cfg.batch_size, step, cfg.seed).to(device)
+            return Denoiser.encode(images[idx]), labels[idx]
+    return batch
 
 
 def _write_sample_grid(den: Denoiser, path: Path, cfg: DiffusionTrainConfig, data: ImageDataset, per_class: int = 10):

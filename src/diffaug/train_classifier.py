@@ -5,7 +5,8 @@ streamed from disk through :mod:`diffaug.data` (``ROOT/train`` + ``ROOT/val`` or
 overlap; ``RandomResizedCrop(image_size)`` + flip for training, ``Resize`` + ``CenterCrop`` for evaluation and,
 with ``diffaug_view="center"``, for the view DiffAug is applied to), with DataLoader workers.
 
-Recipes (loss per step; ``B`` = the batch, ``DA(x)`` = a fresh DiffAug view from the frozen denoiser):
+Recipes (the modules of :mod:`diffaug.recipes`; loss per step; ``B`` = the batch, ``DA(x)`` = a fresh DiffAug
+view from the frozen denoiser):
 
 * ``plain``: ``CE(f(x), y)``.
 * ``diffaug`` (the paper): one forward over ``[x; DA(x)]``, loss ``CE(clean) + w * CE(DiffAug)``.
@@ -24,27 +25,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import accel
 from . import checkpoint as ckpt
+from . import harness
 from .classifier import Classifier, create_classifier, save_classifier
 from .data import is_in_memory, load_dataset, subset_classes
 from .data import BAD_FILE_POLICIES, check_library, check_size, check_workers
 from .errors import InputError
+from .harness import Dist, data_parallel, gather_objects, init_distributed
 from .recipes import RECIPES, from_name
 
 DEFAULT_MODELS = {"digits": "small_cnn"}
 DEFAULT_IMAGE_SIZE = 224
 DIFFAUG_VIEWS = ("center", "same")
-CKPT_DIR, CONFIG_FILE, METRICS_FILE = "checkpoints", "config.json", "metrics.jsonl"
+CONFIG_FILE, METRICS_FILE = "config.json", "metrics.jsonl"
 
 
 @dataclass
@@ -138,46 +139,6 @@ class TrainConfig:
             check_size(self.denoiser_size)
 
 
-# ---------------------------------------------------------------------- distributed helpers
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``DistributedDataParallel`` whose gradients are views of its all-reduce buckets, laid out as the buckets.
-
-    Each parameter gets a zero gradient before wrapping and ``gradient_as_bucket_view=True``, so DDP makes every
-    ``.grad`` a view of its bucket and each backward accumulates into it in place; zero the gradients in place
-    (``zero_grad(set_to_none=False)``), never to None. Otherwise autograd may hand DDP a gradient of another
-    layout (the layout contract ignores the strides of size-1 dims, which a ``[C, 1, k, k]`` convolution weight
-    has and oneDNN's backward sets its own way), which DDP then copies into the bucket on every step with the
-    warning "Grad strides do not match bucket view strides". It also saves one gradient-sized copy per step.
-    """
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)  # same strides as p, hence as its bucket view
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               gradient_as_bucket_view=True)
-
-
 def _lr_lambda(cfg: TrainConfig, total: int):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -257,38 +218,10 @@ class _Streamed:
         return loader_accuracy(model, loader, device)
 
 
-# ---------------------------------------------------------------------- checkpoints
-def _checkpoint_paths(out: Path) -> list[Path]:
-    return sorted((out / CKPT_DIR).glob("step-*.safetensors"))
-
-
-def _save_checkpoint(out: Path, cfg_json: dict, step: int, model, opt, sched, gens: list[torch.Tensor], keep: int,
-                     scaler: torch.amp.GradScaler, bad_files_skipped: list[int] | None = None):
-    opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(opt_tensors)
-    for r, state in enumerate(gens):
-        tensors[f"rng.rank{r}"] = state
-    meta = {"step": step, "config": cfg_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
-            "world": len(gens), "grad_scaler": scaler.state_dict(),
-            "bad_files_skipped": bad_files_skipped or [0] * len(gens)}
-    ckpt.save_safetensors(tensors, out / CKPT_DIR / f"step-{step:08d}.safetensors", metadata=meta)
-    for old in _checkpoint_paths(out)[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-def _gather_generator_states(gen: torch.Generator, dist_info: Dist) -> list[torch.Tensor]:
-    state = gen.get_state()
-    if dist_info.world == 1:
-        return [state]
-    import torch.distributed as dist
-
-    states = [None] * dist_info.world
-    dist.all_gather_object(states, state)
-    return states
-
-
 # ---------------------------------------------------------------------- the loop
+MAY_CHANGE = ("steps", "epochs", "checkpoint_every", "keep_checkpoints", "workers")  # on --resume
+
+
 def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
                      device: str | torch.device = "cpu", progress: bool = True) -> Classifier:
     """Train a classifier with ``cfg.recipe``; see the module docstring. Returns the trained model (eval mode).
@@ -296,9 +229,6 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/step-*.safetensors`` (the last
     ``keep_checkpoints``), and the final ``model.safetensors`` + ``model.json`` (with clean test accuracy).
     """
-    from tqdm.auto import tqdm
-
-    from .augment import DiffAug
     from .denoiser import load_denoiser
 
     cfg = cfg.resolved()
@@ -306,220 +236,201 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     out = Path(out_dir)
     device = torch.device(device)
     # --- every check before any work or output
-    streamed = not is_in_memory(cfg.data)
     den = load_denoiser(cfg.denoiser) if "diffaug" in cfg.recipe else None
-    if streamed:  # a folder, read lazily; a 1-channel denoiser gets 1-channel images
-        from .data import SeededView, eval_transform, open_splits
-
-        splits = open_splits(cfg.data, channels=den.channels if den is not None else 3, on_bad_file=cfg.on_bad_file,
-                             verbose=progress and int(os.environ.get("RANK", "0")) == 0)
-        if cfg.extra_data:
-            from .data import with_extra
-
-            splits["train"] = with_extra(splits["train"], cfg.extra_data)
-            if progress and int(os.environ.get("RANK", "0")) == 0:
-                print(f"data: {cfg.extra_data} added: {len(splits['train'])} training images")
-        if cfg.classes is not None:
-            splits = {k: d.with_classes(list(cfg.classes)) for k, d in splits.items()}
-        train, val, test = splits["train"], splits["val"], splits["test"]
-        first = SeededView(val, eval_transform(cfg.image_size))[0][0][None]  # what the networks will see
-    else:
-        train, val, test = (load_dataset(cfg.data, s) for s in ("train", "val", "test"))
-        if cfg.classes is not None:
-            train, val, test = (subset_classes(d, list(cfg.classes)) for d in (train, val, test))
-        first = train.images
-    finished = (out / "model.safetensors").exists()
-    started = bool(_checkpoint_paths(out)) if out.exists() else False
-    if resume and not started:
-        raise InputError(f"--resume given but {out / CKPT_DIR} holds no checkpoint; drop --resume")
-    if finished and not (force or resume):
-        raise InputError(f"{out} holds a finished run; pass --force to overwrite it or choose another --out")
-    if started and not (resume or force):
-        raise InputError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
-    diffaug = None
-    if den is not None:  # the denoiser at the crop size if its network allows, else around --denoiser-size
-        from .augment import ResizedDiffAug, denoiser_at
-
-        den, resize_to = denoiser_at(den, first.shape[-1], cfg.denoiser_size)
-        seen = first if resize_to is None else torch.nn.functional.interpolate(first, size=(resize_to, resize_to))
-        den.check_images(seen, name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")  # once, here
-        t_max = den.num_timesteps - 1 if cfg.t_max is None else cfg.t_max
-        diffaug = DiffAug(den.to(device), t_range=(cfg.t_min, t_max), validate=False)  # the loop makes no syncs
-        accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
-        if resize_to is not None:
-            diffaug = ResizedDiffAug(diffaug, resize_to)
-    C = first.shape[1]
-    size = cfg.image_size if streamed else (first.shape[-1] if first.shape[-1] == first.shape[-2] else None)
-    model = create_classifier(cfg.model, train.num_classes, C, checkpoint_path=cfg.pretrained, seed=cfg.seed,
-                              image_size=size).to(device)  # model.json records the input size
+    data = _ClassifierData(cfg, den, progress)
+    folder = harness.RunFolder(out, finished="model.safetensors", outputs=(METRICS_FILE, "model.json"),
+                               keep=cfg.keep_checkpoints)
+    folder.check(resume, force)
+    diffaug = _diffaug(cfg, den, data.first, device)
+    model = create_classifier(cfg.model, data.train.num_classes, data.first.shape[1], checkpoint_path=cfg.pretrained,
+                              seed=cfg.seed, image_size=data.input_size).to(device)  # model.json records the size
     accel.accelerate(model, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
-    scaler = accel.grad_scaler(device, cfg.precision)
-    cfg_json = dataclasses.asdict(cfg)
-    start, skipped = 0, 0  # skipped: unreadable files replaced so far (on_bad_file="skip")
-    saved_meta = None
-    if resume:
-        tensors, saved_meta = ckpt.load_safetensors(_checkpoint_paths(out)[-1])
-        changed = ckpt.changed_settings(saved_meta["config"], cfg_json,
-                                        ("steps", "epochs", "checkpoint_every", "keep_checkpoints", "workers"),
-                                        dataclasses.asdict(TrainConfig()))
-        if changed:
-            raise InputError(f"--resume with settings that differ from the run in {out} ({', '.join(changed)}); "
-                             "resume with the original settings or start over with --force")
+    cfg_json, defaults = dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig())
+    saved = harness.read_checkpoint(folder.checkpoints()[-1]) if resume else None
+    if saved is not None:
+        saved.check_config(cfg_json, MAY_CHANGE, defaults, out)
 
     dist_info = init_distributed(device)
-    if dist_info.world > 1 and cfg.batch_size % dist_info.world:
-        raise InputError(f"batch size {cfg.batch_size} is not divisible by {dist_info.world} ranks")
-    if cfg.sync_bn and dist_info.world > 1 and device.type != "cuda":
-        raise InputError("--sync-bn needs CUDA devices under torchrun (PyTorch's SyncBatchNorm has no CPU "
-                         "implementation); drop --sync-bn")
-    per_rank = cfg.batch_size // dist_info.world
-    if streamed:
-        stream = _Streamed(cfg, splits, dist_info, per_rank, "diffaug" in cfg.recipe and cfg.diffaug_view == "center")
-        steps_per_epoch = stream.steps_per_epoch
-    else:
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(range(len(train)), num_replicas=dist_info.world, rank=dist_info.rank,
-                                     shuffle=True, seed=cfg.seed, drop_last=True)
-        steps_per_epoch = max(1, len(sampler) // per_rank)
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-
+    _check_ranks(cfg, dist_info, device)
+    batches = data.batches(dist_info, device)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * batches.steps_per_epoch
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dist_info.rank)
-    if resume:
-        if saved_meta.get("world", 1) != dist_info.world:
-            raise InputError(f"the run in {out} used {saved_meta['world']} processes; resume with the same number")
-        ckpt.load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, _checkpoint_paths(out)[-1])
-        opt.load_state_dict(ckpt.unflatten_optimizer_state(tensors, saved_meta["optimizer"]))
-        sched.load_state_dict(saved_meta["lr_scheduler"])
-        if saved_meta.get("grad_scaler"):
-            scaler.load_state_dict(saved_meta["grad_scaler"])
-        gen.set_state(tensors[f"rng.rank{dist_info.rank}"])
-        start = int(saved_meta["step"])
-        skipped = int(saved_meta.get("bad_files_skipped", [0] * dist_info.world)[dist_info.rank])
-        if dist_info.main:
-            ckpt.rewind_jsonl(out / METRICS_FILE, start, final_key="test_acc")
-    elif dist_info.main:
-        if force and out.exists():
-            for p in _checkpoint_paths(out) + [out / METRICS_FILE, out / "model.safetensors", out / "model.json"]:
-                p.unlink(missing_ok=True)
-        ckpt.write_json(out / CONFIG_FILE, cfg_json)
-        ckpt.write_text(out / METRICS_FILE, "")  # a new run starts a new log
+    state = harness.TrainState({"model": model}, opt, sched, accel.grad_scaler(device, cfg.precision), gen)
+    run = harness.Run(folder, state, harness.LossLog(out / METRICS_FILE, dist_info.main), cfg_json, "train",
+                      dist_info, extra_meta=lambda rows: batches.skip_meta(rows, dist_info))
+    start = run.start(resume, force, CONFIG_FILE, MAY_CHANGE, defaults, final_key="test_acc", saved=saved)
+    if saved is not None:
+        batches.skipped = int(saved.meta.get("bad_files_skipped", [0] * dist_info.world)[dist_info.rank])
 
+    net = _wrap(model, cfg, dist_info, device, progress)
+    recipe = from_name(cfg.recipe, net, diffaug=diffaug, label_smoothing=cfg.label_smoothing,
+                       jsd_weight=cfg.jsd_weight, diffaug_fraction=cfg.diffaug_fraction,
+                       diffaug_weight=cfg.diffaug_weight)
+
+    def step_fn(step: int) -> dict:
+        epoch, pos = divmod(step, batches.steps_per_epoch)
+        x, y, more = batches.get(epoch, pos)
+        loss, _ = recipe(x, y, gen, **more)
+        accel.optimizer_step(loss, opt, state.scaler, set_to_none=dist_info.world == 1)  # DDP: grads are bucket views
+        sched.step()
+        # the loss stays on the device until the log is written: no host-device sync per step
+        row = {"step": step + 1, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0]}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            row["val_acc"] = data.accuracy(model, "val", device)
+        return row
+
+    t0 = time.perf_counter()
+    model.train()
+    harness.run_steps(run, start, total, step_fn, checkpoint_every=cfg.checkpoint_every, progress=progress,
+                      desc=f"train {cfg.recipe}")
+    model.eval()
+    _finish(cfg, model, data, batches, run, total, time.perf_counter() - t0, device, progress)
+    return model
+
+
+def _check_ranks(cfg: TrainConfig, dist_info: Dist, device: torch.device) -> None:
+    if dist_info.world > 1 and cfg.batch_size % dist_info.world:
+        raise InputError(f"batch size {cfg.batch_size} is not divisible by {dist_info.world} ranks")
+    if cfg.sync_bn and dist_info.world > 1 and device.type != "cuda":
+        raise InputError("--sync-bn needs CUDA devices under torchrun (PyTorch's SyncBatchNorm has no CPU "
+                         "implementation); drop --sync-bn")
+
+
+def _diffaug(cfg: TrainConfig, den, first: torch.Tensor, device: torch.device):
+    """The DiffAug of the recipe (None without one): the denoiser at the crop size if its network allows, else
+    run around ``--denoiser-size``."""
+    if den is None:
+        return None
+    from .augment import DiffAug, ResizedDiffAug, denoiser_at
+
+    den, resize_to = denoiser_at(den, first.shape[-1], cfg.denoiser_size)
+    seen = first if resize_to is None else torch.nn.functional.interpolate(first, size=(resize_to, resize_to))
+    den.check_images(seen, name=f"images of {cfg.data} (for denoiser {cfg.denoiser})")  # once, here
+    t_max = den.num_timesteps - 1 if cfg.t_max is None else cfg.t_max
+    diffaug = DiffAug(den.to(device), t_range=(cfg.t_min, t_max), validate=False)  # the loop makes no syncs
+    accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
+    return diffaug if resize_to is None else ResizedDiffAug(diffaug, resize_to)
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, dist_info: Dist, device: torch.device, progress: bool) -> nn.Module:
+    """The network the steps run: the model itself, or (under torchrun) DDP over it, SyncBatchNorm if asked."""
     net: nn.Module = model
     if cfg.sync_bn and dist_info.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and buffers, same state_dict keys
         net = model
     elif cfg.sync_bn and dist_info.main and progress:
         print("train: --sync-bn has no effect on one process (BatchNorm kept as it is)")
-    if dist_info.world > 1:
-        net = data_parallel(model, device)
-    recipe = from_name(cfg.recipe, net, diffaug=diffaug, label_smoothing=cfg.label_smoothing,
-                       jsd_weight=cfg.jsd_weight, diffaug_fraction=cfg.diffaug_fraction,
-                       diffaug_weight=cfg.diffaug_weight)
-    if not streamed:
-        images, labels = accel.to_device(train.images, device), accel.to_device(train.labels, device)
+    return data_parallel(model, device) if dist_info.world > 1 else net
 
-    def evaluate(split: str) -> float:
-        if streamed:
-            return stream.accuracy(model, split, device)
-        data = {"val": val, "test": test}[split]
+
+class _ClassifierData:
+    """The train / val / test splits (in memory, or a streamed folder's) and what the networks will see."""
+
+    def __init__(self, cfg: TrainConfig, den, progress: bool):
+        self.cfg, self.streamed = cfg, not is_in_memory(cfg.data)
+        if self.streamed:  # a folder, read lazily; a 1-channel denoiser gets 1-channel images
+            from .data import SeededView, eval_transform, open_splits
+
+            main = progress and int(os.environ.get("RANK", "0")) == 0
+            splits = open_splits(cfg.data, channels=den.channels if den is not None else 3,
+                                 on_bad_file=cfg.on_bad_file, verbose=main)
+            if cfg.extra_data:
+                from .data import with_extra
+
+                splits["train"] = with_extra(splits["train"], cfg.extra_data)
+                if main:
+                    print(f"data: {cfg.extra_data} added: {len(splits['train'])} training images")
+            if cfg.classes is not None:
+                splits = {k: d.with_classes(list(cfg.classes)) for k, d in splits.items()}
+            self.first = SeededView(splits["val"], eval_transform(cfg.image_size))[0][0][None]
+        else:
+            splits = {s: load_dataset(cfg.data, s) for s in ("train", "val", "test")}
+            if cfg.classes is not None:
+                splits = {k: subset_classes(d, list(cfg.classes)) for k, d in splits.items()}
+            self.first = splits["train"].images
+        self.splits, self.train = splits, splits["train"]
+        side = self.first.shape[-1]
+        self.input_size = cfg.image_size if self.streamed else (side if side == self.first.shape[-2] else None)
+        self.stream = None
+
+    def batches(self, dist_info: Dist, device: torch.device) -> "_Batches":
+        per_rank = self.cfg.batch_size // dist_info.world
+        if self.streamed:
+            self.stream = _Streamed(self.cfg, self.splits, dist_info, per_rank,
+                                    "diffaug" in self.cfg.recipe and self.cfg.diffaug_view == "center")
+        return _Batches(self, dist_info, per_rank, device)
+
+    def accuracy(self, model: nn.Module, split: str, device: torch.device) -> float:
+        if self.stream is not None:
+            return self.stream.accuracy(model, split, device)
+        data = self.splits[split]
         return accuracy(model, data.images.to(device), data.labels.to(device))
 
-    stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    rows: list[dict] = []
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not (progress and dist_info.main),
-               desc=f"train {cfg.recipe}")
-    t0 = time.perf_counter()
-    model.train()
-    order, order_epoch = None, None
-    try:
-        for step in bar:
-            epoch, pos = divmod(step, steps_per_epoch)
-            if streamed:  # the batch is a function of (seed, epoch, rank, pos), whatever the workers
-                x, *extra, y, skips = stream.get(epoch, pos)
-                centre, aligned = extra[: stream.views - 1], extra[stream.views - 1:]
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                x_da = centre[0].to(device, non_blocking=True) if centre else None
-                skipped += int(skips.sum())
-                more = {"x_aligned": [v.to(device, non_blocking=True) for v in aligned]} if aligned else {}
-                loss, _ = recipe(x, y, gen, x_diffaug=x_da, **more)
-            else:
-                if epoch != order_epoch:  # the sampler's order is a pure function of (seed, epoch, rank)
-                    sampler.set_epoch(epoch)
-                    order, order_epoch = torch.tensor(list(sampler), device=device), epoch
-                idx = order[pos * per_rank : (pos + 1) * per_rank]
-                loss, _ = recipe(images[idx], labels[idx], gen)
-            accel.optimizer_step(loss, opt, scaler, set_to_none=dist_info.world == 1)  # DDP: grads are bucket views
-            sched.step()
-            # the loss stays on the device until the log is written: no host-device sync per step
-            row = {"step": step + 1, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0]}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                row["val_acc"] = evaluate("val")
-            rows.append(row)
-            interrupted = _any_rank(stop["signal"] is not None, dist_info)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted:
-                accel.losses_to_host(rows)
-                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
-                states = _gather_generator_states(gen, dist_info)
-                skips_all = _gather_ints(skipped, dist_info)
-                if cfg.on_bad_file == "skip":
-                    rows[-1]["bad_files_skipped"] = sum(skips_all)  # so far, all ranks
-                if dist_info.main:
-                    ckpt.append_jsonl(out / METRICS_FILE, rows)
-                    _save_checkpoint(out, cfg_json, step + 1, model, opt, sched, states, cfg.keep_checkpoints, scaler,
-                                     bad_files_skipped=skips_all)
-                rows = []
-            if interrupted:
-                if dist_info.main:
-                    print(f"train: stopped by signal at step {step + 1}; checkpoint saved, continue with --resume")
-                raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
-    finally:
-        bar.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
-    model.eval()
-    result = {"test_acc": evaluate("test"), "val_acc": evaluate("val"), "steps": total,
-              "seconds": time.perf_counter() - t0}
+    def info(self) -> dict:
+        if not self.streamed:
+            return {}
+        return {"diffaug_view": self.cfg.diffaug_view, "split_sizes": {k: len(d) for k, d in self.splits.items()}}
+
+
+class _Batches:
+    """This rank's training batch ``pos`` of ``epoch``: ``(x, y, the recipe's keywords)`` on the device, a
+    function of (seed, epoch, rank, pos); counts the unreadable files replaced so far (``on_bad_file="skip"``)."""
+
+    def __init__(self, data: _ClassifierData, dist_info: Dist, per_rank: int, device: torch.device):
+        self.data, self.per_rank, self.device, self.skipped = data, per_rank, device, 0
+        if data.stream is not None:
+            self.steps_per_epoch = data.stream.steps_per_epoch
+        else:
+            from torch.utils.data import DistributedSampler
+
+            self.sampler = DistributedSampler(range(len(data.train)), num_replicas=dist_info.world,
+                                              rank=dist_info.rank, shuffle=True, seed=data.cfg.seed, drop_last=True)
+            self.steps_per_epoch = max(1, len(self.sampler) // per_rank)
+            self.images = accel.to_device(data.train.images, device)
+            self.labels = accel.to_device(data.train.labels, device)
+            self.order, self.order_epoch = None, None
+
+    def get(self, epoch: int, pos: int):
+        stream, device = self.data.stream, self.device
+        if stream is None:
+            if epoch != self.order_epoch:  # the sampler's order is a pure function of (seed, epoch, rank)
+                self.sampler.set_epoch(epoch)
+                self.order, self.order_epoch = torch.tensor(list(self.sampler), device=device), epoch
+            idx = self.order[pos * self.per_rank : (pos + 1) * self.per_rank]
+            return self.images[idx], self.labels[idx], {}
+        x, *extra, y, skips = stream.get(epoch, pos)  # whatever the workers
+        centre, aligned = extra[: stream.views - 1], extra[stream.views - 1:]
+        self.skipped += int(skips.sum())
+        more = {"x_diffaug": centre[0].to(device, non_blocking=True) if centre else None}
+        if aligned:
+            more["x_aligned"] = [v.to(device, non_blocking=True) for v in aligned]
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), more
+
+    def skip_meta(self, rows: list[dict], dist_info: Dist) -> dict:
+        """At a checkpoint: every rank's count of replaced files (and the total in the last log row)."""
+        skips_all = gather_objects(self.skipped, dist_info)
+        if self.data.cfg.on_bad_file == "skip":
+            rows[-1]["bad_files_skipped"] = sum(skips_all)  # so far, all ranks
+        return {"bad_files_skipped": skips_all}
+
+
+def _finish(cfg: TrainConfig, model: nn.Module, data: _ClassifierData, batches: _Batches, run: "harness.Run",
+            total: int, seconds: float, device: torch.device, progress: bool) -> None:
+    """Evaluate the trained model; rank 0 logs the result and writes ``model.json`` last (the run is complete)."""
+    result = {"test_acc": data.accuracy(model, "test", device), "val_acc": data.accuracy(model, "val", device),
+              "steps": total, "seconds": seconds}
     if cfg.on_bad_file == "skip":
-        result["bad_files_skipped"] = sum(_gather_ints(skipped, dist_info))
-    data_info = {}
-    if streamed:
-        data_info = {"diffaug_view": cfg.diffaug_view,
-                     "split_sizes": {k: len(d) for k, d in splits.items()}}
-    if dist_info.main:  # model.json is written last: its presence means the run is complete
-        ckpt.append_jsonl(out / METRICS_FILE, [{"step": total, **result}])
-        save_classifier(model, out, extra={"classes": train.classes, "class_indices": cfg.classes,
-                                           "recipe": cfg.recipe, "data": cfg.data,
-                                           "seed": cfg.seed, **data_info, **result})
+        result["bad_files_skipped"] = sum(gather_objects(batches.skipped, run.dist))
+    if run.dist.main:
+        ckpt.append_jsonl(run.log.path, [{"step": total, **result}])
+        save_classifier(model, run.folder.out, extra={"classes": data.train.classes, "class_indices": cfg.classes,
+                                                      "recipe": cfg.recipe, "data": cfg.data, "seed": cfg.seed,
+                                                      **data.info(), **result})
         if progress:
-            print(f"train {cfg.recipe}: test acc {result['test_acc']:.4f} val acc {result['val_acc']:.4f} -> {out}")
-    return model
-
-
-def _gather_ints(value: int, dist_info: Dist) -> list[int]:
-    """``value`` of every rank, in rank order."""
-    if dist_info.world == 1:
-        return [value]
-    import torch.distributed as dist
-
-    values = [None] * dist_info.world
-    dist.all_gather_object(values, value)
-    return values
-
-
-def _any_rank(flag: bool, dist_info: Dist) -> bool:
-    if dist_info.world == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
+            print(f"train {cfg.recipe}: test acc {result['test_acc']:.4f} val acc {result['val_acc']:.4f} -> "
+                  f"{run.folder.out}")

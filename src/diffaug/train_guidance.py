@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import accel
 from . import checkpoint as ckpt
+from . import harness
 from .data import check_size, check_workers, is_in_memory, load_dataset
 from .denoiser import Denoiser, load_denoiser
 from .errors import InputError
@@ -110,20 +111,68 @@ def consistency_loss(model: GuidanceClassifier, x0: torch.Tensor, delta: int, ge
     return F.cross_entropy(model.logits(inputs2, t2), target)
 
 
-def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: bool = False,
+def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
                    device: str | torch.device = "cpu", progress: bool = True) -> GuidanceClassifier:
-    from tqdm.auto import tqdm
-
-    from .train import _batch_indices
-
+    """Train a guidance classifier of ``cfg.kind`` on images diffused by ``cfg.denoiser``; see the module
+    docstring for what ``out_dir`` receives. ``resume`` continues the run (bitwise; also after SIGTERM, which
+    saves at the next step), ``force`` starts it over. Returns the trained classifier (eval mode)."""
     cfg.validate()
     out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT
-    ckpt.check_run_folder(ckpt_path, out_dir, resume)
+    folder = harness.RunFolder(out_dir, finished="metrics.json", outputs=("log.jsonl", WEIGHTS, SPEC),
+                               checkpoint_file=CHECKPOINT)
+    folder.check(resume, force)
+    harness.refuse_torchrun("train-guidance")
     device = torch.device(device)
+    den, train, test, streamed = _guidance_data(cfg, device, progress)
+    model = build_guidance(cfg.kind, den, train.num_classes, width=cfg.width, seed=cfg.seed).to(device)
+    speed = accel.Speed(cfg.precision, cfg.channels_last, cfg.compile)
+    speed.apply(den)
+    speed.apply(model)
+    opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    state = harness.TrainState({"net": model.net}, opt, sched, accel.grad_scaler(device, cfg.precision), gen)
+    run = harness.Run(folder, state, harness.LossLog(out_dir / "log.jsonl"), dataclasses.asdict(cfg),
+                      f"train-guidance ({cfg.kind})")
+    start = run.start(resume, force, "train_config.json", ("checkpoint_every",),
+                      dataclasses.asdict(GuidanceTrainConfig()))
+    labelled, unlabelled = labelled_split(train.labels, cfg.labelled_fraction, cfg.seed)
+    batch, extra_batch = _guidance_batches(cfg, den, train, labelled, unlabelled, streamed, start, device)
+
+    def step_fn(step: int) -> dict:
+        x, y = batch(step)
+        x_t, t = noisy_batch(den, x, gen)
+        with torch.no_grad():
+            inputs = model.inputs(x_t, t)
+        loss = F.cross_entropy(model.logits(inputs, t), y)
+        if cfg.consistency_weight > 0:
+            x_u = extra_batch(step)
+            loss = loss + cfg.consistency_weight * consistency_loss(model, den.encode(x_u), cfg.consistency_delta, gen)
+        accel.optimizer_step(loss, opt, state.scaler)
+        sched.step()
+        return {"step": step + 1, "loss": loss.detach()}  # on the device until the log is written
+
+    model.net.train()
+    t0 = time.perf_counter()
+    harness.run_steps(run, start, cfg.steps, step_fn, checkpoint_every=cfg.checkpoint_every, progress=progress)
+    model.net.eval()
+    save_guidance(model, out_dir, classes=train.classes, extra={
+        "data": cfg.data, "denoiser": cfg.denoiser, "seed": cfg.seed, "steps": cfg.steps,
+        "labelled_fraction": cfg.labelled_fraction, "consistency_weight": cfg.consistency_weight,
+        "labelled_images": len(labelled)})
+    metrics = _test_accuracy(model, den, test, streamed, cfg, device)
+    metrics["seconds"] = time.perf_counter() - t0
+    ckpt.write_json(out_dir / "metrics.json", metrics)
+    if progress:
+        print(f"train-guidance ({cfg.kind}): test accuracy over random t {100 * metrics['accuracy']:.1f} % -> {out_dir}")
+    return model
+
+
+def _guidance_data(cfg: GuidanceTrainConfig, device: torch.device, progress: bool):
+    """``(denoiser, train, test, streamed)``: a folder is read lazily, resized to the size the denoiser runs at."""
     den = load_denoiser(cfg.denoiser, device=device)
     streamed = not is_in_memory(cfg.data)
-    if streamed:  # a folder, read lazily through the data layer; images resized to the size the denoiser runs at
+    if streamed:
         from .data import open_splits
 
         size = cfg.image_size or (den.image_size[0] if den.image_size else None)
@@ -135,40 +184,18 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     else:
         train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
         den.check_images(train.images[:1], name=f"images of {cfg.data}")
-    model = build_guidance(cfg.kind, den, train.num_classes, width=cfg.width, seed=cfg.seed).to(device)
-    speed = accel.Speed(cfg.precision, cfg.channels_last, cfg.compile)
-    speed.apply(den)
-    speed.apply(model)
-    scaler = accel.grad_scaler(device, cfg.precision)
-    opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    config_json = dataclasses.asdict(cfg)
-    start = 0
-    if resume:
-        tensors, meta = ckpt.load_safetensors(ckpt_path)
-        changed = ckpt.changed_settings(meta.get("config", {}), config_json, ("checkpoint_every",),
-                                        dataclasses.asdict(GuidanceTrainConfig()))
-        if changed:
-            raise InputError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
-                             "resume with the original settings")
-        ckpt.load_state(model.net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, ckpt_path)
-        opt.load_state_dict(ckpt.unflatten_optimizer_state(
-            {k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v for k, v in tensors.items()},
-            meta["optimizer"]))
-        sched.load_state_dict(meta["lr_scheduler"])
-        if meta.get("grad_scaler"):
-            scaler.load_state_dict(meta["grad_scaler"])
-        gen.set_state(tensors["rng.generator"])
-        start = int(meta["step"])
-        ckpt.rewind_jsonl(out_dir / "log.jsonl", start)
-    else:
-        ckpt.write_json(out_dir / "train_config.json", config_json)
-        ckpt.write_text(out_dir / "log.jsonl", "")  # a new run starts a new log
-    labelled, unlabelled = labelled_split(train.labels, cfg.labelled_fraction, cfg.seed)
+    return den, train, test, streamed
+
+
+def _guidance_batches(cfg: GuidanceTrainConfig, den: Denoiser, train, labelled, unlabelled, streamed: bool,
+                      start: int, device):
+    """``(batch(step) -> (x, y), extra_batch(step) -> x_u)``: labelled images in [0, 1] with their labels, and
+    unlabelled ones (for the consistency loss), the same batches in memory or streamed."""
+    from .train import _batch_indices
+
     n_lab, n_unlab = len(labelled), len(unlabelled)
 
-    def lab_batch(step):  # indices into the labelled / unlabelled parts: the same batches in memory or streamed
+    def lab_batch(step):  # indices into the labelled / unlabelled parts
         return _batch_indices(n_lab, min(cfg.batch_size, n_lab), step, cfg.seed)
 
     def unlab_batch(step):
@@ -182,61 +209,37 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         if cfg.consistency_weight > 0:
             extra_batches = iter(make_step_loader(view, lambda s: unlabelled[unlab_batch(s)], start, cfg.steps,
                                                   workers=cfg.workers))
+
+        def batch(step):
+            x, y = (v.to(device, non_blocking=True) for v in next(batches))
+            return x, y
+
+        def extra_batch(step):
+            return next(extra_batches)[0].to(device, non_blocking=True)
     else:
         images, labels = train.images[labelled].to(device), train.labels[labelled].to(device)
         extra_images = train.images[unlabelled].to(device)
-    model.net.train()
-    log, t0 = [], time.perf_counter()
-    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-                     desc=f"train-guidance ({cfg.kind})"):
-        if streamed:
-            x, y = (v.to(device, non_blocking=True) for v in next(batches))
-        else:
+
+        def batch(step):
             idx = lab_batch(step).to(device)
-            x, y = images[idx], labels[idx]
-        x_t, t = noisy_batch(den, x, gen)
-        with torch.no_grad():
-            inputs = model.inputs(x_t, t)
-        loss = F.cross_entropy(model.logits(inputs, t), y)
-        if cfg.consistency_weight > 0:
-            if streamed:
-                x_u = next(extra_batches)[0].to(device, non_blocking=True)
-            else:
-                x_u = extra_images[unlab_batch(step).to(device)]
-            loss = loss + cfg.consistency_weight * consistency_loss(model, den.encode(x_u), cfg.consistency_delta, gen)
-        accel.optimizer_step(loss, opt, scaler)
-        sched.step()
-        log.append({"step": step + 1, "loss": loss.detach()})  # on the device until the log is written
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ckpt.append_jsonl(out_dir / "log.jsonl", accel.losses_to_host(log))
-            log = []
-            opt_tensors, opt_plain = ckpt.flatten_optimizer_state(opt.state_dict())
-            tensors = {f"net.{k}": v for k, v in model.net.state_dict().items()}
-            tensors.update(opt_tensors)
-            tensors["rng.generator"] = gen.get_state()
-            ckpt.save_safetensors(tensors, ckpt_path, metadata={
-                "step": step + 1, "config": config_json, "optimizer": opt_plain, "lr_scheduler": sched.state_dict(),
-                "grad_scaler": scaler.state_dict()})
-    model.net.eval()
-    save_guidance(model, out_dir, classes=train.classes, extra={
-        "data": cfg.data, "denoiser": cfg.denoiser, "seed": cfg.seed, "steps": cfg.steps,
-        "labelled_fraction": cfg.labelled_fraction, "consistency_weight": cfg.consistency_weight,
-        "labelled_images": len(labelled)})
+            return images[idx], labels[idx]
+
+        def extra_batch(step):
+            return extra_images[unlab_batch(step).to(device)]
+    return batch, extra_batch
+
+
+def _test_accuracy(model: GuidanceClassifier, den: Denoiser, test, streamed: bool, cfg: GuidanceTrainConfig,
+                   device) -> dict:
     test_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     if streamed:
         from .data import SeededView, generative_transform, make_loader
 
         loader = make_loader(SeededView(test, generative_transform(den.image_size[0], flip=False)), 512,
                              workers=cfg.workers)
-        metrics = accuracy_over_t(model, None, None, generator=test_gen,
-                                  batches=lambda: ((x.to(device), y.to(device)) for x, y in loader))
-    else:
-        metrics = accuracy_over_t(model, test.images.to(device), test.labels.to(device), generator=test_gen)
-    metrics["seconds"] = time.perf_counter() - t0
-    ckpt.write_json(out_dir / "metrics.json", metrics)
-    if progress:
-        print(f"train-guidance ({cfg.kind}): test accuracy over random t {100 * metrics['accuracy']:.1f} % -> {out_dir}")
-    return model
+        return accuracy_over_t(model, None, None, generator=test_gen,
+                               batches=lambda: ((x.to(device), y.to(device)) for x, y in loader))
+    return accuracy_over_t(model, test.images.to(device), test.labels.to(device), generator=test_gen)
 
 
 @torch.no_grad()

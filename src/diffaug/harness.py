@@ -1,0 +1,363 @@
+"""One harness for the training loops: the run folder, the checkpoint, signals, the loss log and DDP.
+
+``train_diffusion``, ``train_guidance`` and ``train_classifier`` keep their own math (the loss of one step);
+everything around it lives here once:
+
+* :class:`RunFolder`: where a run's checkpoints live (one file, or the last ``keep`` of ``checkpoints/step-*``)
+  and the folder policy: a new run needs a folder without a run, ``resume`` needs a checkpoint, ``force`` starts
+  over (removing the old run's checkpoints, log and final outputs).
+* One checkpoint layout (:class:`TrainState`): the tensors of each named module (``<name>.<key>``, e.g. ``model.``
+  and ``ema.``), the optimizer state (``optim.<param>.<key>``) and one generator state per rank
+  (``rng.rank<r>``); the JSON metadata holds the step, the run's config, the optimizer's param groups, the LR
+  scheduler, the grad scaler, the number of ranks and any extra data position. Written atomically.
+  :func:`read_checkpoint` loads one and :meth:`Checkpoint.check_config` refuses changed settings.
+* :class:`StopSignal`: SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits.
+* :class:`LossLog`: ``metrics.jsonl`` / ``log.jsonl`` rows kept on the device between writes; rewound on resume.
+* :func:`run_steps`: the step loop that ties them together (progress bar, log, checkpoint cadence, signals).
+* DDP helpers: :func:`init_distributed`, :class:`Dist`, :func:`data_parallel`, :func:`gather_objects`,
+  :func:`any_rank`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import accel
+from . import checkpoint as ckpt
+from .errors import InputError
+
+CKPT_DIR = "checkpoints"
+
+
+# ---------------------------------------------------------------------- distributed helpers
+@dataclass
+class Dist:
+    """This process's place among the ranks torchrun started (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` whose gradients are views of its all-reduce buckets, laid out as the buckets.
+
+    Each parameter gets a zero gradient before wrapping and ``gradient_as_bucket_view=True``, so DDP makes every
+    ``.grad`` a view of its bucket and each backward accumulates into it in place; zero the gradients in place
+    (``zero_grad(set_to_none=False)``), never to None. Otherwise autograd may hand DDP a gradient of another
+    layout (the layout contract ignores the strides of size-1 dims, which a ``[C, 1, k, k]`` convolution weight
+    has and oneDNN's backward sets its own way), which DDP then copies into the bucket on every step with the
+    warning "Grad strides do not match bucket view strides". It also saves one gradient-sized copy per step.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)  # same strides as p, hence as its bucket view
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True)
+
+
+def refuse_torchrun(name: str) -> None:
+    """One-line :class:`InputError` when a single-process loop is started by torchrun with several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise InputError(f"{name} runs on one process, torchrun started {world}; run it without torchrun "
+                         "(`diffaug train` is the data-parallel loop)")
+
+
+def gather_objects(value, dist_info: Dist) -> list:
+    """``value`` (any picklable object, e.g. a generator state or a count) of every rank, in rank order."""
+    if dist_info.world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * dist_info.world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def any_rank(flag: bool, dist_info: Dist) -> bool:
+    """True on every rank when ``flag`` is true on any rank (e.g. one of them got SIGTERM)."""
+    if dist_info.world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ---------------------------------------------------------------------- the run folder
+@dataclass
+class RunFolder:
+    """A training run's folder: where its checkpoints live and what a new, resumed or forced run may find there.
+
+    Args:
+        out: the folder.
+        finished: the file whose presence means the run completed (written last).
+        outputs: further files a ``force`` start removes (the log, the final weights).
+        checkpoint_file: one checkpoint, overwritten in place (atomically); ``None``: ``checkpoints/step-*``,
+            of which the last ``keep`` are kept.
+        keep: how many ``checkpoints/step-*`` files to keep.
+    """
+
+    out: Path
+    finished: str
+    outputs: tuple[str, ...] = ()
+    checkpoint_file: str | None = None
+    keep: int = 1
+
+    def checkpoints(self) -> list[Path]:
+        """The run's checkpoints, oldest first (empty when it has none)."""
+        if self.checkpoint_file is not None:
+            path = self.out / self.checkpoint_file
+            return [path] if path.is_file() else []
+        return sorted((self.out / CKPT_DIR).glob("step-*.safetensors")) if self.out.exists() else []
+
+    def checkpoint_path(self, step: int) -> Path:
+        if self.checkpoint_file is not None:
+            return self.out / self.checkpoint_file
+        return self.out / CKPT_DIR / f"step-{step:08d}.safetensors"
+
+    def check(self, resume: bool, force: bool) -> None:
+        """The folder policy, checked before any work: one-line :class:`InputError` naming the fix."""
+        started = bool(self.checkpoints())
+        finished = (self.out / self.finished).exists()
+        if resume and not started:
+            where = (f"{self.out / self.checkpoint_file} does not exist" if self.checkpoint_file is not None
+                     else f"{self.out / CKPT_DIR} holds no checkpoint")
+            raise InputError(f"--resume given but {where}; drop --resume to start a new run")
+        if finished and not (force or resume):
+            raise InputError(f"{self.out} holds a finished run; pass --force to overwrite it or choose another --out")
+        if started and not (resume or force):
+            raise InputError(f"{self.out} holds an unfinished run; pass --resume to continue it or --force to start "
+                             "over")
+
+    def clear(self) -> None:
+        """Remove a previous run's checkpoints, log and final outputs (``force``)."""
+        for p in self.checkpoints() + [self.out / name for name in (*self.outputs, self.finished)]:
+            p.unlink(missing_ok=True)
+
+    def prune(self) -> None:
+        """Keep the last ``keep`` checkpoints."""
+        if self.checkpoint_file is None:
+            for old in self.checkpoints()[: -self.keep]:
+                old.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- the checkpoint
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: its tensors, its JSON metadata and where it came from."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+    path: Path
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def check_config(self, now: dict, may_change: tuple[str, ...], defaults: dict, out: Path) -> None:
+        """Refuse a resume whose settings differ from the checkpoint's (except ``may_change``); a setting the
+        checkpoint predates counts as its value in ``defaults``."""
+        changed = ckpt.changed_settings(self.meta.get("config", {}), now, may_change, defaults)
+        if changed:
+            raise InputError(f"--resume with settings that differ from the run in {out} ({', '.join(changed)}); "
+                             "resume with the original settings or start over with --force")
+
+    def check_world(self, dist_info: Dist, out: Path) -> None:
+        world = self.meta.get("world", 1)  # diffaug before the harness wrote no "world" for one process
+        if world != dist_info.world:
+            raise InputError(f"the run in {out} used {world} processes; resume with the same number")
+
+    def generator_state(self, rank: int) -> torch.Tensor:
+        if rank == 0 and "rng.generator" in self.tensors:  # written by diffaug before the harness (one process)
+            return self.tensors["rng.generator"]
+        return self.tensors[f"rng.rank{rank}"]
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by :meth:`TrainState.save`, or by diffaug before the harness (train-diffusion and
+    train-guidance wrote their one generator as ``rng.generator`` and no ``world``: both are still read)."""
+    tensors, meta = ckpt.load_safetensors(path)
+    return Checkpoint(tensors, meta, Path(path))
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue bitwise: named modules (a model, its EMA), the optimizer, the LR
+    scheduler, the grad scaler and this rank's generator."""
+
+    modules: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+
+    def save(self, path: Path, step: int, config: dict, generator_states: list[torch.Tensor],
+             extra: dict | None = None) -> None:
+        """Write the checkpoint of ``step`` (``generator_states``: every rank's, in rank order) atomically."""
+        tensors, opt_plain = ckpt.flatten_optimizer_state(self.optimizer.state_dict())
+        for name, module in self.modules.items():
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        for r, state in enumerate(generator_states):
+            tensors[f"rng.rank{r}"] = state
+        meta = {"step": step, "config": config, "optimizer": opt_plain, "lr_scheduler": self.scheduler.state_dict(),
+                "grad_scaler": self.scaler.state_dict(), "world": len(generator_states), **(extra or {})}
+        ckpt.save_safetensors(tensors, path, metadata=meta)
+
+    def restore(self, saved: Checkpoint, rank: int = 0) -> int:
+        """Load ``saved`` into the modules, optimizer, scheduler, scaler and generator; returns its step."""
+        for name, module in self.modules.items():
+            prefix = name + "."
+            ckpt.load_state(module, {k[len(prefix):]: v for k, v in saved.tensors.items() if k.startswith(prefix)},
+                            saved.path)
+        self.optimizer.load_state_dict(ckpt.unflatten_optimizer_state(saved.tensors, saved.meta["optimizer"]))
+        self.scheduler.load_state_dict(saved.meta["lr_scheduler"])
+        if saved.meta.get("grad_scaler"):
+            self.scaler.load_state_dict(saved.meta["grad_scaler"])
+        self.generator.set_state(saved.generator_state(rank))
+        return saved.step
+
+
+# ---------------------------------------------------------------------- signals and the loss log
+class StopSignal:
+    """While active, SIGTERM and SIGINT only set :attr:`signum`: the loop saves at the next step boundary and
+    exits with ``128 + signum``. A no-op outside the main thread (Python delivers signals there only)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+
+class LossLog:
+    """A run's JSONL log. Rows (with device scalars under ``"loss"``) are held until a checkpoint:
+    :meth:`to_host` copies their losses to the host at once, :meth:`flush` appends them (on the main rank)."""
+
+    def __init__(self, path: Path, main: bool = True):
+        self.path, self.main, self.rows = Path(path), main, []
+
+    def start(self, resume_step: int | None, final_key: str | None = None) -> None:
+        """A new run starts an empty log; a resumed one drops the rows after its checkpoint's step."""
+        if not self.main:
+            return
+        if resume_step is None:
+            ckpt.write_text(self.path, "")
+        else:
+            ckpt.rewind_jsonl(self.path, resume_step, final_key=final_key)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def to_host(self) -> list[dict]:
+        return accel.losses_to_host(self.rows)
+
+    def flush(self) -> None:
+        if self.main:
+            ckpt.append_jsonl(self.path, self.rows)
+        self.rows = []
+
+
+# ---------------------------------------------------------------------- the loop
+@dataclass
+class Run:
+    """One training run: its folder, state, log, config and ranks; :func:`run_steps` drives it."""
+
+    folder: RunFolder
+    state: TrainState
+    log: LossLog
+    config: dict
+    name: str
+    dist: Dist = field(default_factory=Dist)
+    extra_meta: Callable[[list[dict]], dict] | None = None  # at a save: more metadata (may annotate the rows)
+
+    def start(self, resume: bool, force: bool, config_file: str, may_change: tuple[str, ...], defaults: dict,
+              final_key: str | None = None, saved: Checkpoint | None = None) -> int:
+        """Restore the latest checkpoint (``resume``) or start a new run (writing the config); returns the step.
+        ``saved``: the checkpoint, if the caller read it earlier (e.g. to check its config before any work)."""
+        if resume:
+            saved = saved or read_checkpoint(self.folder.checkpoints()[-1])
+            saved.check_config(self.config, may_change, defaults, self.folder.out)
+            saved.check_world(self.dist, self.folder.out)
+            step = self.state.restore(saved, self.dist.rank)
+            self.log.start(step, final_key)
+            return step
+        if self.dist.main:
+            if force:
+                self.folder.clear()
+            ckpt.write_json(self.folder.out / config_file, self.config)
+        self.log.start(None)
+        return 0
+
+    def save(self, step: int) -> None:
+        """At a step boundary (every rank): write the log and, on the main rank, the checkpoint."""
+        rows = self.log.to_host()
+        states = gather_objects(self.state.generator.get_state(), self.dist)
+        extra = self.extra_meta(rows) if self.extra_meta is not None else None
+        self.log.flush()
+        if self.dist.main:
+            self.state.save(self.folder.checkpoint_path(step), step, self.config, states, extra)
+            self.folder.prune()
+
+
+def run_steps(run: Run, start: int, total: int, step_fn: Callable[[int], dict], *, checkpoint_every: int,
+              progress: bool = True, desc: str | None = None) -> None:
+    """Steps ``start .. total - 1``: ``step_fn(step)`` does one optimiser step and returns its log row (the
+    loss a device scalar); every ``checkpoint_every`` steps, at the end, and at the first step boundary after
+    SIGTERM / SIGINT (then exiting with ``128 + signal``), the log is written and the checkpoint saved."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not (progress and run.dist.main),
+               desc=desc or run.name)
+    with StopSignal() as stop:
+        try:
+            for step in bar:
+                run.log.add(step_fn(step))
+                interrupted = any_rank(stop.signum is not None, run.dist)
+                if (step + 1) % checkpoint_every == 0 or step + 1 == total or interrupted:
+                    recent = run.log.rows[-50:]
+                    run.save(step + 1)
+                    bar.set_postfix(loss=f"{sum(r['loss'] for r in recent) / max(1, len(recent)):.4f}")
+                if interrupted:
+                    if run.dist.main:
+                        print(f"{run.name}: stopped by signal at step {step + 1}; checkpoint saved, continue with "
+                              "--resume")
+                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        finally:
+            bar.close()
