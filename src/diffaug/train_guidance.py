@@ -27,7 +27,7 @@ from . import harness
 from .data import check_size, check_workers, is_in_memory, load_dataset
 from .denoiser import Denoiser, load_denoiser
 from .errors import InputError
-from .guidance import KINDS, GuidanceClassifier, build_guidance, save_guidance
+from .guidance import KINDS, SPEC, WEIGHTS, GuidanceClassifier, build_guidance, save_guidance
 from .guidance import load_guidance  # noqa: F401 (moved to diffaug.guidance; still importable from here)
 
 CHECKPOINT = "checkpoint.safetensors"
