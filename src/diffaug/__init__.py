@@ -24,7 +24,7 @@ SUBMODULES = (
     "guidance", "harness", "nets", "ood", "pag", "quality", "recipes", "report", "sampling", "schedule", "seeding",
     "sequential",
     "smoothing", "stats",
-    "study", "toy", "train", "train_classifier", "train_guidance",
+    "study", "tables", "toy", "train", "train_classifier", "train_guidance",
 )
 # public classes that live in modules imported on first use
 _LAZY_NAMES = {"GuidanceClassifier": "guidance", "Recipe": "recipes", "Plain": "recipes",

@@ -21,6 +21,7 @@ from . import accel
 from .checkpoint import append_text, write_text
 from .errors import InputError
 from .smoothing import Smooth, check_sampling_args, check_sequential_args
+from .tables import JobResult
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "num_samples")
 HEADER = "\t".join(COLUMNS) + "\n"
@@ -187,28 +188,26 @@ def certify_indices(labels, skip: int, limit: int | None, seed: int, stratified:
     return candidates[stratified_sample(np.asarray(labels)[candidates], limit, seed)].tolist()
 
 
-def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigmas: list[float], n0: int, n: int,
-                alpha: float, batch_size: int, skip: int, limit: int | None, seed: int, out: str | Path,
-                device: str = "cpu", progress: bool = True, speed=None, sequential: bool = False,
-                max_n: int | None = None, image_size: int | None = None, workers: int | None = None) -> str:
-    """The CLI's job: every classifier x sigma, sharded over torchrun ranks, resumable; returns the table.
+def certify_rows(results: dict[str, dict[float, list[list[str]]]], radii) -> list[dict]:
+    """``results[classifier][sigma] = TSV rows`` as rows ``{classifier, sigma, n_images, radius,
+    certified_accuracy}``, one per classifier x sigma x radius of ``radii``."""
+    return [{"classifier": name, "sigma": s, "n_images": len(per_sigma[s]), "radius": r, "certified_accuracy": float(a)}
+            for name, per_sigma in results.items() for s in sorted(per_sigma)
+            for r, a in zip(radii, certified_accuracy(per_sigma[s], radii))]
 
-    ``sequential``: ``Smooth.certify_sequential`` with at most ``max_n`` draws (default ``n``) on the table's
-    radius grid, instead of fixed-n CERTIFY.
 
-    Data: ``digits`` / CIFAR-10 in memory (``limit``: the first images, as before); any other folder is streamed
-    one image at a time (:func:`diffaug.evaldata.open_eval_folder`: a classifier's own training folder gives its
-    test split, any other class folder is used whole) at the classifiers' input size (``image_size``, default
-    their ``model.json``'s), classes matched by name, and ``limit`` takes a seeded, class-stratified sample;
-    ``workers`` DataLoader processes decode the next images while one is certified."""
-    from .classifier import load_classifier
-    from .data import check_workers, is_in_memory, load_dataset
-    from .denoiser import load_denoiser
-    from .evaldata import at_size, eval_size, eval_view, folder_keys, match_classes, open_eval_folder
-    from .harness import init_distributed
+def best_sigma_curves(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Per classifier (in order), the certified accuracy of the best sigma at each radius of :func:`certify_rows`."""
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["classifier"], {}).setdefault(r["sigma"], []).append(r["certified_accuracy"])
+    return {name: np.max(np.stack([np.array(v) for v in per.values()]), axis=0) for name, per in curves.items()}
 
-    out = Path(out)
-    device = torch.device(device)
+
+def _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequential, max_n, workers):
+    """Check the sampling settings before any work; returns ``(n, radii)`` (``n``: ``max_n`` when sequential)."""
+    from .data import check_workers
+
     if max_n is not None and not sequential:
         raise InputError("--max-n applies to --sequential only; use --n for fixed-n CERTIFY or add --sequential")
     radii = table_radii(sigmas)
@@ -223,6 +222,18 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
     check_workers(workers)
+    return n, radii
+
+
+def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size, workers, progress):
+    """Load the data (in memory or streamed), the classifiers (keyed by :func:`diffaug.evaldata.folder_keys`) and
+    the denoiser, and build every :class:`Smooth`, before any work; returns ``(images, labels, in_memory, models,
+    den, smooths)``."""
+    from .classifier import load_classifier
+    from .data import is_in_memory, load_dataset
+    from .denoiser import load_denoiser
+    from .evaldata import at_size, eval_size, eval_view, folder_keys, match_classes, open_eval_folder
+
     in_memory = is_in_memory(data)
     test = load_dataset(data, "test") if in_memory else None
     keys = folder_keys(classifiers)  # a unique short name each (runs/a/s0, runs/b/s0 -> a/s0, b/s0), before any work
@@ -245,6 +256,34 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
               for name, m in models.items()}  # in memory: matched by count, as before
     smooths = {(name, s): Smooth(m, m.spec["num_classes"], s, denoiser=den) for name, m in models.items()
                for s in sigmas}  # every check (sigma, schedule reach) before any work
+    return images, labels, in_memory, models, den, smooths
+
+
+def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigmas: list[float], n0: int, n: int,
+                alpha: float, batch_size: int, skip: int, limit: int | None, seed: int, out: str | Path,
+                device: str = "cpu", progress: bool = True, speed=None, sequential: bool = False,
+                max_n: int | None = None, image_size: int | None = None, workers: int | None = None) -> JobResult:
+    """The CLI's job: every classifier x sigma, sharded over torchrun ranks, resumable.
+
+    Returns a :class:`~diffaug.tables.JobResult`: the rows of :func:`certify_rows` (certified accuracy per
+    classifier x sigma x radius of the table), the merged ``certify.tsv`` rows in ``extra["certify"]``
+    (``[classifier][sigma]``) and the table text; empty on ranks other than 0.
+
+    ``sequential``: ``Smooth.certify_sequential`` with at most ``max_n`` draws (default ``n``) on the table's
+    radius grid, instead of fixed-n CERTIFY.
+
+    Data: ``digits`` / CIFAR-10 in memory (``limit``: the first images, as before); any other folder is streamed
+    one image at a time (:func:`diffaug.evaldata.open_eval_folder`: a classifier's own training folder gives its
+    test split, any other class folder is used whole) at the classifiers' input size (``image_size``, default
+    their ``model.json``'s), classes matched by name, and ``limit`` takes a seeded, class-stratified sample;
+    ``workers`` DataLoader processes decode the next images while one is certified."""
+    from .harness import init_distributed
+
+    out = Path(out)
+    device = torch.device(device)
+    n, radii = _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequential, max_n, workers)
+    images, labels, in_memory, models, den, smooths = _load_certify(data, classifiers, denoiser, sigmas, device,
+                                                                    speed, image_size, workers, progress)
     dist_info = init_distributed(device)
     indices = certify_indices(labels.numpy(), skip, limit, seed, stratified=not in_memory)
     mine = indices[dist_info.rank :: dist_info.world]
@@ -260,14 +299,13 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
 
         dist.barrier()
     if not dist_info.main:
-        return ""
+        return JobResult("", [])
     results = {name: {s: merge_shards(out / name / f"sigma_{s:g}") for s in sigmas} for name in models}
     table = write_report(out, results, sequential)
     if den is not None:
         first = next(iter(models))
         notes = [f"- sigma={s:g}: t*={sm.t_star}, model-space noise at t* / 2 sigma = {sm.dds_mismatch:.4f}"
                  for (name, s), sm in smooths.items() if name == first]
-        text = (table + "\nDenoised smoothing with " + str(denoiser) + ":\n" + "\n".join(notes) + "\n")
-        write_text(out / "table.md", text)
-        table = text
-    return table
+        table = (table + "\nDenoised smoothing with " + str(denoiser) + ":\n" + "\n".join(notes) + "\n")
+        write_text(out / "table.md", table)
+    return JobResult(table, certify_rows(results, radii), {"certify": results})

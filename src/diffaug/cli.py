@@ -79,7 +79,7 @@ def cmd_certify(args) -> None:
                         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
                         limit=args.limit, seed=args.seed, out=args.out, device=_device(args.device),
                         progress=not args.quiet, speed=_speed(args), sequential=args.sequential,
-                        max_n=args.max_n, image_size=args.image_size, workers=args.workers)
+                        max_n=args.max_n, image_size=args.image_size, workers=args.workers).text
     if table:
         print(table)
 
@@ -89,7 +89,7 @@ def cmd_eval_ood(args) -> None:
 
     print(run_eval_ood(data=args.data, classifiers=args.classifier, ood=args.ood, seed=args.seed, out=args.out,
                        device=_device(args.device), search_percentile=args.search_percentile, speed=_speed(args),
-                       image_size=args.image_size, workers=args.workers, image_root=args.image_root))
+                       image_size=args.image_size, workers=args.workers, image_root=args.image_root).text)
 
 
 def cmd_eval_shift(args) -> None:
@@ -101,7 +101,7 @@ def cmd_eval_shift(args) -> None:
                            de_step=args.de_step, dda_t=args.dda_t, dda_steps=args.dda_steps,
                            dda_scale=args.dda_scale, dda_downsample=args.dda_downsample, dda_norm=args.dda_norm,
                            analyses=not args.no_analyses, progress=not args.quiet, speed=_speed(args),
-                           frost_images=args.frost_images, image_size=args.image_size, workers=args.workers)
+                           frost_images=args.frost_images, image_size=args.image_size, workers=args.workers).text
     if table:
         print(table)
 
@@ -146,7 +146,7 @@ def cmd_eval_guidance(args) -> None:
                             clean_classifier=args.clean_classifier, per_class=args.per_class, steps=args.steps,
                             scale=args.scale, sampler=args.sampler, seed=args.seed, out=args.out,
                             device=_device(args.device), generation=not args.no_generation,
-                            progress=not args.quiet, speed=_speed(args)))
+                            progress=not args.quiet, speed=_speed(args)).text)
 
 
 def cmd_pag(args) -> None:

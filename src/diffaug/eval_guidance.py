@@ -17,129 +17,169 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from .checkpoint import write_json, write_text
 from .errors import InputError
 from .report import mean_std, save_figure
+from .tables import JobResult, lookup, markdown_table, summarize
 
 # a streamed folder's bounded samples for the generation metrics (class-stratified, seeded)
 REFERENCE_IMAGES = 2000  # real test images the generated ones are compared with
 JUDGE_IMAGES = 2000  # train images the judge (feature network) is fitted on
 
 
-def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits", clean_classifier: str | None = None,
-                      per_class: int = 50, steps: int = 100, scale: float = 1.0, sampler: str = "ddpm",
-                      seed: int = 0, out: str | Path, device: str = "cpu", generation: bool = True,
-                      progress: bool = True, speed=None, workers: int | None = None) -> str:
-    """The CLI's job: accuracy over t of every guidance classifier (and of ``clean_classifier``), guided
-    generation metrics, table, plot and sample grids in ``out``; returns the table. ``workers``: DataLoader
-    processes of a streamed folder (None: min(8, CPUs))."""
-    from tqdm.auto import tqdm
-
-    from .classifier import create_classifier, load_classifier
+def _load_guidance(guidance, denoiser, data, clean_classifier, device, speed, workers) -> SimpleNamespace:
+    """The denoiser, the guidance classifiers (keyed by folder), the clean classifier and the test data (in memory,
+    or a streamed folder's batches), before any work."""
+    from .classifier import load_classifier
     from .data import check_workers, is_in_memory, load_dataset
-    from .denoiser import Denoiser, load_denoiser
-    from .genmetrics import generation_metrics
-    from .guidance import GuidanceClassifier, guided_sample
-    from .train import fit_classifier
-    from .train_guidance import accuracy_over_t
+    from .denoiser import load_denoiser
+    from .guidance import GuidanceClassifier
 
-    device = torch.device(device)
-    if per_class < 2:
-        raise InputError(f"--per-class must be >= 2 (covariances need two samples), got {per_class}")
     den = load_denoiser(denoiser, device=device, speed=speed)
-    models = {}
-    for folder in guidance:
-        g = GuidanceClassifier.from_pretrained(folder, den, speed=speed)
-        models[str(folder)] = g
+    models = {str(folder): GuidanceClassifier.from_pretrained(folder, den, speed=speed) for folder in guidance}
     clean = load_classifier(clean_classifier, device=device, speed=speed) if clean_classifier else None
     if is_in_memory(data):  # as before: the whole (small) test split in memory
         train, test = load_dataset(data, "train"), load_dataset(data, "test")
         images, labels = test.images.to(device), test.labels.to(device)
-        test_batches, clean_size = None, None
-        num_classes, channels = train.num_classes, train.images.shape[1]
-        real_images = images
-    else:
-        check_workers(workers)
-        den, splits, clean, clean_size = _streamed_setup(data, den, models, clean, clean_classifier)
-        images = labels = None
-        view = _test_view(splits["test"], den)
-        test_batches = _batches(view, device, workers)
-        num_classes, channels = splits["train"].num_classes, den.channels
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(den=den, models=models, clean=clean, clean_size=None, images=images, labels=labels,
+                               test_batches=None, num_classes=train.num_classes, channels=train.images.shape[1],
+                               train=train, real_images=images, splits=None, view=None)
+    check_workers(workers)
+    den, splits, clean, clean_size = _streamed_setup(data, den, models, clean, clean_classifier)
+    view = _test_view(splits["test"], den)
+    return SimpleNamespace(den=den, models=models, clean=clean, clean_size=clean_size, images=None, labels=None,
+                           test_batches=_batches(view, device, workers), num_classes=splits["train"].num_classes,
+                           channels=den.channels, train=None, real_images=None, splits=splits, view=view)
 
-    rows = {}
-    for name, g in models.items():
-        rows[name] = {"kind": _label(g), **accuracy_over_t(g, images, labels, batches=test_batches,
-                                                        generator=torch.Generator(device=device).manual_seed(seed))}
-    if clean is not None:
-        class _Clean(torch.nn.Module):  # a clean classifier sees the noisy image mapped back to [0, 1]
-            def __init__(self):
-                super().__init__()
-                self.denoiser = den
 
-            def forward(self, x_t, t):
-                x = Denoiser.decode(x_t).clamp(0, 1)
-                if clean_size is not None and tuple(x.shape[-2:]) != (clean_size, clean_size):
-                    from torchvision.transforms.v2.functional import resize
+class _CleanOnNoisy(torch.nn.Module):
+    """A clean classifier seeing the noisy image mapped back to [0, 1] (resized to its square input size)."""
 
-                    x = resize(x, [clean_size, clean_size], antialias=True)  # the square view at its input size
-                return clean(x)
+    def __init__(self, den, clean, clean_size):
+        super().__init__()
+        self.denoiser, self.clean, self.clean_size = den, clean, clean_size
 
-        rows[str(clean_classifier)] = {"kind": "clean", **accuracy_over_t(
-            _Clean(), images, labels, batches=test_batches, generator=torch.Generator(device=device).manual_seed(seed))}
+    def forward(self, x_t, t):
+        from .denoiser import Denoiser
 
-    models_for_generation = models if generation else {}
-    judge, real_set = None, "Real set: the test split."
-    if models_for_generation:
-        if not is_in_memory(data):  # bounded, seeded, class-stratified samples read through the loader
-            from .data import read_sample
+        x = Denoiser.decode(x_t).clamp(0, 1)
+        if self.clean_size is not None and tuple(x.shape[-2:]) != (self.clean_size, self.clean_size):
+            from torchvision.transforms.v2.functional import resize
 
-            train = read_sample(splits["train"], view.transforms[0], JUDGE_IMAGES, seed=seed, workers=workers)
-            real_images = read_sample(splits["test"], view.transforms[0], REFERENCE_IMAGES, seed=seed,
-                                      workers=workers).images.to(device)
-            real_set = (f"Real set: a class-stratified sample of {len(real_images)} test images (seed {seed}); the "
-                        f"judge was trained on one of {len(train)} train images.")
-        judge = fit_classifier(create_classifier("small_cnn", num_classes, channels, seed=seed),
-                               train, generator=torch.Generator().manual_seed(seed), device=device)
-    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+            x = resize(x, [self.clean_size, self.clean_size], antialias=True)  # the square view at its input size
+        return self.clean(x)
+
+
+def _accuracy_rows(s: SimpleNamespace, clean_classifier, seed: int, device) -> dict:
+    """``{name: {kind, accuracy, bins}}``: accuracy over random t of every guidance classifier and the clean one."""
+    from .train_guidance import accuracy_over_t
+
+    def over_t(model):
+        return accuracy_over_t(model, s.images, s.labels, batches=s.test_batches,
+                               generator=torch.Generator(device=device).manual_seed(seed))
+
+    rows = {name: {"kind": _label(g), **over_t(g)} for name, g in s.models.items()}
+    if s.clean is not None:
+        rows[str(clean_classifier)] = {"kind": "clean", **over_t(_CleanOnNoisy(s.den, s.clean, s.clean_size))}
+    return rows
+
+
+def _generation_rows(s: SimpleNamespace, data, per_class, steps, scale, sampler, seed, out, device, progress,
+                     workers) -> tuple[dict, str]:
+    """``({name: {kind, fid, is, precision, recall, accuracy}}, the real set's description)``: guided samples of
+    every guidance classifier (grids written to ``out``), judged by a small CNN trained on the real train split."""
+    from tqdm.auto import tqdm
+
+    from .classifier import create_classifier
+    from .data import is_in_memory
+    from .genmetrics import generation_metrics
+    from .guidance import guided_sample
+    from .train import fit_classifier
+
+    train, real_images, real_set = s.train, s.real_images, "Real set: the test split."
+    if not is_in_memory(data):  # bounded, seeded, class-stratified samples read through the loader
+        from .data import read_sample
+
+        train = read_sample(s.splits["train"], s.view.transforms[0], JUDGE_IMAGES, seed=seed, workers=workers)
+        real_images = read_sample(s.splits["test"], s.view.transforms[0], REFERENCE_IMAGES, seed=seed,
+                                  workers=workers).images.to(device)
+        real_set = (f"Real set: a class-stratified sample of {len(real_images)} test images (seed {seed}); the "
+                    f"judge was trained on one of {len(train)} train images.")
+    judge = fit_classifier(create_classifier("small_cnn", s.num_classes, s.channels, seed=seed),
+                           train, generator=torch.Generator().manual_seed(seed), device=device)
+    y = torch.arange(s.num_classes, device=device).repeat_interleave(per_class)
     gen_rows = {}
-    for name, g in tqdm(models_for_generation.items(), disable=not progress, desc="guided sampling"):
-        samples = guided_sample(den, g, y, steps=steps, scale=scale, sampler=sampler,
+    for name, g in tqdm(s.models.items(), disable=not progress, desc="guided sampling"):
+        samples = guided_sample(s.den, g, y, steps=steps, scale=scale, sampler=sampler,
                                 generator=torch.Generator(device=device).manual_seed(seed))
         gen_rows[name] = {"kind": _label(g), **generation_metrics(judge, real_images, samples, y)}
         _save_grid(samples, y, out / f"samples_{g.kind}_{Path(name).name}.png")
-    write_json(out / "results.json", {"accuracy_over_t": rows, "generation": gen_rows,
-                                      "settings": {"per_class": per_class, "steps": steps, "scale": scale,
-                                                   "sampler": sampler, "seed": seed}})
-    _plot_bins(rows, out / "accuracy_vs_t.png")
-    kinds = list(dict.fromkeys(r["kind"] for r in rows.values()))
+    return gen_rows, real_set
+
+
+def guidance_tables(rows: list[dict], gen_rows: list[dict], *, seed: int, sampler: str, steps: int, scale: float,
+                    per_class: int, real_set: str) -> str:
+    """The Markdown of ``table.md``: ``rows`` (accuracy over t, one per classifier) and ``gen_rows`` (generation
+    metrics, one per guidance classifier; the second table only when there are any), by kind."""
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    acc = summarize(rows, "kind", "classifier", "accuracy")
     lines = ["# Guidance classifiers", "",
-             f"## Test accuracy over random t (the paper's Table 4; 3 draws per test image, seed {seed})", "",
-             "| classifier (n) | accuracy % |", "|---|---|"]
-    for kind in kinds:
-        vals = [r["accuracy"] for r in rows.values() if r["kind"] == kind]
-        lines.append(f"| {kind} ({len(vals)}) | {mean_std(vals)} |")
+             f"## Test accuracy over random t (the paper's Table 4; 3 draws per test image, seed {seed})", ""]
+    lines += markdown_table(["classifier (n)", "accuracy %"], [[f"{s['kind']} ({s['n']})", mean_std(s["values"])]
+                                                               for s in acc])
     if not gen_rows:
-        text = "\n".join(lines) + "\n"
-        write_text(out / "table.md", text)
-        return text
+        return "\n".join(lines) + "\n"
+    metrics = {m: summarize(gen_rows, "kind", "classifier", m) for m in ("fid", "is", "precision", "recall",
+                                                                          "accuracy")}
+    formats = {"fid": (1, 2), "is": (1, 2), "precision": (1, 3), "recall": (1, 3), "accuracy": (100.0, 1)}
+    cells = []
+    for kind in [k for k in kinds if k != "clean"]:
+        per = {m: lookup(summary, kind=kind) for m, summary in metrics.items()}
+        cells.append([f"{kind} ({per['fid']['n']})", *(mean_std(per[m]["values"], *formats[m]) for m in formats)])
     lines += ["", f"## Guided generation ({sampler}, {steps} steps, scale {scale}, {per_class} per class)", "",
               "Feature network and judge: a small CNN trained on the real train split (Inception weights cannot be "
-              "fetched here), so FID / IS are in its feature space. " + real_set, "",
-              "| guidance (n) | FID (lower better) | IS-style | precision | recall | accuracy % |", "|---|---|---|---|---|---|"]
-    for kind in [k for k in kinds if k != "clean"]:
-        mine = [r for r in gen_rows.values() if r["kind"] == kind]
-        cell = {m: [r[m] for r in mine] for m in ("fid", "is", "precision", "recall", "accuracy")}
-        lines.append(f"| {kind} ({len(mine)}) | {mean_std(cell['fid'], 1, 2)} | {mean_std(cell['is'], 1, 2)} | "
-                     f"{mean_std(cell['precision'], 1, 3)} | {mean_std(cell['recall'], 1, 3)} | "
-                     f"{mean_std(cell['accuracy'])} |")
-    text = "\n".join(lines) + "\n"
+              "fetched here), so FID / IS are in its feature space. " + real_set, ""]
+    lines += markdown_table(["guidance (n)", "FID (lower better)", "IS-style", "precision", "recall", "accuracy %"],
+                            cells)
+    return "\n".join(lines) + "\n"
+
+
+def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits", clean_classifier: str | None = None,
+                      per_class: int = 50, steps: int = 100, scale: float = 1.0, sampler: str = "ddpm",
+                      seed: int = 0, out: str | Path, device: str = "cpu", generation: bool = True,
+                      progress: bool = True, speed=None, workers: int | None = None) -> JobResult:
+    """The CLI's job: accuracy over t of every guidance classifier (and of ``clean_classifier``), guided
+    generation metrics, table, plot and sample grids in ``out``. ``workers``: DataLoader processes of a streamed
+    folder (None: min(8, CPUs)).
+
+    Returns a :class:`~diffaug.tables.JobResult`: ``rows`` one per classifier (``classifier``, ``kind``,
+    ``accuracy``, ``bins``), ``extra["generation"]`` one per guidance classifier (``classifier``, ``kind`` and the
+    generation metrics; empty without ``generation``), and the table text."""
+    device = torch.device(device)
+    if per_class < 2:
+        raise InputError(f"--per-class must be >= 2 (covariances need two samples), got {per_class}")
+    s = _load_guidance(guidance, denoiser, data, clean_classifier, device, speed, workers)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    acc = _accuracy_rows(s, clean_classifier, seed, device)
+    gen, real_set = {}, "Real set: the test split."
+    if generation and s.models:
+        gen, real_set = _generation_rows(s, data, per_class, steps, scale, sampler, seed, out, device, progress,
+                                         workers)
+    write_json(out / "results.json", {"accuracy_over_t": acc, "generation": gen,
+                                      "settings": {"per_class": per_class, "steps": steps, "scale": scale,
+                                                   "sampler": sampler, "seed": seed}})
+    _plot_bins(acc, out / "accuracy_vs_t.png")
+    rows = [{"classifier": name, **r} for name, r in acc.items()]
+    gen_rows = [{"classifier": name, **r} for name, r in gen.items()]
+    text = guidance_tables(rows, gen_rows, seed=seed, sampler=sampler, steps=steps, scale=scale, per_class=per_class,
+                           real_set=real_set)
     write_text(out / "table.md", text)
-    return text
+    return JobResult(text, rows, {"generation": gen_rows})
 
 
 def _streamed_setup(data, den, models: dict, clean, clean_name):

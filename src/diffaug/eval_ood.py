@@ -30,6 +30,7 @@ from .data import FAR_OOD_SETS, load_dataset, noise_images, photo_patches, subse
 from .errors import InputError
 from .ood import PAPER_SCORES, SCORES, OODScorer, metrics, search_percentile
 from .report import mean_std
+from .tables import JobResult, lookup, markdown_table, summarize
 
 COLUMN_NAMES = {"ash_s": "ASH", "msp": "MSP", "react": "ReAct", "scale": "SCALE"}
 
@@ -177,28 +178,41 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
 
 
 def _group_table(rows: list[dict], metric: str, group: str) -> list[str]:
-    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    """Recipes x the paper's scores (+ Avg): per classifier the unweighted mean of ``metric`` over the group's sets,
+    then mean +- std over the classifiers of a recipe."""
     cols = list(PAPER_SCORES)
-    lines = ["| recipe (n classifiers) | " + " | ".join(COLUMN_NAMES[c] for c in cols) + " | Avg |",
-             "|" + "---|" * (len(cols) + 2)]
-    for recipe in recipes:
-        mine = [r for r in rows if r["recipe"] == recipe and r["group"] == group]
-        clfs = list(dict.fromkeys(r["classifier"] for r in mine))
-        if not mine:
+    summary = summarize([r for r in rows if r["group"] == group and r["score"] in cols], ("recipe", "score"),
+                        "classifier", metric)
+    cells = []
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        per = [lookup(summary, recipe=recipe, score=c) for c in cols]
+        if per[0] is None:
             continue
-        cells = []
-        for c in cols:  # per classifier: unweighted mean over the group's sets; then mean +- std over classifiers
-            vals = [statistics.fmean(r[metric] for r in mine if r["classifier"] == k and r["score"] == c) for k in clfs]
-            cells.append(vals)
-        avgs = [statistics.fmean(v[i] for v in cells) for i in range(len(clfs))]
-        lines.append(f"| {recipe} ({len(clfs)}) | " + " | ".join(mean_std(v) for v in cells) + f" | {mean_std(avgs)} |")
-    return lines
+        avgs = [statistics.fmean(p["values"][i] for p in per) for i in range(per[0]["n"])]
+        cells.append([f"{recipe} ({per[0]['n']})", *(mean_std(p["values"]) for p in per), mean_std(avgs)])
+    return markdown_table(["recipe (n classifiers)", *(COLUMN_NAMES[c] for c in cols), "Avg"], cells)
+
+
+def ood_tables(rows: list[dict]) -> str:
+    """The Markdown of ``table.md`` from the rows of ``results.csv``."""
+    lines = ["# OOD detection (the paper's Table 3 layout)", "",
+             "Scores: higher = more ID. AUROC and FPR@95 in %, OpenOOD v1.5 conventions (FPR@95 = share of ID "
+             "flagged OOD when 95 % of OOD are flagged). ASH = ASH-S. Cells: mean +- std over the classifiers of "
+             "a recipe (their seeds); each classifier's value is the unweighted mean over the group's sets.", ""]
+    for group in ("near", "far"):
+        sets = sorted({r["set"] for r in rows if r["group"] == group})
+        if not sets:
+            continue
+        for metric, label in (("auroc", "AUROC (higher is better)"), ("fpr95", "FPR@95 (lower is better)")):
+            lines += [f"## {group}-OOD ({', '.join(sets)}): {label}", ""] + _group_table(rows, metric, group) + [""]
+    return "\n".join(lines)
 
 
 def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, seed: int, out: str | Path,
                  device: str = "cpu", search_percentile: bool = False, speed=None, image_size: int | None = None,
-                 workers: int | None = None, image_root: str | None = None, batch_size: int = 256) -> str:
-    """Evaluate every classifier; write ``out/results.csv`` (every number) and ``out/table.md``; return the table.
+                 workers: int | None = None, image_root: str | None = None, batch_size: int = 256) -> JobResult:
+    """Evaluate every classifier; write ``out/results.csv`` (every number) and ``out/table.md``; returns a
+    :class:`~diffaug.tables.JobResult` (those rows and the table's text).
 
     See :func:`evaluate_classifier` for the data (in memory or streamed), ``image_size``, ``workers`` and
     ``image_root`` (the folder an OpenOOD image list's paths are relative to; default the list's folder)."""
@@ -212,16 +226,6 @@ def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, se
                                          batch_size=batch_size)]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", rows)
-    lines = ["# OOD detection (the paper's Table 3 layout)", "",
-             "Scores: higher = more ID. AUROC and FPR@95 in %, OpenOOD v1.5 conventions (FPR@95 = share of ID "
-             "flagged OOD when 95 % of OOD are flagged). ASH = ASH-S. Cells: mean +- std over the classifiers of "
-             "a recipe (their seeds); each classifier's value is the unweighted mean over the group's sets.", ""]
-    for group in ("near", "far"):
-        sets = sorted({r["set"] for r in rows if r["group"] == group})
-        if not sets:
-            continue
-        for metric, label in (("auroc", "AUROC (higher is better)"), ("fpr95", "FPR@95 (lower is better)")):
-            lines += [f"## {group}-OOD ({', '.join(sets)}): {label}", ""] + _group_table(rows, metric, group) + [""]
-    text = "\n".join(lines)
+    text = ood_tables(rows)
     write_text(out / "table.md", text)
-    return text
+    return JobResult(text, rows)

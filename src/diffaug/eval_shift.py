@@ -15,6 +15,7 @@ Analyses (rank 0): DE accuracy against the largest member time for member steps 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ from .checkpoint import write_csv, write_text
 from .corruptions import ALL_CORRUPTIONS, parse_corruptions, parse_severities
 from .errors import InputError
 from .report import mean_std, save_figure
+from .tables import JobResult, lookup, markdown_table, summarize
 
 MODES = ("default", "de", "dda", "dda-se")
 TABLE_COLUMNS = (("dda", "DDA"), ("dda-se", "DDA-SE"), ("de", "DE"), ("default", "Default"))
@@ -275,9 +277,8 @@ def merge_shards(rows: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- tables and plots
-def _by_recipe(rows):
-    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
-    return [(recipe, list(dict.fromkeys(r["classifier"] for r in rows if r["recipe"] == recipe))) for recipe in recipes]
+def _recipes(rows) -> list[str]:
+    return list(dict.fromkeys(r["recipe"] for r in rows))
 
 
 def _mode_table(rows, modes, select, title) -> list[str]:
@@ -287,21 +288,22 @@ def _mode_table(rows, modes, select, title) -> list[str]:
     if not mine:
         return []
     cols = [(m, label) for m, label in TABLE_COLUMNS if m in modes]
-    lines = [f"## {title}", "", "| recipe (n classifiers) | " + " | ".join(lbl for _, lbl in cols) + " | Avg |",
-             "|" + "---|" * (len(cols) + 2)]
-    for recipe, clfs in _by_recipe(mine):
-        per = {m: [statistics.fmean(r["accuracy"] for r in mine if r["classifier"] == c and r["mode"] == m)
-                   for c in clfs] for m, _ in cols}
-        avg = [statistics.fmean(per[m][i] for m, _ in cols) for i in range(len(clfs))]
-        lines.append(f"| {recipe} ({len(clfs)}) | " + " | ".join(mean_std(per[m]) for m, _ in cols)
-                     + f" | {mean_std(avg)} |")
-    return lines + [""]
+    summary = summarize(mine, ("recipe", "mode"), "classifier", "accuracy")
+    cells = []
+    for recipe in _recipes(mine):
+        per = {m: lookup(summary, recipe=recipe, mode=m)["values"] for m, _ in cols}
+        n = len(per[cols[0][0]])
+        avg = [statistics.fmean(per[m][i] for m, _ in cols) for i in range(n)]
+        cells.append([f"{recipe} ({n})", *(mean_std(per[m]) for m, _ in cols), mean_std(avg)])
+    return [f"## {title}", ""] + markdown_table(["recipe (n classifiers)", *(lbl for _, lbl in cols), "Avg"],
+                                                cells) + [""]
 
 
-
-def write_tables(out: Path, rows: list[dict], modes, severities, frost: str | None = None) -> str:
+def shift_tables(rows: list[dict], modes, severities, frost: str | None = None) -> str:
+    """The Markdown of ``table.md`` (without the analyses) from the rows of ``results.csv``."""
     corrupted = [r for r in rows if r["corruption"] != CLEAN]
     top = max(severities)
+    cols = [(m, label) for m, label in TABLE_COLUMNS if m in modes]
     lines = ["# Covariate shift (the paper's Table 1 layout)", "",
              "Top-1 accuracy in %. Cells: mean +- std over the classifiers of a recipe (their seeds); each "
              "classifier's value is the mean over the corruptions (and severities). DE = DiffAug-Ensemble, "
@@ -315,25 +317,23 @@ def write_tables(out: Path, rows: list[dict], modes, severities, frost: str | No
                              f"Corrupted, mean over severities {', '.join(map(str, severities))}")
     lines += _mode_table(rows, modes, lambda r: r["corruption"] == CLEAN, "Clean")
     names = list(dict.fromkeys(r["corruption"] for r in corrupted))
-    if names:
-        lines += ["## Per corruption (mean over severities)", "",
-                  "| recipe | mode | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
-        for recipe, clfs in _by_recipe(corrupted):
-            for m, label in TABLE_COLUMNS:
-                if m not in modes:
-                    continue
-                cells = [100 * statistics.fmean(r["accuracy"] for r in corrupted if r["recipe"] == recipe
-                                                and r["mode"] == m and r["corruption"] == name) for name in names]
-                lines.append(f"| {recipe} | {label} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
-        lines += [""]
-    lines += ["## Wall-clock per image (seconds, mean over all conditions)", "",
-              "| recipe | " + " | ".join(lbl for m, lbl in TABLE_COLUMNS if m in modes) + " |",
-              "|" + "---|" * (1 + sum(m in modes for m, _ in TABLE_COLUMNS))]
-    for recipe, _ in _by_recipe(rows):
-        cells = [statistics.fmean(r["seconds_per_image"] for r in rows if r["recipe"] == recipe and r["mode"] == m)
-                 for m, _ in TABLE_COLUMNS if m in modes]
-        lines.append(f"| {recipe} | " + " | ".join(f"{v:.2e}" for v in cells) + " |")
-    text = "\n".join(lines) + "\n"
+    if names:  # every row of a recipe x mode x corruption (its classifiers and severities) counts once
+        summary = summarize(corrupted, ("recipe", "mode", "corruption"), ("classifier", "severity"), "accuracy")
+        cells = [[recipe, label, *(f"{100 * lookup(summary, recipe=recipe, mode=m, corruption=c)['mean']:.1f}"
+                                   for c in names)] for recipe in _recipes(corrupted) for m, label in cols]
+        lines += ["## Per corruption (mean over severities)", ""] + markdown_table(["recipe", "mode", *names],
+                                                                                  cells) + [""]
+    summary = summarize(rows, ("recipe", "mode"), ("classifier", "corruption", "severity"), "seconds_per_image")
+    cells = [[recipe, *(f"{lookup(summary, recipe=recipe, mode=m)['mean']:.2e}" for m, _ in cols)]
+             for recipe in _recipes(rows)]
+    lines += ["## Wall-clock per image (seconds, mean over all conditions)", ""] + \
+        markdown_table(["recipe", *(lbl for _, lbl in cols)], cells)
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, rows: list[dict], modes, severities, frost: str | None = None) -> str:
+    """Write :func:`shift_tables` to ``out/table.md``; returns the text."""
+    text = shift_tables(rows, modes, severities, frost)
     write_text(out / "table.md", text)
     return text
 
@@ -357,57 +357,17 @@ def _plot(path: Path, series: dict, xlabel: str, ylabel: str, title: str) -> Non
     save_figure(fig, path)
 
 
-def _series(rows, x_key, y_key, group_keys):
-    """Mean and std over classifiers of a recipe, per group and x."""
-    out = {}
-    for group in dict.fromkeys(tuple(r[k] for k in group_keys) for r in rows):
-        mine = [r for r in rows if tuple(r[k] for k in group_keys) == group]
-        xs = sorted({r[x_key] for r in mine})
-        vals = [[r[y_key] for r in mine if r[x_key] == x] for x in xs]
-        out[" ".join(str(g) for g in group)] = (xs, [statistics.fmean(v) for v in vals],
-                                                 [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals])
-    return out
+def _series(rows, x_key, y_key, group_keys) -> dict:
+    """``{label: (xs, means, stds)}``: mean and std over the classifiers, per group (label: its keys joined by
+    spaces) and x (sorted)."""
+    points = {}
+    for s in summarize(rows, (*group_keys, x_key), "classifier", y_key):
+        points.setdefault(" ".join(str(s[k]) for k in group_keys), []).append((s[x_key], s["mean"], s["std"]))
+    return {label: tuple(list(v) for v in zip(*sorted(p))) for label, p in points.items()}
 
 
-def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, modes="default,de,dda,dda-se",
-                   corruptions="all", severities="1-5", limit: int | None = None, seed: int = 0,
-                   out: str | Path, device: str = "cpu", batch_size: int = 256, de_step: int = 50,
-                   dda_t: int | None = None, dda_steps: int = 50, dda_scale: float = 6.0,
-                   dda_downsample: int | None = None, dda_norm: str = "image", analyses: bool = True,
-                   progress: bool = True, speed=None, frost_images: str | Path | None = None,
-                   image_size: int | None = None, workers: int | None = None) -> str:
-    """The CLI's job: every classifier x mode x corruption x severity (+ clean), sharded over torchrun ranks.
-
-    Writes ``out/results.csv``, ``out/table.md`` and, with ``analyses``, ``de_vs_t.{csv,png}`` and
-    ``entropy_vs_t.{csv,png}``. Returns the table text (empty on ranks other than 0). ``frost_images``: a folder
-    of frost photographs for on-the-fly ``frost`` (the reference's); without it a procedural texture stands in,
-    and the table says which was used.
-
-    Data: ``digits`` / CIFAR-10 and CIFAR-10-C are held in memory (as before; ``limit``: a fixed random subset); an
-    ImageNet-C folder is streamed condition by condition and an image folder's test images are streamed and
-    corrupted batch by batch, through a DataLoader with ``workers`` processes, so memory is bounded by the batch
-    (``limit``: a fixed, seed 0, class-stratified sample, as ``certify --limit``). Images are brought to the
-    classifiers' input size (``image_size``, default the size their ``model.json`` records) by the evaluation
-    transform; classes are matched by name (:mod:`diffaug.evaldata`).
-    """
-    from tqdm.auto import tqdm
-
-    from .corruptions import check_frost_images, corrupt
-    from .data import load_corrupted
-    from .ensemble import ensemble_members
-    from .evaldata import at_size, batches, chunks, eval_size, eval_view, open_eval_folder, probe
-    from .harness import init_distributed
-
-    out = Path(out)
-    device = torch.device(device)
-    frost_images = check_frost_images(frost_images)
-    modes, severities, layout, names, test, models, den = _check_inputs(
-        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed,
-        workers)
-    size = eval_size(models, image_size)
-    if den is not None and size is not None:  # a convolutional denoiser runs at the classifiers' size (ADM-256 at 224)
-        den = den.at_size(size)
-    members = ensemble_members(de_step)
+def _dda_settings(den, members, dda_t, dda_steps, dda_scale, dda_downsample, dda_norm) -> dict:
+    """DDA's keyword arguments, checked (with the DE members) against the denoiser before any work."""
     dda_kwargs = {"t_start": dda_t or (den.num_timesteps // 2 if den else 500), "steps": dda_steps,
                   "guidance_scale": dda_scale, "downsample": dda_downsample, "norm": dda_norm}
     if den is not None:
@@ -421,101 +381,157 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
         bad = [t for t in members if t >= den.num_timesteps]
         if bad:
             raise InputError(f"DE members {bad} exceed the denoiser's T = {den.num_timesteps}; use a smaller step")
-    channels = next(iter(models.values())).spec.get("channels", 3)
-    streamed = test is None and layout != "cifar10-c"
-    clean = None  # a streamed folder's clean test images (lazy)
-    if test is not None:  # in memory, as before (resized only when the classifiers were trained at another size)
-        keep = _subset(len(test), limit)
-        clean_images, clean_labels = at_size(test.images[keep], size).to(device), test.labels[keep]
-        models = _check_shapes(models, den, clean_images, None, test.num_classes, str(data))  # by count
-    elif layout == "cifar10-c":
-        probe_set = load_corrupted(data, names[0], severities[0])
-        models = _check_shapes(models, den, at_size(probe_set.images[:1], size), None, probe_set.num_classes,
-                               f"{data} ({names[0]})")  # by count, as before
-    elif layout == "imagenet-c":
-        from .data import class_folders, open_corrupted
+    return dda_kwargs
 
-        first = open_corrupted(data, names[0], severities[0], channels=channels)
-        reference_classes = first.classes  # every condition is labelled in this order
-        models = _check_shapes(models, den, probe(eval_view(first, size)).to(device), first.classes,
-                               first.num_classes, f"{data} ({names[0]})")
-        for c in names:  # every condition's folder exists, before any work
-            for sev in severities:
-                folder = Path(data) / c / str(sev)
-                if not folder.is_dir():
-                    present = sorted(int(d.name) for d in folder.parent.iterdir() if d.is_dir() and d.name.isdigit())
-                    raise InputError(f"{folder} is missing (ImageNet-C layout is corruption/severity/class/image); "
-                                     f"pass --severities with those present ({','.join(map(str, present)) or 'none'})")
-                extra = [k for k in class_folders(folder) if k not in set(reference_classes)]
-                if extra:
-                    raise InputError(f"{folder} has classes {', '.join(extra[:5])} that {data}/{names[0]}/"
-                                     f"{severities[0]} lacks; every condition needs the same class folders")
-    else:
-        clean = eval_view(open_eval_folder(data, models, channels=channels,
-                                           verbose=progress and int(os.environ.get("RANK", "0")) == 0),
-                          size)
-        keep = _stratified_subset(clean.labels, limit)
-        models = _check_shapes(models, den, probe(clean).to(device), clean.classes, clean.num_classes, str(data))
-    conditions = ([(CLEAN, 0)] if not layout else []) + [(c, s) for c in names for s in severities]
 
-    def shard_batches(ds, keep_c, shard, what: str):
+def _check_imagenet_c(data, names, severities, reference_classes) -> None:
+    """Every condition's folder of an ImageNet-C layout exists with no class the first lacks, before any work."""
+    from .data import class_folders
+
+    for c in names:
+        for sev in severities:
+            folder = Path(data) / c / str(sev)
+            if not folder.is_dir():
+                present = sorted(int(d.name) for d in folder.parent.iterdir() if d.is_dir() and d.name.isdigit())
+                raise InputError(f"{folder} is missing (ImageNet-C layout is corruption/severity/class/image); "
+                                 f"pass --severities with those present ({','.join(map(str, present)) or 'none'})")
+            extra = [k for k in class_folders(folder) if k not in set(reference_classes)]
+            if extra:
+                raise InputError(f"{folder} has classes {', '.join(extra[:5])} that {data}/{names[0]}/"
+                                 f"{severities[0]} lacks; every condition needs the same class folders")
+
+
+@dataclasses.dataclass
+class _Source:
+    """Where a run's conditions come from, and their batches (:meth:`condition_batches`)."""
+
+    data: str
+    layout: str | None
+    names: tuple
+    severities: tuple
+    limit: int | None
+    size: int | None
+    channels: int
+    seed: int
+    batch_size: int
+    device: torch.device
+    workers: int | None
+    frost_images: object
+    clean: object = None  # a streamed folder's clean test images (lazy)
+    keep: torch.Tensor | None = None
+    clean_images: torch.Tensor | None = None
+    clean_labels: torch.Tensor | None = None
+    reference_classes: list | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.clean_images is None and self.layout != "cifar10-c"
+
+    @property
+    def conditions(self) -> list[tuple]:
+        return ([(CLEAN, 0)] if not self.layout else []) + [(c, s) for c in self.names for s in self.severities]
+
+    def open(self, test, models, den, progress: bool) -> dict:
+        """Read or open the data and check the models on a probe batch; returns the models matched to its classes."""
+        from .data import load_corrupted, open_corrupted
+        from .evaldata import at_size, eval_view, open_eval_folder, probe
+
+        data, names, severities, size = self.data, self.names, self.severities, self.size
+        if test is not None:  # in memory, as before (resized only when the classifiers were trained at another size)
+            self.keep = _subset(len(test), self.limit)
+            self.clean_images = at_size(test.images[self.keep], size).to(self.device)
+            self.clean_labels = test.labels[self.keep]
+            return _check_shapes(models, den, self.clean_images, None, test.num_classes, str(data))  # by count
+        if self.layout == "cifar10-c":
+            probe_set = load_corrupted(data, names[0], severities[0])
+            return _check_shapes(models, den, at_size(probe_set.images[:1], size), None, probe_set.num_classes,
+                                 f"{data} ({names[0]})")  # by count, as before
+        if self.layout == "imagenet-c":
+            first = open_corrupted(data, names[0], severities[0], channels=self.channels)
+            self.reference_classes = first.classes  # every condition is labelled in this order
+            models = _check_shapes(models, den, probe(eval_view(first, size)).to(self.device), first.classes,
+                                   first.num_classes, f"{data} ({names[0]})")
+            _check_imagenet_c(data, names, severities, self.reference_classes)
+            return models
+        self.clean = eval_view(open_eval_folder(data, models, channels=self.channels,
+                                                verbose=progress and int(os.environ.get("RANK", "0")) == 0), size)
+        self.keep = _stratified_subset(self.clean.labels, self.limit)
+        return _check_shapes(models, den, probe(self.clean).to(self.device), self.clean.classes,
+                             self.clean.num_classes, str(data))
+
+    def shard_batches(self, ds, keep_c, shard, what: str):
         """``(x, y, b)`` for the batches ``b`` of ``ds[keep_c]`` that ``shard(b)`` selects (all when None)."""
-        nb = -(-len(keep_c) // batch_size)
-        picked = [b for b in range(nb) if shard is None or shard(b)]
+        from .evaldata import batches
+
+        bs = self.batch_size
+        picked = [b for b in range(-(-len(keep_c) // bs)) if shard is None or shard(b)]
         if not picked:
             return
-        idx = torch.cat([keep_c[b * batch_size : (b + 1) * batch_size] for b in picked])
-        for (x, y), b in zip(batches(ds, batch_size, workers=workers, indices=idx, what=what), picked):
-            yield accel.to_device(x, device), y, b
+        idx = torch.cat([keep_c[b * bs : (b + 1) * bs] for b in picked])
+        for (x, y), b in zip(batches(ds, bs, workers=self.workers, indices=idx, what=what), picked):
+            yield accel.to_device(x, self.device), y, b
 
-    def condition_batches(corruption: str, severity: int, shard=None):
+    def condition_batches(self, corruption: str, severity: int, shard=None):
         """The condition's ``(images on device, labels)`` batches; a streamed set's are ``(images, labels, b)``
         with ``b`` the batch index, only those ``shard(b)`` selects."""
-        if layout == "cifar10-c":
-            ds = load_corrupted(data, corruption, severity)
-            keep_c = _subset(len(ds), limit)
-            images = at_size(accel.to_device(ds.images[keep_c], device), size)
-            yield from chunks(images, ds.labels[keep_c], batch_size)
+        from .corruptions import corrupt
+        from .data import load_corrupted, open_corrupted
+        from .evaldata import at_size, chunks, eval_view
+
+        if self.layout == "cifar10-c":
+            ds = load_corrupted(self.data, corruption, severity)
+            keep_c = _subset(len(ds), self.limit)
+            images = at_size(accel.to_device(ds.images[keep_c], self.device), self.size)
+            yield from chunks(images, ds.labels[keep_c], self.batch_size)
             return
-        if layout == "imagenet-c":
-            ds = eval_view(open_corrupted(data, corruption, severity, channels=channels, classes=reference_classes),
-                           size)
-            yield from shard_batches(ds, _stratified_subset(ds.labels, limit), shard, f"{data}/{corruption}/{severity}")
+        if self.layout == "imagenet-c":
+            ds = eval_view(open_corrupted(self.data, corruption, severity, channels=self.channels,
+                                          classes=self.reference_classes), self.size)
+            yield from self.shard_batches(ds, _stratified_subset(ds.labels, self.limit), shard,
+                                          f"{self.data}/{corruption}/{severity}")
             return
-        if streamed:  # a folder's clean test images, corrupted batch by batch (a generator per batch)
-            for x, y, b in shard_batches(clean, keep, shard, str(data)):
+        if self.streamed:  # a folder's clean test images, corrupted batch by batch (a generator per batch)
+            for x, y, b in self.shard_batches(self.clean, self.keep, shard, str(self.data)):
                 if corruption != CLEAN:
-                    gen = keyed_generator(seed, corruption, severity, "corrupt", b, device=device)
-                    x = corrupt(x, corruption, severity, generator=gen, frost_images=frost_images)
+                    gen = keyed_generator(self.seed, corruption, severity, "corrupt", b, device=self.device)
+                    x = corrupt(x, corruption, severity, generator=gen, frost_images=self.frost_images)
                 yield x, y, b
             return
         if corruption == CLEAN:
-            yield from chunks(clean_images, clean_labels, batch_size)
+            yield from chunks(self.clean_images, self.clean_labels, self.batch_size)
             return
-        gen = keyed_generator(seed, corruption, severity, "corrupt", device=device)
-        yield from chunks(corrupt(clean_images, corruption, severity, generator=gen, frost_images=frost_images),
-                          clean_labels, batch_size)
+        gen = keyed_generator(self.seed, corruption, severity, "corrupt", device=self.device)
+        yield from chunks(corrupt(self.clean_images, corruption, severity, generator=gen,
+                                  frost_images=self.frost_images), self.clean_labels, self.batch_size)
 
-    dist_info = init_distributed(device)
+
+def _evaluate_conditions(src: _Source, models, den, modes, members, dda_kwargs, out: Path, progress: bool):
+    """Every condition on this rank's share, gathered on rank 0 and merged, in the order conditions x classifiers
+    x modes; None on the other ranks."""
+    from tqdm.auto import tqdm
+
+    from .harness import init_distributed
+
+    dist_info = init_distributed(src.device)
     rows = []
-    if streamed:  # ranks shard conditions and images: batch b of condition k goes to rank (k + b) % world
+    conditions = src.conditions
+    if src.streamed:  # ranks shard conditions and images: batch b of condition k goes to rank (k + b) % world
         work = [(cond, lambda b, k=k: (k + b) % dist_info.world == dist_info.rank) for k, cond in enumerate(conditions)]
     else:  # in memory: whole conditions per rank
         work = [(cond, None) for cond in conditions[dist_info.rank :: dist_info.world]]
     for (corruption, severity), shard in tqdm(work, disable=not (progress and dist_info.main), desc="eval-shift"):
-        part = evaluate_condition(models, den, condition_batches(corruption, severity, shard), modes,
-                                  members=members, dda_kwargs=dda_kwargs, seed=seed, key=(corruption, severity),
-                                  batch_size=batch_size, device=device)
+        part = evaluate_condition(models, den, src.condition_batches(corruption, severity, shard), modes,
+                                  members=members, dda_kwargs=dda_kwargs, seed=src.seed, key=(corruption, severity),
+                                  batch_size=src.batch_size, device=src.device)
         rows += [r for r in part if r["n"]]  # a rank may hold no batch of a small condition
     out.mkdir(parents=True, exist_ok=True)
     if dist_info.world > 1:
         import torch.distributed as dist
 
-        shard = out / f"rows.rank{dist_info.rank}.json"
-        write_text(shard, json.dumps(rows))
+        write_text(out / f"rows.rank{dist_info.rank}.json", json.dumps(rows))
         dist.barrier()
         if not dist_info.main:
-            return ""
+            return None
         rows = [r for k in range(dist_info.world) for r in json.loads((out / f"rows.rank{k}.json").read_text())]
         for k in range(dist_info.world):
             (out / f"rows.rank{k}.json").unlink()
@@ -523,40 +539,94 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     order = {cond: i for i, cond in enumerate(conditions)}
     rows.sort(key=lambda r: (order[(r["corruption"], r["severity"])], list(models).index(r["classifier"]),
                              MODES.index(r["mode"])))
+    return rows
+
+
+def _run_analyses(src: _Source, models, den, out: Path) -> dict:
+    """Figures 12 and 2: their rows (``de_vs_t``, ``entropy_vs_t``), CSVs and plots."""
+    top, names = max(src.severities), src.names
+    de_rows = de_accuracy_vs_t(models, den, (((c, top), src.condition_batches(c, top)) for c in names),
+                               seed=src.seed, batch_size=src.batch_size, device=src.device)
+    write_csv(out / "de_vs_t.csv", de_rows)
+    _plot(out / "de_vs_t.png", _series(de_rows, "t_max", "accuracy", ("recipe", "step")), "largest member t",
+          "DE accuracy", f"DE accuracy vs t, severity {top}, mean over {len(names)} corruptions (Fig. 12)")
+    entropy_batches = src.condition_batches(CLEAN, 0) if not src.layout else src.condition_batches(names[0], top)
+    ent_rows = entropy_vs_t(models, den, entropy_batches, seed=src.seed, batch_size=src.batch_size,
+                            device=src.device)
+    write_csv(out / "entropy_vs_t.csv", ent_rows)
+    _plot(out / "entropy_vs_t.png", _series(ent_rows, "t", "entropy", ("recipe",)), "t",
+          "mean entropy (nats)", "prediction entropy on DiffAug views vs t (Fig. 2)")
+    return {"de_vs_t": de_rows, "entropy_vs_t": ent_rows}
+
+
+def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, modes="default,de,dda,dda-se",
+                   corruptions="all", severities="1-5", limit: int | None = None, seed: int = 0,
+                   out: str | Path, device: str = "cpu", batch_size: int = 256, de_step: int = 50,
+                   dda_t: int | None = None, dda_steps: int = 50, dda_scale: float = 6.0,
+                   dda_downsample: int | None = None, dda_norm: str = "image", analyses: bool = True,
+                   progress: bool = True, speed=None, frost_images: str | Path | None = None,
+                   image_size: int | None = None, workers: int | None = None) -> JobResult:
+    """The CLI's job: every classifier x mode x corruption x severity (+ clean), sharded over torchrun ranks.
+
+    Writes ``out/results.csv``, ``out/table.md`` and, with ``analyses``, ``de_vs_t.{csv,png}`` and
+    ``entropy_vs_t.{csv,png}``. Returns a :class:`~diffaug.tables.JobResult`: the rows of ``results.csv``, the
+    analyses' rows in ``extra`` (``de_vs_t``, ``entropy_vs_t``) and the table text (empty, with no rows, on ranks
+    other than 0). ``frost_images``: a folder of frost photographs for on-the-fly ``frost`` (the reference's);
+    without it a procedural texture stands in, and the table says which was used.
+
+    Data: ``digits`` / CIFAR-10 and CIFAR-10-C are held in memory (as before; ``limit``: a fixed random subset); an
+    ImageNet-C folder is streamed condition by condition and an image folder's test images are streamed and
+    corrupted batch by batch, through a DataLoader with ``workers`` processes, so memory is bounded by the batch
+    (``limit``: a fixed, seed 0, class-stratified sample, as ``certify --limit``). Images are brought to the
+    classifiers' input size (``image_size``, default the size their ``model.json`` records) by the evaluation
+    transform; classes are matched by name (:mod:`diffaug.evaldata`).
+    """
+    from .corruptions import check_frost_images
+    from .ensemble import ensemble_members
+    from .evaldata import eval_size
+
+    out = Path(out)
+    device = torch.device(device)
+    frost_images = check_frost_images(frost_images)
+    modes, severities, layout, names, test, models, den = _check_inputs(
+        data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed,
+        workers)
+    size = eval_size(models, image_size)
+    if den is not None and size is not None:  # a convolutional denoiser runs at the classifiers' size (ADM-256 at 224)
+        den = den.at_size(size)
+    members = ensemble_members(de_step)
+    dda_kwargs = _dda_settings(den, members, dda_t, dda_steps, dda_scale, dda_downsample, dda_norm)
+    src = _Source(data, layout, names, severities, limit, size, next(iter(models.values())).spec.get("channels", 3),
+                  seed, batch_size, device, workers, frost_images)
+    models = src.open(test, models, den, progress)
+    rows = _evaluate_conditions(src, models, den, modes, members, dda_kwargs, out, progress)
+    if rows is None:
+        return JobResult("", [])
     write_csv(out / "results.csv", rows)
     frost = None
     if not layout and "frost" in names:
         frost = f"the photographs in {frost_images}" if frost_images else "the procedural texture (no --frost-images)"
     text = write_tables(out, rows, modes, severities, frost=frost)
+    extra = {}
     if analyses:
-        top = max(severities)
-        de_rows = de_accuracy_vs_t(models, den, (((c, top), condition_batches(c, top)) for c in names), seed=seed,
-                                   batch_size=batch_size, device=device)
-        write_csv(out / "de_vs_t.csv", de_rows)
-        _plot(out / "de_vs_t.png", _series(de_rows, "t_max", "accuracy", ("recipe", "step")), "largest member t",
-              "DE accuracy", f"DE accuracy vs t, severity {top}, mean over {len(names)} corruptions (Fig. 12)")
-        entropy_batches = condition_batches(CLEAN, 0) if not layout else condition_batches(names[0], top)
-        ent_rows = entropy_vs_t(models, den, entropy_batches, seed=seed, batch_size=batch_size, device=device)
-        write_csv(out / "entropy_vs_t.csv", ent_rows)
-        _plot(out / "entropy_vs_t.png", _series(ent_rows, "t", "entropy", ("recipe",)), "t",
-              "mean entropy (nats)", "prediction entropy on DiffAug views vs t (Fig. 2)")
-        text += _analyses_text(de_rows, ent_rows)
+        extra = _run_analyses(src, models, den, out)
+        text += _analyses_text(extra["de_vs_t"], extra["entropy_vs_t"])
         write_text(out / "table.md", text)
-    return text
+    return JobResult(text, rows, extra)
 
 
 def _analyses_text(de_rows, ent_rows) -> str:
     common = sorted({r["t_max"] for r in de_rows if r["t_max"] % 150 == 0})  # on every step's grid
-    lines = ["", "## DE accuracy vs largest member t (de_vs_t.png; % mean over classifiers)", "",
-             "| recipe | step | " + " | ".join(f"t<={t}" for t in common) + " |", "|" + "---|" * (2 + len(common))]
+    cells = []
     for label, (xs, means, stds) in _series([r for r in de_rows if r["t_max"] in common], "t_max", "accuracy",
                                             ("recipe", "step")).items():
         recipe, step = label.rsplit(" ", 1)
-        lines.append(f"| {recipe} | {step} | " + " | ".join(f"{100 * m:.1f}" for m in means) + " |")
+        cells.append([recipe, step, *(f"{100 * m:.1f}" for m in means)])
+    lines = ["", "## DE accuracy vs largest member t (de_vs_t.png; % mean over classifiers)", ""] + \
+        markdown_table(["recipe", "step", *(f"t<={t}" for t in common)], cells)
     lines += ["", "## Mean prediction entropy on DiffAug views vs t (entropy_vs_t.png)", ""]
     series = _series(ent_rows, "t", "entropy", ("recipe",))
     xs = next(iter(series.values()))[0]
-    lines += ["| recipe | " + " | ".join(f"t={t}" for t in xs) + " |", "|" + "---|" * (len(xs) + 1)]
-    for label, (_, means, stds) in series.items():
-        lines.append(f"| {label} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    lines += markdown_table(["recipe", *(f"t={t}" for t in xs)],
+                            [[label, *(f"{m:.2f}" for m in means)] for label, (_, means, _) in series.items()])
     return "\n".join(lines) + "\n"

@@ -226,38 +226,31 @@ def stage_augmentations(cfg: StudyConfig, root: Path, out: Path, progress: bool)
     return {}
 
 
-def _read_csv(path: Path) -> list[dict]:
-    import csv
-
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def stage_shift(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
     from .eval_shift import run_eval_shift
 
     folders = [str(p) for p in _classifier_dirs(root, cfg).values()]
-    run_eval_shift(data=cfg.data, classifiers=folders, denoiser=cfg.denoiser, corruptions=cfg.shift_corruptions,
-                   severities=cfg.shift_severities, limit=cfg.shift_limit, seed=0, out=out, device=cfg.device,
-                   progress=progress, workers=cfg.workers)
-    rows = _read_csv(out / "results.csv")
-    top = max(int(r["severity"]) for r in rows)
+    res = run_eval_shift(data=cfg.data, classifiers=folders, denoiser=cfg.denoiser,
+                         corruptions=cfg.shift_corruptions, severities=cfg.shift_severities, limit=cfg.shift_limit,
+                         seed=0, out=out, device=cfg.device, progress=progress, workers=cfg.workers)
+    rows = res.rows
+    top = max(r["severity"] for r in rows)
     per = {}  # recipe -> mode -> [per-classifier mean accuracy at the top severity]
     secs = {}
     for r in rows:
         if r["corruption"] != "clean":
-            secs.setdefault(r["mode"], []).append(float(r["seconds_per_image"]))
+            secs.setdefault(r["mode"], []).append(r["seconds_per_image"])
     for clf in dict.fromkeys(r["classifier"] for r in rows):
-        mine = [r for r in rows if r["classifier"] == clf and r["corruption"] != "clean" and int(r["severity"]) == top]
+        mine = [r for r in rows if r["classifier"] == clf and r["corruption"] != "clean" and r["severity"] == top]
         for mode in dict.fromkeys(r["mode"] for r in mine):
-            vals = [float(r["accuracy"]) for r in mine if r["mode"] == mode]
+            vals = [r["accuracy"] for r in mine if r["mode"] == mode]
             per.setdefault(mine[0]["recipe"], {}).setdefault(mode, []).append(statistics.fmean(vals))
-    ent = _read_csv(out / "entropy_vs_t.csv")
-    t_late = sorted({int(r["t"]) for r in ent})[-2]  # the last regular point (t = T - 1 is degenerate)
+    ent = res.extra["entropy_vs_t"]
+    t_late = sorted({r["t"] for r in ent})[-2]  # the last regular point (t = T - 1 is degenerate)
     entropy = {}
     for r in ent:
-        if int(r["t"]) == t_late:
-            entropy.setdefault(r["recipe"], []).append(float(r["entropy"]))
+        if r["t"] == t_late:
+            entropy.setdefault(r["recipe"], []).append(r["entropy"])
     return {"severity": top, "accuracy": per, "seconds_per_image": {m: statistics.fmean(v) for m, v in secs.items()},
             "entropy_t": t_late, "entropy": entropy}
 
@@ -269,7 +262,7 @@ def _mean_auroc(rows: list[dict], group: str) -> dict[str, list[float]]:
     auroc = {}
     for clf in dict.fromkeys(r["classifier"] for r in rows):
         mine = [r for r in rows if r["classifier"] == clf and r["score"] in PAPER_SCORES and r["group"] == group]
-        auroc.setdefault(mine[0]["recipe"], []).append(statistics.fmean(float(r["auroc"]) for r in mine))
+        auroc.setdefault(mine[0]["recipe"], []).append(statistics.fmean(r["auroc"] for r in mine))
     return auroc
 
 
@@ -339,34 +332,31 @@ def stage_ood(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
 
     write_text(out / "table.md", "\n".join([
         "# OOD detection", "", "## Far-OOD: the classifiers of the classifiers stage (all classes in-distribution)",
-        *body(far), "", f"## Near-OOD: classifiers trained on classes {id_classes} only ({cfg.epochs} epochs, "
-        f"seeds {cfg.seeds}); near-OOD = test images of classes {held_out}", *body(near)]) + "\n")
-    return {"auroc": _mean_auroc(_read_csv(out / "all-classes" / "results.csv"), "far"),
-            "near_auroc": _mean_auroc(_read_csv(out / "holdout" / "eval" / "results.csv"), "near"),
+        *body(far.text), "", f"## Near-OOD: classifiers trained on classes {id_classes} only ({cfg.epochs} epochs, "
+        f"seeds {cfg.seeds}); near-OOD = test images of classes {held_out}", *body(near.text)]) + "\n")
+    return {"auroc": _mean_auroc(far.rows, "far"), "near_auroc": _mean_auroc(near.rows, "near"),
             "id_classes": id_classes}
 
 
 def stage_certify(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
-    import numpy as np
-
-    from .certify import certified_accuracy, merge_shards, run_certify, table_radii
+    from .certify import best_sigma_curves, run_certify, table_radii
+    from .evaldata import folder_keys
 
     dirs = _classifier_dirs(root, cfg, cfg.certify_recipes)
     # Sequential certification: at most certify_n draws per image, the same guarantee as fixed-n CERTIFY. At n = 500
     # it saves ~1.5x of the evaluations but spreads them over up to 14 smaller forward passes (the earlier rule took
     # 0.94x the fixed-n wall time per image on 2 CPU cores), so certify_limit stays at 30 images (README).
-    run_certify(data=cfg.data, classifiers=[str(p) for p in dirs.values()], denoiser=cfg.denoiser,
-                sigmas=cfg.certify_sigmas, n0=cfg.certify_n0, n=cfg.certify_n, alpha=0.001, batch_size=500, skip=1,
-                limit=cfg.certify_limit, seed=0, out=out, device=cfg.device, progress=progress, sequential=True,
-                workers=cfg.workers)
+    res = run_certify(data=cfg.data, classifiers=[str(p) for p in dirs.values()], denoiser=cfg.denoiser,
+                      sigmas=cfg.certify_sigmas, n0=cfg.certify_n0, n=cfg.certify_n, alpha=0.001, batch_size=500,
+                      skip=1, limit=cfg.certify_limit, seed=0, out=out, device=cfg.device, progress=progress,
+                      sequential=True, workers=cfg.workers)
     # One number per classifier without picking a radius: the best-sigma curve averaged over the table's radii
     # (a single radius can saturate: n samples cap the radius at sigma * Phi^-1(alpha ** (1 / n))).
     radii = table_radii(cfg.certify_sigmas)
+    best = best_sigma_curves(res.rows)  # keyed as run_certify keys its classifiers
     acc = {}
-    for (recipe, _), folder in dirs.items():
-        curves = np.stack([certified_accuracy(merge_shards(out / folder.name / f"sigma_{s:g}"), radii)
-                           for s in cfg.certify_sigmas])
-        acc.setdefault(recipe, []).append(float(curves.max(0).mean()))
+    for (recipe, _), key in zip(dirs, folder_keys(dirs.values())):
+        acc.setdefault(recipe, []).append(float(best[key].mean()))
     return {"radii": radii, "certified_accuracy": acc}
 
 
@@ -386,16 +376,15 @@ def stage_guidance(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> d
                                folder, device=cfg.device, progress=progress)
             folders.append(str(folder))
     clean = _classifier_dirs(root, cfg, ["plain"])[("plain", cfg.seeds[0])] if (root / "stages" / "classifiers").is_dir() else None
-    run_eval_guidance(guidance=folders, denoiser=cfg.denoiser, data=cfg.data,
-                      clean_classifier=str(clean) if clean and (clean / "model.safetensors").is_file() else None,
-                      per_class=cfg.guidance_per_class, steps=cfg.guidance_sample_steps, seed=0, out=out / "eval",
-                      device=cfg.device, progress=progress, workers=cfg.workers)
-    res = json.loads((out / "eval" / "results.json").read_text())
+    res = run_eval_guidance(guidance=folders, denoiser=cfg.denoiser, data=cfg.data,
+                            clean_classifier=str(clean) if clean and (clean / "model.safetensors").is_file() else None,
+                            per_class=cfg.guidance_per_class, steps=cfg.guidance_sample_steps, seed=0,
+                            out=out / "eval", device=cfg.device, progress=progress, workers=cfg.workers)
     acc_t = {}
-    for r in res["accuracy_over_t"].values():
+    for r in res.rows:
         acc_t.setdefault(r["kind"], []).append(r["accuracy"])
     gen = {}
-    for r in res["generation"].values():
+    for r in res.extra["generation"]:
         for m in ("fid", "is", "precision", "recall", "accuracy"):
             gen.setdefault(r["kind"], {}).setdefault(m, []).append(r[m])
     return {"accuracy_over_t": acc_t, "generation": gen}
