@@ -21,7 +21,7 @@ from . import accel
 from .checkpoint import append_text, write_text
 from .errors import InputError
 from .smoothing import Smooth, check_sampling_args, check_sequential_args
-from .tables import JobResult
+from .tables import JobResult, markdown_table
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "num_samples")
 HEADER = "\t".join(COLUMNS) + "\n"
@@ -143,27 +143,27 @@ def write_report(out: Path, results: dict[str, dict[float, list[list[str]]]], se
     if sequential:
         lines += ["Sequential certification (exact group-sequential tests, the same guarantee): radii are "
                         "the largest certified radius on the table's grid.", ""]
-    head = "| classifier | sigma | n images | " + " | ".join(f"r={r:g}" for r in radii) + " |"
-    lines += [head, "|" + "---|" * (3 + len(radii))]
+    rows = certify_rows(results, radii)
+    best = best_sigma_curves(rows)
+    cells = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, per_sigma in results.items():
-        curves = {}
         for s in sorted(per_sigma):
-            acc = certified_accuracy(per_sigma[s], radii)
-            curves[s] = acc
-            lines.append(f"| {name} | {s:g} | {len(per_sigma[s])} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
+            cells.append([name, f"{s:g}", str(len(per_sigma[s])), *(f"{r['certified_accuracy']:.3f}" for r in rows
+                                                                     if r["classifier"] == name and r["sigma"] == s)])
             fine = np.linspace(0, radii[-1], 200)
             ax.plot(fine, certified_accuracy(per_sigma[s], fine), label=f"{name} sigma={s:g}")
-        best = np.max(np.stack(list(curves.values())), axis=0)
-        lines.append(f"| {name} | best | - | " + " | ".join(f"{a:.3f}" for a in best) + " |")
+        cells.append([name, "best", "-", *(f"{a:.3f}" for a in best[name])])
+    lines += markdown_table(["classifier", "sigma", "n images", *(f"r={r:g}" for r in radii)], cells)
     lines += ["", "Base-classifier evaluations (denoiser + classifier passes) per image, the n0 selection draws "
-              "included:", "", "| classifier | sigma | n images | total samples | mean samples per image |",
-              "|---|---|---|---|---|"]
+              "included:", ""]
+    cells = []
     for name, per_sigma in results.items():
         for s in sorted(per_sigma):
             total, mean, unknown = sample_totals(per_sigma[s])
             note = f" ({unknown} rows from an older version without counts)" if unknown else ""
-            lines.append(f"| {name} | {s:g} | {len(per_sigma[s])} | {total} | {mean:.0f}{note} |")
+            cells.append([name, f"{s:g}", str(len(per_sigma[s])), str(total), f"{mean:.0f}{note}"])
+    lines += markdown_table(["classifier", "sigma", "n images", "total samples", "mean samples per image"], cells)
     ax.set_xlabel("L2 radius (pixel space)")
     ax.set_ylabel("certified accuracy")
     ax.legend(fontsize=7)
