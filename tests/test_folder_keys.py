@@ -79,10 +79,13 @@ def test_eval_ood_keeps_two_ood_folders_of_one_name(tmp_path, twins):
         for i in range(4):
             pixels = gen.integers(0, 256, (8, 8), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / run / "images" / "x" / f"{i}.png")
-    run_eval_ood(data="digits", classifiers=twins[:1], ood=[str(tmp_path / "a" / "images"),
-                                                             f"near={tmp_path / 'b' / 'images'}"],
-                 seed=0, out=tmp_path / "o", device=torch.device("cpu"))
+    res = run_eval_ood(data="digits", classifiers=twins[:1], ood=[str(tmp_path / "a" / "images"),
+                                                                   f"near={tmp_path / 'b' / 'images'}"],
+                       seed=0, out=tmp_path / "o", device=torch.device("cpu"))
     rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
     assert {(r["set"], r["group"]) for r in rows} == {("a/images", "far"), ("b/images", "near")}
+    # the returned rows are the file's, unparsed; the returned text is table.md
+    assert [{k: "" if v is None else str(v) for k, v in r.items()} for r in res.rows] == rows  # csv: None -> ""
+    assert res.text == (tmp_path / "o" / "table.md").read_text()
     with pytest.raises(InputError, match="given twice"):
         run_eval_ood(data="digits", classifiers=[twins[0], twins[0]], ood=["noise"], seed=0, out=tmp_path / "r")

@@ -48,3 +48,25 @@ def test_markdown_table_and_mean_std_cells():
 def test_job_result_prints_its_text():
     res = JobResult("# table\n", [{"a": 1}])
     assert str(res) == "# table\n" and res.rows == [{"a": 1}] and res.extra == {}
+
+
+def test_certify_returns_rows_that_make_its_table(tmp_path):
+    """run_certify's rows: one per classifier x sigma x radius of the table, the table's numbers; the best-sigma
+    curve (the study's number) is the table's ``best`` line."""
+    from diffaug.certify import best_sigma_curves, run_certify, table_radii
+    from diffaug.classifier import create_classifier
+
+    folders = []
+    for seed in (0, 1):
+        folders.append(tmp_path / f"c{seed}")
+        create_classifier("small_cnn", 10, 1, seed=seed, width=8).save_pretrained(folders[-1], extra={"recipe": "plain"})
+    res = run_certify(data="digits", classifiers=[str(f) for f in folders], denoiser=None, sigmas=[0.25, 0.5], n0=5,
+                      n=20, alpha=0.01, batch_size=20, skip=1, limit=2, seed=0, out=tmp_path / "o", progress=False)
+    radii = table_radii([0.25, 0.5])
+    assert len(res.rows) == 2 * 2 * len(radii) and res.text == (tmp_path / "o" / "table.md").read_text()
+    assert set(res.extra["certify"]) == {"c0", "c1"}
+    for name, best in best_sigma_curves(res.rows).items():
+        curves = [[r["certified_accuracy"] for r in res.rows if r["classifier"] == name and r["sigma"] == s]
+                  for s in (0.25, 0.5)]
+        np.testing.assert_array_equal(best, np.max(curves, axis=0))
+        assert f"| {name} | best | - | " + " | ".join(f"{a:.3f}" for a in best) + " |" in res.text
