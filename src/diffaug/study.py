@@ -38,6 +38,7 @@ from pathlib import Path
 from .checkpoint import write_json, write_text
 from .errors import InputError
 from .report import mean_std
+from .tables import summarize
 
 STAGES = ("classifiers", "augmentations", "shift", "ood", "certify", "guidance", "semi", "pag", "toy")
 READS = {"shift": ("classifiers",), "ood": ("classifiers",), "certify": ("classifiers",), "pag": ("classifiers",
@@ -235,35 +236,29 @@ def stage_shift(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict
                          seed=0, out=out, device=cfg.device, progress=progress, workers=cfg.workers)
     rows = res.rows
     top = max(r["severity"] for r in rows)
+    corrupted = [r for r in rows if r["corruption"] != "clean"]
     per = {}  # recipe -> mode -> [per-classifier mean accuracy at the top severity]
-    secs = {}
-    for r in rows:
-        if r["corruption"] != "clean":
-            secs.setdefault(r["mode"], []).append(r["seconds_per_image"])
-    for clf in dict.fromkeys(r["classifier"] for r in rows):
-        mine = [r for r in rows if r["classifier"] == clf and r["corruption"] != "clean" and r["severity"] == top]
-        for mode in dict.fromkeys(r["mode"] for r in mine):
-            vals = [r["accuracy"] for r in mine if r["mode"] == mode]
-            per.setdefault(mine[0]["recipe"], {}).setdefault(mode, []).append(statistics.fmean(vals))
+    for s in summarize([r for r in corrupted if r["severity"] == top], ("recipe", "mode"), "classifier", "accuracy"):
+        per.setdefault(s["recipe"], {})[s["mode"]] = s["values"]
+    secs = summarize(corrupted, "mode", ("classifier", "corruption", "severity"), "seconds_per_image")
     ent = res.extra["entropy_vs_t"]
     t_late = sorted({r["t"] for r in ent})[-2]  # the last regular point (t = T - 1 is degenerate)
-    entropy = {}
-    for r in ent:
-        if r["t"] == t_late:
-            entropy.setdefault(r["recipe"], []).append(r["entropy"])
-    return {"severity": top, "accuracy": per, "seconds_per_image": {m: statistics.fmean(v) for m, v in secs.items()},
+    entropy = _values_by(summarize([r for r in ent if r["t"] == t_late], "recipe", "classifier", "entropy"), "recipe")
+    return {"severity": top, "accuracy": per, "seconds_per_image": {s["mode"]: s["mean"] for s in secs},
             "entropy_t": t_late, "entropy": entropy}
+
+
+def _values_by(summary: list[dict], key: str) -> dict[str, list[float]]:
+    """``{group: the per-item values}`` of a :func:`~diffaug.tables.summarize` grouped by the one ``key``."""
+    return {s[key]: s["values"] for s in summary}
 
 
 def _mean_auroc(rows: list[dict], group: str) -> dict[str, list[float]]:
     """recipe -> per classifier, the AUROC averaged over the paper's four scores and the group's sets."""
     from .ood import PAPER_SCORES
 
-    auroc = {}
-    for clf in dict.fromkeys(r["classifier"] for r in rows):
-        mine = [r for r in rows if r["classifier"] == clf and r["score"] in PAPER_SCORES and r["group"] == group]
-        auroc.setdefault(mine[0]["recipe"], []).append(statistics.fmean(r["auroc"] for r in mine))
-    return auroc
+    return _values_by(summarize([r for r in rows if r["score"] in PAPER_SCORES and r["group"] == group], "recipe",
+                                "classifier", "auroc"), "recipe")
 
 
 def _ood_classes(cfg: StudyConfig) -> tuple[int, list[int]]:
@@ -380,14 +375,12 @@ def stage_guidance(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> d
                             clean_classifier=str(clean) if clean and (clean / "model.safetensors").is_file() else None,
                             per_class=cfg.guidance_per_class, steps=cfg.guidance_sample_steps, seed=0,
                             out=out / "eval", device=cfg.device, progress=progress, workers=cfg.workers)
-    acc_t = {}
-    for r in res.rows:
-        acc_t.setdefault(r["kind"], []).append(r["accuracy"])
     gen = {}
-    for r in res.extra["generation"]:
-        for m in ("fid", "is", "precision", "recall", "accuracy"):
-            gen.setdefault(r["kind"], {}).setdefault(m, []).append(r[m])
-    return {"accuracy_over_t": acc_t, "generation": gen}
+    for m in ("fid", "is", "precision", "recall", "accuracy"):
+        for kind, values in _values_by(summarize(res.extra["generation"], "kind", "classifier", m), "kind").items():
+            gen.setdefault(kind, {})[m] = values
+    return {"accuracy_over_t": _values_by(summarize(res.rows, "kind", "classifier", "accuracy"), "kind"),
+            "generation": gen}
 
 
 def stage_semi(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
