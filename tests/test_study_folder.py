@@ -150,3 +150,13 @@ def test_read_sample_holds_a_stratified_sample_or_the_given_items(tmp_path):
     with pytest.raises(ValueError, match="exactly one of n"):
         read_sample(train, transform, 3, indices=[0])
     shutil.rmtree(tree)
+
+
+def test_semi_table_cell_leaves_out_t_bins_without_test_images():
+    from diffaug.study import _bin_cell
+
+    # found by a new-user run: a 12-image test split leaves some t-bins empty (accuracy None), which crashed the
+    # semi-supervised stage's table
+    assert _bin_cell([0.5, None, 0.7]) == "60 +- 14"
+    assert _bin_cell([None, None]) == "-"
+    assert _bin_cell([0.25]) == "25 +- 0"

@@ -409,10 +409,17 @@ def stage_semi(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
              "| classifier | accuracy % | " + " | ".join(f"t>={e}" for e in edges) + " |",
              "|" + "---|" * (2 + len(edges))]
     for name, label in (("supervised", "labelled only"), ("consistency", "+ temporal consistency")):
-        per_bin = [mean_std([b[k] for b in bins[name]], digits=0) for k in range(len(edges))]
+        per_bin = [_bin_cell([b[k] for b in bins[name]]) for k in range(len(edges))]
         lines.append(f"| {label} | {mean_std(acc[name])} | " + " | ".join(per_bin) + " |")
     write_text(out / "table.md", "\n".join(lines) + "\n")
     return {"fraction": cfg.semi_fraction, "accuracy": acc}
+
+
+def _bin_cell(values: list[float | None]) -> str:
+    """A t-bin's accuracy over seeds as ``mean +- std`` (%); a seed whose bin drew no test image (None, on a small
+    test split) is left out, and a bin no seed drew is ``-``."""
+    drawn = [v for v in values if v is not None]
+    return mean_std(drawn, digits=0) if drawn else "-"
 
 
 def stage_pag(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
