@@ -65,7 +65,7 @@ def test_augmix_plus_diffaug_is_the_jsd_loss_plus_the_diffaug_term_in_one_forwar
     n = x.shape[0]
     assert logits.shape == (4 * n, 4)
     want = _jsd_reference(logits[: 3 * n], y, 12.0) + 0.5 * F.cross_entropy(logits[3 * n:], y)
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)  # float32 sums in another order
     assert not torch.equal(logits[n : 2 * n], logits[:n])  # AugMix views differ from the clean images
 
 

@@ -32,6 +32,17 @@ from .seeding import private_seed
 RECIPES = ("plain", "diffaug", "augmix", "augmix+diffaug")
 
 
+def check_settings(*, label_smoothing: float, diffaug_fraction: float, diffaug_weight: float,
+                   jsd_weight: float) -> None:
+    """The recipes' settings (also checked by ``diffaug train`` before any work): one line each."""
+    if not 0 <= label_smoothing < 1:
+        raise InputError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+    if not 0 < diffaug_fraction <= 1:
+        raise InputError(f"diffaug_fraction must lie in (0, 1], got {diffaug_fraction}")
+    if not diffaug_weight >= 0 or not jsd_weight >= 0:
+        raise InputError(f"diffaug_weight and jsd_weight must be >= 0, got {diffaug_weight} and {jsd_weight}")
+
+
 class AugMixViews:
     """Two AugMix views per image (torchvision's AugMix with the AugMix paper's ops), seeded per call."""
 
@@ -67,12 +78,8 @@ class Recipe(nn.Module):
                  jsd_weight: float = 12.0, diffaug: nn.Module | None = None, diffaug_fraction: float = 1.0,
                  diffaug_weight: float = 1.0):
         super().__init__()
-        if not 0 <= label_smoothing < 1:
-            raise InputError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
-        if not 0 < diffaug_fraction <= 1:
-            raise InputError(f"diffaug_fraction must lie in (0, 1], got {diffaug_fraction}")
-        if not diffaug_weight >= 0 or not jsd_weight >= 0:
-            raise InputError(f"diffaug_weight and jsd_weight must be >= 0, got {diffaug_weight} and {jsd_weight}")
+        check_settings(label_smoothing=label_smoothing, diffaug_fraction=diffaug_fraction,
+                       diffaug_weight=diffaug_weight, jsd_weight=jsd_weight)
         self.model = model
         self.label_smoothing, self.jsd_weight = label_smoothing, jsd_weight
         self.diffaug_fraction, self.diffaug_weight = diffaug_fraction, diffaug_weight

@@ -31,3 +31,17 @@ def private_cpu_seed(seed: int):
         yield
     finally:
         gen.set_state(state)
+
+
+@contextlib.contextmanager
+def private_python_seed(seed: int):
+    """Like :func:`private_cpu_seed` for code that draws from Python's ``random`` module (e.g. timm's random
+    crops): seeds it for the block, then restores the caller's state."""
+    import random
+
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)

@@ -40,7 +40,7 @@ from .data import is_in_memory, load_dataset, subset_classes
 from .data import BAD_FILE_POLICIES, check_library, check_size, check_workers
 from .errors import InputError
 from .harness import Dist, data_parallel, gather_objects, init_distributed
-from .recipes import RECIPES, from_name
+from .recipes import RECIPES, check_settings, from_name
 
 DEFAULT_MODELS = {"digits": "small_cnn"}
 DEFAULT_IMAGE_SIZE = 224
@@ -114,15 +114,12 @@ class TrainConfig:
             raise InputError(f"unknown optimizer {self.optimizer!r}; use adamw or sgd")
         if self.lr_schedule not in ("cosine", "constant", "step"):
             raise InputError(f"unknown lr schedule {self.lr_schedule!r}; use cosine, constant or step")
-        if not 0 < self.diffaug_fraction <= 1:
-            raise InputError(f"diffaug_fraction must lie in (0, 1], got {self.diffaug_fraction}")
+        check_settings(label_smoothing=self.label_smoothing, diffaug_fraction=self.diffaug_fraction,
+                       diffaug_weight=self.diffaug_weight, jsd_weight=self.jsd_weight)
         accel.autocast_dtype(self.precision)
-        if not 0 <= self.label_smoothing < 1:
-            raise InputError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        if not self.lr > 0 or not self.weight_decay >= 0 or not self.diffaug_weight >= 0 or self.warmup_steps < 0:
-            raise InputError(f"lr must be > 0 and weight_decay, diffaug_weight, warmup_steps >= 0; got lr {self.lr}, "
-                             f"weight_decay {self.weight_decay}, diffaug_weight {self.diffaug_weight}, "
-                             f"warmup_steps {self.warmup_steps}")
+        if not self.lr > 0 or not self.weight_decay >= 0 or self.warmup_steps < 0:
+            raise InputError(f"lr must be > 0 and weight_decay, warmup_steps >= 0; got lr {self.lr}, "
+                             f"weight_decay {self.weight_decay}, warmup_steps {self.warmup_steps}")
         if self.image_size is not None:
             check_size(self.image_size)
         check_workers(self.workers)

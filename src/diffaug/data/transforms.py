@@ -55,18 +55,14 @@ class _TimmTransform:
         self.to_float = v2.ToDtype(torch.float32, scale=True)
 
     def __call__(self, image):
-        import random
-
         from torchvision.transforms.v2.functional import to_pil_image
 
+        from ..seeding import private_python_seed
+
         # timm's random crop draws from Python's `random`: give it a private state drawn from torch's CPU RNG
-        # (which SeededView seeds per sample), and restore the caller's afterwards
-        state = random.getstate()
-        random.seed(int(torch.randint(0, 2**62, (1,))))
-        try:
+        # (which SeededView seeds per sample)
+        with private_python_seed(int(torch.randint(0, 2**62, (1,)))):
             out = self.transform(to_pil_image(image) if isinstance(image, torch.Tensor) else image)
-        finally:
-            random.setstate(state)
         return self.to_float(out)  # timm without normalisation ends in uint8
 
     def __repr__(self) -> str:
