@@ -37,7 +37,7 @@ from scipy.stats import norm
 from torch import nn
 
 import diffaug
-from diffaug.certify import certified_accuracy
+from diffaug.evaluate.certify import certified_accuracy
 from diffaug.data import load_digits
 from diffaug.sequential import grid_test, look_schedule, recorded
 from diffaug.smoothing import ABSTAIN, cohen_radius
@@ -157,7 +157,7 @@ def bench_linear(args) -> dict:
 def digits_classifiers(args) -> dict[str, Path]:
     if args.classifiers:
         return dict(zip(("plain", "diffaug"), map(Path, args.classifiers)))
-    from diffaug.train_classifier import TrainConfig, train_classifier
+    from diffaug.train.classifier import TrainConfig, train_classifier
 
     root = Path(tempfile.mkdtemp(prefix="bench_certify_"))
     for recipe in ("plain", "diffaug"):

@@ -4,7 +4,7 @@
                                    [--train-batch 64] [--peak-tflops X] [--json FILE]
 
 Random weights (no checkpoint is read): the architecture of guided-diffusion's ``256x256_diffusion_uncond``
-(the paper's model) built by ``diffaug.adm``. All paths run in one process and are timed interleaved, so
+(the paper's model) built by ``diffaug.nets.adm``. All paths run in one process and are timed interleaved, so
 machine noise hits them alike; the ratios are the result, absolute times only describe this machine.
 
 DiffAug paths (the whole call: draw t and noise, diffuse, one network evaluation, x0, clip):
@@ -41,8 +41,9 @@ import time
 
 import torch
 
-from diffaug import DiffAug, Denoiser, accel
-from diffaug.adm import ADMUNet, adm_config
+from diffaug import DiffAug, Denoiser
+from diffaug.utils import accel
+from diffaug.nets.adm import ADMUNet, adm_config
 from diffaug.schedule import linear_alpha_bar
 
 # dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; the first match wins

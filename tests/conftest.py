@@ -98,7 +98,7 @@ def images():
 
 def killed_after_first_checkpoint(monkeypatch, run) -> None:
     """Call ``run()`` and kill it (KeyboardInterrupt) right after it writes its first checkpoint."""
-    from diffaug import checkpoint
+    from diffaug.utils import checkpoint
 
     original = checkpoint.save_safetensors
 

@@ -9,8 +9,9 @@ from conftest import assert_x0_close, killed_after_first_checkpoint, tiny_denois
 from torch.overrides import TorchFunctionMode
 
 import diffaug
-from diffaug import InputError, accel
-from diffaug.adm import ADMUNet, adm_config
+from diffaug import InputError
+from diffaug.utils import accel
+from diffaug.nets.adm import ADMUNet, adm_config
 from diffaug.classifier import create_classifier
 
 # Tensor -> host conversions: on a GPU each one waits for the device (a host-device synchronisation)
@@ -169,8 +170,8 @@ def test_cuda_copies_come_from_pinned_memory():
 def test_reduced_precision_training_resumes_exactly(tmp_path, precision):
     from safetensors.torch import load_file
 
-    from diffaug.checkpoint import load_safetensors
-    from diffaug.train_classifier import TrainConfig, train_classifier
+    from diffaug.utils.checkpoint import load_safetensors
+    from diffaug.train.classifier import TrainConfig, train_classifier
 
     cfg = TrainConfig(recipe="diffaug", steps=6, batch_size=32, checkpoint_every=3, precision=precision,
                       channels_last=True)
@@ -191,8 +192,8 @@ def test_reduced_precision_training_resumes_exactly(tmp_path, precision):
 def test_diffusion_training_in_reduced_precision_resumes_exactly(tmp_path, precision):
     import json
 
-    from diffaug.checkpoint import load_safetensors
-    from diffaug.train import DiffusionTrainConfig, train_diffusion
+    from diffaug.utils.checkpoint import load_safetensors
+    from diffaug.train.diffusion import DiffusionTrainConfig, train_diffusion
 
     def cfg(steps, **kw):
         return DiffusionTrainConfig(steps=steps, batch_size=16, width=8, checkpoint_every=4, sample_steps=2,
@@ -219,10 +220,10 @@ def test_diffusion_training_in_reduced_precision_resumes_exactly(tmp_path, preci
 
 
 def test_guidance_classifier_precision_and_reduced_precision_guidance_training(tmp_path, monkeypatch):
-    from diffaug import checkpoint
+    from diffaug.utils import checkpoint
     from diffaug.guidance import build_guidance
     from diffaug.guidance import load_guidance
-    from diffaug.train_guidance import GuidanceTrainConfig, train_guidance
+    from diffaug.train.guidance import GuidanceTrainConfig, train_guidance
 
     den = tiny_denoiser()
     g = build_guidance("da", den, 10, width=16, seed=0)

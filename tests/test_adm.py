@@ -9,8 +9,8 @@ import torch
 
 import diffaug
 from diffaug import InputError
-from diffaug.adm import (CLASSIFIER_PRESETS, PRESETS, ADMClassifier, ADMConfig, ADMUNet, AttentionBlock, adm_classifier_config,
-                         adm_config)
+from diffaug.nets.adm import (CLASSIFIER_PRESETS, PRESETS, ADMClassifier, ADMConfig, ADMUNet, AttentionBlock, adm_classifier_config,
+                             adm_config)
 
 REFERENCE_FILE = Path(__file__).parent / "data" / "adm_reference.json"
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from diffaug.cli import main
 from diffaug.denoiser import load_denoiser
-from diffaug.quality import measure_once
+from diffaug.evaluate.quality import measure_once
 from conftest import tiny_denoiser
 
 
@@ -49,7 +49,7 @@ def test_shipped_default_quality_is_well_above_chance():
 
 
 def test_denoiser_quality_cli_writes_json(tmp_path, monkeypatch):
-    import diffaug.quality as q
+    import diffaug.evaluate.quality as q
 
     calls = []
 

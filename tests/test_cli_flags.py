@@ -99,8 +99,8 @@ def parse(argv: str) -> dict:
     return {k: (v.__name__ if k == "func" else v) for k, v in sorted(vars(ns).items())}
 
 
-TRAINING = {"train-diffusion": ("train", "train_diffusion"), "train": ("train_classifier", "train_classifier"),
-            "train-guidance": ("train_guidance", "train_guidance")}
+TRAINING = {"train-diffusion": ("train.diffusion", "train_diffusion"),
+            "train": ("train.classifier", "train_classifier"), "train-guidance": ("train.guidance", "train_guidance")}
 
 
 def run_config(argv: str) -> dict:

@@ -13,9 +13,9 @@ import torch
 from imagenet_tree import make_tree
 
 from diffaug import InputError, load_classifier
-from diffaug.checkpoint import load_safetensors, read_jsonl
+from diffaug.utils.checkpoint import load_safetensors, read_jsonl
 from diffaug.cli import main
-from diffaug.train_classifier import TrainConfig, train_classifier
+from diffaug.train.classifier import TrainConfig, train_classifier
 
 
 @pytest.fixture(scope="module")

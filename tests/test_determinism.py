@@ -7,7 +7,7 @@ import torch
 import diffaug
 from diffaug.classifier import create_classifier, save_classifier
 from diffaug.cli import main
-from diffaug.train_classifier import TrainConfig, train_classifier
+from diffaug.train.classifier import TrainConfig, train_classifier
 
 
 def test_augmentations_repeat_bitwise(den, images):

@@ -8,7 +8,7 @@ from PIL import Image
 from diffaug import InputError
 from diffaug.cli import main
 from diffaug.data import load_digits, noise_images, photo_patches, subset_classes
-from diffaug.train_classifier import TrainConfig, train_classifier
+from diffaug.train.classifier import TrainConfig, train_classifier
 
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,7 @@ def test_torchrun_shards_streamed_conditions_and_images_and_matches_one_process(
 
 
 def test_ood_scores_are_never_fitted_on_the_test_images(tmp_path, monkeypatch):
-    from diffaug import eval_ood
+    from diffaug.evaluate import ood as eval_ood
     from diffaug.data import open_splits
 
     tree = make_tree(tmp_path / "imagenet", {"train": 6, "val": 2}, odd_files=False)  # ImageNet: no test/

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from diffaug import StorageError
-from diffaug.checkpoint import load_safetensors, read_jsonl, save_safetensors, write_json
+from diffaug.utils.checkpoint import load_safetensors, read_jsonl, save_safetensors, write_json
 from diffaug.cli import main
 
 pytestmark = pytest.mark.slow
@@ -184,7 +184,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
 
 
 def test_a_torn_log_line_is_skipped_and_rewound(tmp_path):
-    from diffaug.checkpoint import append_jsonl, rewind_jsonl
+    from diffaug.utils.checkpoint import append_jsonl, rewind_jsonl
 
     log = tmp_path / "log.jsonl"
     append_jsonl(log, [{"step": 1}, {"step": 2}, {"step": 3}])

@@ -1,5 +1,5 @@
 """Evaluations name classifiers (and OOD folders) by a unique short key: ``runs/a/s0`` and ``runs/b/s0`` no longer
-collide (certify, eval-shift, eval-ood, pag share :func:`diffaug.evaldata.folder_keys`)."""
+collide (certify, eval-shift, eval-ood, pag share :func:`diffaug.evaluate.sets.folder_keys`)."""
 
 import csv
 import os
@@ -15,7 +15,7 @@ from PIL import Image
 from diffaug import InputError
 from diffaug.classifier import create_classifier
 from diffaug.cli import main
-from diffaug.evaldata import folder_keys
+from diffaug.evaluate.sets import folder_keys
 
 
 def test_keys_are_the_folder_name_when_it_is_unique_and_longer_only_when_needed():
@@ -71,7 +71,7 @@ def test_eval_shift_keeps_both_and_refuses_a_repeat(tmp_path, twins, capsys):
 
 
 def test_eval_ood_keeps_two_ood_folders_of_one_name(tmp_path, twins):
-    from diffaug.eval_ood import run_eval_ood
+    from diffaug.evaluate.ood import run_eval_ood
 
     gen = np.random.default_rng(0)
     for run in ("a", "b"):

@@ -9,7 +9,7 @@ from diffaug.cli import main
 from diffaug.genmetrics import frechet_distance, inception_style_score, precision_recall
 from diffaug.guidance import build_guidance, guided_sample, load_guidance, save_guidance
 from diffaug.sampling import ddim_sample
-from diffaug.train_guidance import GuidanceTrainConfig, train_guidance
+from diffaug.train.guidance import GuidanceTrainConfig, train_guidance
 
 
 def gen(seed=0):
@@ -145,7 +145,7 @@ def test_sample_cli_errors(tmp_path, capsys):
 
 
 def test_semi_supervised_split_and_consistency():
-    from diffaug.train_guidance import consistency_loss, labelled_split
+    from diffaug.train.guidance import consistency_loss, labelled_split
 
     labels = torch.arange(10).repeat_interleave(20)
     keep, rest = labelled_split(labels, 0.1, seed=0)

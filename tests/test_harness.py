@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from diffaug import InputError, accel
-from diffaug.checkpoint import load_safetensors, read_jsonl, save_safetensors
-from diffaug.harness import (Dist, LossLog, Run, RunFolder, StopSignal, TrainState, read_checkpoint,
-                             refuse_torchrun, run_steps)
+from diffaug import InputError
+from diffaug.utils import accel
+from diffaug.utils.checkpoint import load_safetensors, read_jsonl, save_safetensors
+from diffaug.train.harness import LossLog, Run, RunFolder, StopSignal, TrainState, read_checkpoint, run_steps
+from diffaug.utils.distributed import Dist, refuse_torchrun
 
 
 # ---------------------------------------------------------------------- the harness itself
@@ -186,7 +187,7 @@ def _same_run(a, b, files) -> None:
 
 def test_train_diffusion_sigterm_resume_and_force(tmp_path, monkeypatch, capsys):
     from diffaug.cli import main
-    from diffaug.train import DiffusionTrainConfig, train_diffusion
+    from diffaug.train.diffusion import DiffusionTrainConfig, train_diffusion
 
     cfg = DiffusionTrainConfig(steps=7, batch_size=16, width=8, checkpoint_every=100, warmup_steps=2,
                                sample_grid=False)
@@ -209,7 +210,7 @@ def test_train_diffusion_sigterm_resume_and_force(tmp_path, monkeypatch, capsys)
 
 
 def test_train_guidance_sigterm_resume_and_force(tmp_path, monkeypatch):
-    from diffaug.train_guidance import GuidanceTrainConfig, train_guidance
+    from diffaug.train.guidance import GuidanceTrainConfig, train_guidance
 
     cfg = GuidanceTrainConfig(kind="noisy", steps=7, batch_size=32, width=8, checkpoint_every=100,
                               labelled_fraction=0.5, consistency_weight=0.5)

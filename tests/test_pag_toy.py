@@ -5,8 +5,8 @@ from conftest import tiny_denoiser
 from diffaug.classifier import create_classifier
 from diffaug.cli import main
 from diffaug.guidance import build_guidance
-from diffaug.pag import classifier_gradient, minmax, pag_panel
-from diffaug.toy import nearest_distance, toy_demo
+from diffaug.evaluate.pag import classifier_gradient, minmax, pag_panel
+from diffaug.study.toy import nearest_distance, toy_demo
 
 
 def test_minmax_per_image():

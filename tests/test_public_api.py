@@ -42,6 +42,7 @@ def test_unknown_attribute_still_raises():
 
 
 SNAPSHOT = __import__("pathlib").Path(__file__).parent / "data" / "public_api.txt"
+SUBPACKAGES = ("data", "nets", "train", "evaluate", "study")
 
 
 def public_names() -> list[str]:
@@ -49,10 +50,11 @@ def public_names() -> list[str]:
     methods and properties the exported classes define themselves (``diffaug.Classifier.from_pretrained``)."""
     import inspect
 
-    import diffaug.data
+    import importlib
 
     names = [f"diffaug.{n}" for n in diffaug.__all__] + [f"diffaug.{m}" for m in diffaug.SUBMODULES]
-    names += [f"diffaug.data.{n}" for n in diffaug.data.__all__]
+    for package in SUBPACKAGES:
+        names += [f"diffaug.{package}.{n}" for n in importlib.import_module(f"diffaug.{package}").__all__]
     for n in diffaug.__all__:
         obj = getattr(diffaug, n)
         if inspect.isclass(obj) and not issubclass(obj, BaseException):
@@ -73,6 +75,60 @@ def test_public_api_matches_the_checked_in_snapshot():
         for part in name.split(".")[1:]:
             obj = getattr(obj, part)
         assert obj is not None, name
+
+
+
+def test_moved_modules_still_resolve_with_a_deprecation_warning():
+    """The 0.1 flat module names (``diffaug.eval_shift``, ``diffaug.accel``, ...) reach their new homes."""
+    import importlib
+
+    import pytest
+
+    assert diffaug.MOVED and not set(diffaug.MOVED) & set(diffaug.SUBMODULES)
+    for old, new in diffaug.MOVED.items():
+        with pytest.warns(DeprecationWarning, match=f"diffaug.{old} moved to diffaug.{new}"):
+            assert getattr(diffaug, old) is importlib.import_module(f"diffaug.{new}")
+
+
+def imported_modules(path) -> set[str]:
+    """The diffaug modules a source file imports (absolute names), at any depth in the file."""
+    import ast
+
+    src = __import__("pathlib").Path(diffaug.__file__).parent
+    here = ["diffaug", *path.relative_to(src).with_suffix("").parts]
+    package = here if here[-1] == "__init__" else here[:-1]
+    package = [p for p in package if p != "__init__"]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = base + (node.module.split(".") if node.module else [])
+            if mod and mod[0] == "diffaug":
+                found.add(".".join(mod))
+                found.update(".".join(mod + [a.name]) for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("diffaug"))
+    return found
+
+
+def test_the_library_never_imports_a_job():
+    """Layers: the library (core, methods, data, nets, utils) imports no job package (train, evaluate, study, cli);
+    evaluations import no training code; training imports no evaluation."""
+    src = __import__("pathlib").Path(diffaug.__file__).parent
+    jobs = ("diffaug.train", "diffaug.evaluate", "diffaug.study", "diffaug.cli")
+    rules = {"": jobs, "train": ("diffaug.evaluate", "diffaug.study", "diffaug.cli"),
+             "evaluate": ("diffaug.train", "diffaug.study", "diffaug.cli")}
+    bad = []
+    for path in src.rglob("*.py"):
+        top = path.relative_to(src).parts[0]
+        layer = top if top in ("train", "evaluate") else "" if top not in ("study", "cli.py") else None
+        if layer is None:
+            continue
+        own = f"diffaug.{top}" if layer else None
+        for mod in imported_modules(path):
+            if any(mod == j or mod.startswith(j + ".") for j in rules[layer]) and not (own and mod.startswith(own)):
+                bad.append(f"{path.relative_to(src)} imports {mod}")
+    assert bad == []
 
 
 if __name__ == "__main__":

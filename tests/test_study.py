@@ -4,7 +4,7 @@ import pytest
 
 from diffaug import InputError
 from diffaug.cli import main
-from diffaug.study import STAGES, StudyConfig, build_claims
+from diffaug.study.stages import STAGES, StudyConfig, build_claims
 
 
 @pytest.mark.slow
@@ -112,7 +112,7 @@ def test_interval_and_seeds_to_settle_match_scipy():
 
 
 def test_report_puts_the_forest_plot_first_and_scrolls_wide_tables(tmp_path):
-    from diffaug.study import write_report
+    from diffaug.study.stages import write_report
 
     numbers = {"ood": {"auroc": {"plain": [0.80, 0.82, 0.81], "diffaug": [0.90, 0.91, 0.92]},
                        "near_auroc": {"plain": [0.70, 0.72, 0.71], "diffaug": [0.69, 0.73, 0.70]}}}

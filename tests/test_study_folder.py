@@ -13,7 +13,7 @@ import torch
 from conftest import write_rgb_denoiser
 from diffaug.cli import main
 from diffaug.data import SeededView, generative_transform, open_splits, read_sample, stratified_sample
-from diffaug.study import STAGES
+from diffaug.study.stages import STAGES
 from imagenet_tree import WNIDS, make_tree
 
 SIZE = 16
@@ -153,7 +153,7 @@ def test_read_sample_holds_a_stratified_sample_or_the_given_items(tmp_path):
 
 
 def test_semi_table_cell_leaves_out_t_bins_without_test_images():
-    from diffaug.study import _bin_cell
+    from diffaug.study.stages import _bin_cell
 
     # found by a new-user run: a 12-image test split leaves some t-bins empty (accuracy None), which crashed the
     # semi-supervised stage's table

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffaug.report import mean_std
+from diffaug.tables import mean_std
 from diffaug.tables import JobResult, lookup, markdown_table, summarize
 
 # two recipes; classifier a1 is scored twice (two conditions), the others once
@@ -53,7 +53,7 @@ def test_job_result_prints_its_text():
 def test_certify_returns_rows_that_make_its_table(tmp_path):
     """run_certify's rows: one per classifier x sigma x radius of the table, the table's numbers; the best-sigma
     curve (the study's number) is the table's ``best`` line."""
-    from diffaug.certify import best_sigma_curves, run_certify, table_radii
+    from diffaug.evaluate.certify import best_sigma_curves, run_certify, table_radii
     from diffaug.classifier import create_classifier
 
     folders = []

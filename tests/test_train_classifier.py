@@ -13,9 +13,9 @@ from diffaug import InputError, load_classifier
 from diffaug.augment import DiffAug
 from diffaug.classifier import create_classifier, save_classifier
 from diffaug.cli import main
-from diffaug.checkpoint import load_safetensors
+from diffaug.utils.checkpoint import load_safetensors
 from diffaug.recipes import DiffAugRecipe
-from diffaug.train_classifier import RECIPES, TrainConfig, train_classifier
+from diffaug.train.classifier import RECIPES, TrainConfig, train_classifier
 from conftest import tiny_denoiser
 
 
@@ -162,7 +162,7 @@ def test_errors_before_any_output(tmp_path, den_dir, capsys):
 DDP_LAYOUT_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch import nn
-from diffaug.harness import data_parallel
+from diffaug.utils.distributed import data_parallel
 dist.init_process_group("gloo")
 conv = nn.Conv2d(1, 4, 3)
 # a [4, 1, 3, 3] weight whose size-1 dim has another stride than the kernel's gradient gives it (what oneDNN does

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from diffaug import InputError, load_denoiser
-from diffaug.checkpoint import load_safetensors
+from diffaug.utils.checkpoint import load_safetensors
 from diffaug.cli import main
 from diffaug.data import load_dataset, load_digits
-from diffaug.train import DiffusionTrainConfig, train_diffusion
+from diffaug.train.diffusion import DiffusionTrainConfig, train_diffusion
 
 
 def tiny_cfg(**kw):
@@ -64,7 +64,7 @@ def test_resume_and_overwrite_errors(tmp_path):
 
 
 def test_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
-    from diffaug.checkpoint import save_safetensors
+    from diffaug.utils.checkpoint import save_safetensors
 
     train_diffusion(tiny_cfg(steps=4), tmp_path / "run", progress=False)
     path = tmp_path / "run" / "checkpoint.safetensors"

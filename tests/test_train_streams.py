@@ -14,7 +14,7 @@ from imagenet_tree import WNIDS, make_tree
 
 import diffaug
 from diffaug import InputError
-from diffaug.checkpoint import read_safetensors
+from diffaug.utils.checkpoint import read_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def den16(tmp_path_factory):
 
 # ---------------------------------------------------------------------- train-diffusion
 def _diffusion(tree, out, steps, resume=False):
-    from diffaug.train import DiffusionTrainConfig, train_diffusion
+    from diffaug.train.diffusion import DiffusionTrainConfig, train_diffusion
 
     cfg = DiffusionTrainConfig(data=str(tree), image_size=16, width=8, layers_per_block=1, steps=steps,
                                batch_size=4, workers=0, checkpoint_every=2, sample_grid=False, seed=3)
@@ -63,7 +63,7 @@ def test_train_diffusion_refuses_a_size_its_unet_cannot_take_before_writing(tree
 
 def test_default_network_and_batch_are_sized_for_the_image():
     from diffaug.nets.unet import unet_config_for
-    from diffaug.train import default_batch_size
+    from diffaug.train.diffusion import default_batch_size
 
     assert [default_batch_size(s) for s in (8, 32, 64, 128, 256)] == [128, 128, 32, 8, 8]
     widths = [unet_config_for(s, 3)["block_out_channels"][0] for s in (8, 16, 32, 64)]
@@ -73,7 +73,7 @@ def test_default_network_and_batch_are_sized_for_the_image():
 # ---------------------------------------------------------------------- train-guidance
 def test_train_guidance_streams_a_folder(tree, den16, tmp_path):
     from diffaug.guidance import load_guidance
-    from diffaug.train_guidance import GuidanceTrainConfig, train_guidance
+    from diffaug.train.guidance import GuidanceTrainConfig, train_guidance
 
     cfg = GuidanceTrainConfig(kind="da", data=str(tree), denoiser=str(den16), steps=2, batch_size=4, width=8,
                               workers=0, labelled_fraction=0.5, consistency_weight=1.0)
@@ -113,7 +113,7 @@ def test_a_convolutional_denoiser_runs_at_any_size_its_downsamplings_divide(den1
 
 
 def test_adm_size_multiple_follows_its_levels():
-    from diffaug.adm import ADMConfig, ADMUNet
+    from diffaug.nets.adm import ADMConfig, ADMUNet
 
     net = ADMUNet(ADMConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
                             attention_resolutions=(8,), num_heads=1))
@@ -144,7 +144,7 @@ def test_resized_diffaug_resizes_around_the_denoiser(den16):
 
 
 def test_train_refuses_a_crop_the_denoiser_cannot_take_and_resizes_with_denoiser_size(tree, den16, tmp_path):
-    from diffaug.train_classifier import TrainConfig, train_classifier
+    from diffaug.train.classifier import TrainConfig, train_classifier
 
     base = dict(data=str(tree), recipe="diffaug", model="small_cnn", denoiser=str(den16), image_size=15, workers=0,
                 steps=1, batch_size=6)
@@ -170,7 +170,7 @@ def test_recipe_adds_one_cross_entropy_per_aligned_view():
 
 def test_aligned_copies_share_the_crop_and_a_missing_copy_is_refused_before_training(tree, tmp_path):
     from diffaug.data import SeededView, aligned_copy, open_splits, train_transform
-    from diffaug.train_classifier import TrainConfig, train_classifier
+    from diffaug.train.classifier import TrainConfig, train_classifier
 
     copy = tmp_path / "edsr"
     shutil.copytree(tree / "train", copy / "train")
@@ -190,7 +190,7 @@ def test_aligned_copies_share_the_crop_and_a_missing_copy_is_refused_before_trai
 
 
 def test_extra_data_is_added_by_class_name_and_sync_bn_is_a_noop_alone(tree, tmp_path, capsys):
-    from diffaug.train_classifier import TrainConfig, train_classifier
+    from diffaug.train.classifier import TrainConfig, train_classifier
 
     extra = tmp_path / "synth"
     shutil.copytree(tree / "val" / WNIDS[2], extra / WNIDS[2])  # one class only: matched by name, not position
@@ -246,8 +246,8 @@ def test_the_study_settings_reach_the_training_of_a_folder_of_large_images(tmp_p
     from imagenet_tree import class_image
     from PIL import Image
 
-    from diffaug.study import StudyConfig, _folder_batch
-    from diffaug.train_classifier import TrainConfig, train_classifier
+    from diffaug.study.stages import StudyConfig, _folder_batch
+    from diffaug.train.classifier import TrainConfig, train_classifier
 
     rng = np.random.default_rng(0)
     for c in range(3):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffaug import InputError, load_classifier, load_denoiser
-from diffaug.checkpoint import check_safetensors_header, load_safetensors, save_safetensors
+from diffaug.utils.checkpoint import check_safetensors_header, load_safetensors, save_safetensors
 from diffaug.classifier import create_classifier, load_weights, save_classifier
 from diffaug.cli import main
 from diffaug.data import load_corrupted

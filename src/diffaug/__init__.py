@@ -8,41 +8,37 @@ does), so ``import diffaug`` stays as fast as the core and ``diffaug.ood.metrics
 ``diffaug.ood`` by hand.
 """
 
-import importlib
-
 from .augment import DiffAug, diffuse_denoise
 from .classifier import Classifier, create_classifier, load_classifier
 from .denoiser import Denoiser, load_denoiser
 from .ensemble import diffaug_ensemble
 from .errors import InputError, StorageError
 from .smoothing import ABSTAIN, Smooth
+from .utils.lazy import lazy_attributes
 
-# modules reachable as attributes of the package, imported when first touched
+# modules and subpackages reachable as attributes of the package, imported when first touched
 SUBMODULES = (
-    "accel", "adm", "augment", "certify", "checkpoint", "classifier", "cli", "corruptions", "data", "dda",
-    "denoiser", "ensemble", "errors", "eval_guidance", "eval_ood", "eval_shift", "evaldata", "genmetrics",
-    "guidance", "harness", "nets", "ood", "pag", "quality", "recipes", "report", "sampling", "schedule", "seeding",
-    "sequential",
-    "smoothing", "stats",
-    "study", "tables", "toy", "train", "train_classifier", "train_guidance",
+    # the core and the paper's methods
+    "schedule", "denoiser", "augment", "ensemble", "sampling", "dda", "smoothing", "sequential", "ood",
+    "corruptions", "guidance", "genmetrics", "classifier", "recipes", "stats", "tables", "errors", "data", "nets",
+    # jobs, the study, plumbing
+    "train", "evaluate", "study", "cli", "utils",
 )
 # public classes that live in modules imported on first use
 _LAZY_NAMES = {"GuidanceClassifier": "guidance", "Recipe": "recipes", "Plain": "recipes",
                "DiffAugRecipe": "recipes", "AugMix": "recipes"}
+# modules that moved into subpackages (0.1 layout): still reachable as attributes, with a DeprecationWarning
+MOVED = {
+    "accel": "utils.accel", "checkpoint": "utils.checkpoint", "seeding": "utils.seeding", "adm": "nets.adm",
+    "harness": "train.harness", "train_classifier": "train.classifier", "train_guidance": "train.guidance",
+    "eval_shift": "evaluate.shift", "eval_ood": "evaluate.ood", "certify": "evaluate.certify",
+    "eval_guidance": "evaluate.guidance", "evaldata": "evaluate.sets", "pag": "evaluate.pag",
+    "quality": "evaluate.quality", "report": "study.report", "toy": "study.toy",
+}
 
 __all__ = ["ABSTAIN", "DiffAug", "Smooth", "Denoiser", "InputError", "StorageError", "create_classifier",
            "diffaug_ensemble", "diffuse_denoise", "load_classifier", "load_denoiser", "Classifier",
            "GuidanceClassifier", "Recipe", "Plain", "DiffAugRecipe", "AugMix"]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    if name in SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name in _LAZY_NAMES:
-        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(SUBMODULES) | set(_LAZY_NAMES))
+__getattr__, __dir__ = lazy_attributes(__name__, SUBMODULES, _LAZY_NAMES, MOVED)

@@ -9,16 +9,23 @@ weights only. The wrapper normalises inputs inside the model, so DiffAug and the
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import accel
-from .checkpoint import load_state, read_safetensors, save_safetensors, write_json
 from .errors import InputError, channels_hint
-from .seeding import private_seed
+from .nets.small import small_backbone
+from .utils import accel
+from .utils.checkpoint import load_state, read_safetensors, save_safetensors, write_json
+from .utils.seeding import private_seed
+
+if TYPE_CHECKING:
+    from .data import ImageDataset
 
 MODEL_FILE, MODEL_CONFIG = "model.safetensors", "model.json"
 OWN_MODELS = ("small_cnn", "resnet_small")
@@ -38,7 +45,7 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.spec = dict(spec)
-        self.precision = "fp32"  # autocast dtype of the backbone; see diffaug.accel.accelerate
+        self.precision = "fp32"  # autocast dtype of the backbone; see diffaug.utils.accel.accelerate
         self.channels_last = False
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +70,7 @@ class Classifier(nn.Module):
         Args:
             folder: the run folder.
             device: where to put it (default: the CPU).
-            speed: a :class:`~diffaug.accel.Speed` (precision, channels_last, compile) to set it up with.
+            speed: a :class:`~diffaug.utils.accel.Speed` (precision, channels_last, compile) to set it up with.
 
         Raises:
             InputError: the folder lacks one of the two files, or the weights do not fit the recorded architecture.
@@ -92,39 +99,6 @@ class Classifier(nn.Module):
         save_safetensors(dict(self.state_dict()), folder / MODEL_FILE)
         write_json(folder / MODEL_CONFIG, {**self.spec, "mean": self.mean.flatten().tolist(),
                                            "std": self.std.flatten().tolist(), **(extra or {})})
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
-        )
-        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        return torch.relu(self.body(x) + self.skip(x))
-
-
-def _own_model(name: str, channels: int, width: int = 32) -> tuple[nn.Module, int]:
-    if name == "small_cnn":
-        feats = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        return feats, 4 * width
-    # resnet_small: a ResNet-10-style net for small images (stride-1 stem)
-    feats = nn.Sequential(
-        nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-        _BasicBlock(width, width, 1), _BasicBlock(width, 2 * width, 2), _BasicBlock(2 * width, 4 * width, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-    )
-    return feats, 4 * width
 
 
 def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -277,7 +251,7 @@ def _create(name, num_classes, channels, mean, std, checkpoint_path, width, imag
     if image_size is not None:
         spec["image_size"] = int(image_size)
     if name in OWN_MODELS:
-        features, dim = _own_model(name, channels, width)
+        features, dim = small_backbone(name, channels, width)
         head = nn.Linear(dim, num_classes)
     elif name.startswith("torchvision:"):
         features, head = _torchvision_model(name.split(":", 1)[1], num_classes, channels)
@@ -355,3 +329,32 @@ def load_classifier(folder: str | os.PathLike, *, device: str | torch.device | N
     """``Classifier.from_pretrained(folder, device=device, speed=speed)`` (:meth:`Classifier.from_pretrained`):
     a classifier saved by ``diffaug train``, in eval mode."""
     return Classifier.from_pretrained(folder, device=device, speed=speed)
+
+
+# ---------------------------------------------------------------------- small classifiers fitted in memory
+def fit_classifier(model: nn.Module, data: ImageDataset, *, epochs: int = 30, batch_size: int = 64,
+                   lr: float = 1e-3, weight_decay: float = 5e-4, generator: torch.Generator | None = None,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """Plain cross-entropy training (AdamW, cosine LR); used for reference classifiers that judge quality."""
+    device = torch.device(device)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(data) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    images, labels = data.images.to(device), data.labels.to(device)
+    for _ in range(epochs):
+        perm = torch.randperm(len(data), generator=generator).to(device)
+        for i in range(0, len(data), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Class predictions ``[N]`` of an eval-mode classifier on images in [0, 1]."""
+    return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from .checkpoint import write_text
 from .errors import InputError, StorageError
+from .utils.checkpoint import write_text
 
 
 def _device(name: str | None) -> str:
@@ -39,7 +39,7 @@ def _device(name: str | None) -> str:
 
 def _speed(args):
     """The --precision / --channels-last / --compile settings (checked before any work)."""
-    from .accel import Speed
+    from .utils.accel import Speed
 
     return Speed(args.precision, args.channels_last, args.compile)
 
@@ -52,7 +52,7 @@ def _png_path(value: str) -> Path:
 
 
 def cmd_train_diffusion(args) -> None:
-    from .train import DiffusionTrainConfig, train_diffusion
+    from .train.diffusion import DiffusionTrainConfig, train_diffusion
 
     cfg = _config(DiffusionTrainConfig, args, DIFFUSION_FLAGS, sample_grid=not args.no_sample_grid)
     if args.unconditional:
@@ -63,7 +63,7 @@ def cmd_train_diffusion(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train_classifier import TrainConfig, train_classifier
+    from .train.classifier import TrainConfig, train_classifier
 
     cfg = _config(TrainConfig, args, {**STEPS_FLAGS, **CLASSIFIER_FLAGS})
     if cfg.steps is None and cfg.epochs is None:
@@ -73,7 +73,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_certify(args) -> None:
-    from .certify import run_certify
+    from .evaluate.certify import run_certify
 
     table = run_certify(data=args.data, classifiers=args.classifier, denoiser=args.denoiser, sigmas=args.sigma,
                         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
@@ -85,7 +85,7 @@ def cmd_certify(args) -> None:
 
 
 def cmd_eval_ood(args) -> None:
-    from .eval_ood import run_eval_ood
+    from .evaluate.ood import run_eval_ood
 
     print(run_eval_ood(data=args.data, classifiers=args.classifier, ood=args.ood, seed=args.seed, out=args.out,
                        device=_device(args.device), search_percentile=args.search_percentile, speed=_speed(args),
@@ -93,7 +93,7 @@ def cmd_eval_ood(args) -> None:
 
 
 def cmd_eval_shift(args) -> None:
-    from .eval_shift import run_eval_shift
+    from .evaluate.shift import run_eval_shift
 
     table = run_eval_shift(data=args.data, classifiers=args.classifier, denoiser=args.denoiser, modes=args.modes,
                            corruptions=args.corruptions, severities=args.severities, limit=args.limit,
@@ -107,7 +107,7 @@ def cmd_eval_shift(args) -> None:
 
 
 def cmd_train_guidance(args) -> None:
-    from .train_guidance import GuidanceTrainConfig, train_guidance
+    from .train.guidance import GuidanceTrainConfig, train_guidance
 
     train_guidance(_config(GuidanceTrainConfig, args, GUIDANCE_FLAGS), args.out, resume=args.resume,
                    device=_device(args.device), progress=not args.quiet)
@@ -119,7 +119,7 @@ def cmd_sample(args) -> None:
     import torch
     from .denoiser import load_denoiser
     from .guidance import GuidanceClassifier, guided_sample
-    from .report import save_grid
+    from .utils.figures import save_grid
 
     out = _png_path(args.out)
     if args.n < 1:
@@ -140,7 +140,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval_guidance(args) -> None:
-    from .eval_guidance import run_eval_guidance
+    from .evaluate.guidance import run_eval_guidance
 
     print(run_eval_guidance(guidance=args.guidance, denoiser=args.denoiser, data=args.data,
                             clean_classifier=args.clean_classifier, per_class=args.per_class, steps=args.steps,
@@ -150,7 +150,7 @@ def cmd_eval_guidance(args) -> None:
 
 
 def cmd_pag(args) -> None:
-    from .pag import run_pag
+    from .evaluate.pag import run_pag
 
     out = _png_path(args.out)
     run_pag(classifiers=args.classifier or [], guidance=args.guidance or [], denoiser=args.denoiser, data=args.data,
@@ -161,7 +161,7 @@ def cmd_pag(args) -> None:
 def cmd_toy(args) -> None:
     import json
 
-    from .toy import toy_demo
+    from .study.toy import toy_demo
 
     out = _png_path(args.out)
     if any(not 0 <= t < 1000 for t in args.t):
@@ -175,7 +175,7 @@ def cmd_toy(args) -> None:
 
 
 def cmd_study(args) -> None:
-    from .study import StudyConfig, run_study
+    from .study.stages import StudyConfig, run_study
 
     cfg = StudyConfig.from_file(args.config, quick=args.quick)
     if args.seeds is not None:
@@ -189,7 +189,7 @@ def cmd_study(args) -> None:
 
 
 def cmd_show_augmentations(args) -> None:
-    from .report import show_augmentations
+    from .study.report import show_augmentations
 
     out = _png_path(args.out)
     show_augmentations(args.denoiser, out, data=args.data, seed=args.seed, device=_device(args.device))
@@ -197,7 +197,7 @@ def cmd_show_augmentations(args) -> None:
 
 
 def cmd_denoiser_quality(args) -> None:
-    from .quality import denoiser_quality
+    from .evaluate.quality import denoiser_quality
 
     denoiser_quality(args.denoiser, args.out, data=args.data, seeds=args.seeds, device=_device(args.device))
 
@@ -341,7 +341,7 @@ GUIDANCE_FLAGS = {
 
 
 def _train_diffusion_flags(p: argparse.ArgumentParser) -> None:
-    from .train import DiffusionTrainConfig
+    from .train.diffusion import DiffusionTrainConfig
 
     _field_flags(p, DiffusionTrainConfig, DIFFUSION_FLAGS, defaults=("data",))
     p.add_argument("--no-sample-grid", dest="no_sample_grid", action="store_true",
@@ -351,14 +351,14 @@ def _train_diffusion_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
-    from .train_classifier import TrainConfig
+    from .train.classifier import TrainConfig
 
     _field_flags(p.add_mutually_exclusive_group(), TrainConfig, STEPS_FLAGS)
     _field_flags(p, TrainConfig, CLASSIFIER_FLAGS, defaults=("data", "recipe"))
 
 
 def _train_guidance_flags(p: argparse.ArgumentParser) -> None:
-    from .train_guidance import GuidanceTrainConfig
+    from .train.guidance import GuidanceTrainConfig
 
     _field_flags(p, GuidanceTrainConfig, GUIDANCE_FLAGS, defaults=("data", "denoiser"))
 
@@ -457,7 +457,7 @@ def _toy_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _study_flags(p: argparse.ArgumentParser) -> None:
-    from .study import StudyConfig
+    from .study.stages import StudyConfig
 
     p.add_argument("--config", help="JSON file of settings (see diffaug.study.StudyConfig)")
     p.add_argument("--data", help="'digits' (default), a CIFAR-10 folder or an image folder, streamed (overrides "

@@ -19,8 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import accel, schedule
 from .errors import InputError, channels_hint
+from .utils import accel
+from . import schedule
 
 SHIPPED = {"digits": Path(__file__).resolve().parent / "weights" / "digits"}
 
@@ -85,7 +86,7 @@ class Denoiser(nn.Module):
         self.num_classes = num_classes
         self.null_class = null_class
         self.scheduler_config: dict | None = None  # kept from from_diffusers, written back by save_pretrained
-        self.precision = "fp32"  # autocast dtype of the network call; see diffaug.accel.accelerate
+        self.precision = "fp32"  # autocast dtype of the network call; see diffaug.utils.accel.accelerate
         self.channels_last = False
 
     # ------------------------------------------------------------------ properties and conversions
@@ -131,7 +132,7 @@ class Denoiser(nn.Module):
         """The square sizes the network takes besides :attr:`image_size`: any multiple of this number (a
         convolutional UNet, diffusers' or ADM: 2 ** its downsamplings), or None when only :attr:`image_size`
         is known to work (any other network)."""
-        from .adm import ADMUNet
+        from .nets.adm import ADMUNet
 
         if isinstance(self.net, _DiffusersUNet):
             return 2 ** sum(1 for b in self.net.unet.down_blocks if getattr(b, "downsamplers", None))
@@ -337,7 +338,7 @@ class Denoiser(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
                         speed: "accel.Speed | None" = None) -> "Denoiser":
         """Load a diffusers folder in either layout ``save_pretrained`` writes, on ``device``, set up with ``speed``
-        (:class:`~diffaug.accel.Speed`) if given (:func:`load_denoiser` also takes the shipped names).
+        (:class:`~diffaug.utils.accel.Speed`) if given (:func:`load_denoiser` also takes the shipped names).
 
         * pipeline layout (as diffaug writes it): ``unet/config.json`` + ``unet/diffusion_pytorch_model.safetensors``
           and ``scheduler/scheduler_config.json``;
@@ -348,7 +349,7 @@ class Denoiser(nn.Module):
         """
         from diffusers import UNet2DModel
 
-        from .checkpoint import load_state, read_safetensors
+        from .utils.checkpoint import load_state, read_safetensors
 
         folder = Path(path)
         if not folder.is_dir():
@@ -388,11 +389,11 @@ class Denoiser(nn.Module):
         Args:
             path: the ``.pt`` state dict (read with ``torch.load(..., weights_only=True)``: pickled objects are
                 refused, never run) or a ``.safetensors`` file with the same keys.
-            preset: a name in ``diffaug.adm.PRESETS`` (e.g. ``"256x256_diffusion_uncond"``, the paper's model),
+            preset: a name in ``diffaug.nets.adm.PRESETS`` (e.g. ``"256x256_diffusion_uncond"``, the paper's model),
                 giving the network flags and the schedule; flags and the schedule arguments override it.
             noise_schedule, diffusion_steps, rescale_timesteps, predict_xstart: the diffusion flags of the
                 original scripts (``predict_xstart=True``: the network predicts x0).
-            **flags: network flags of ``diffaug.adm.ADMConfig`` (image_size, num_channels, num_res_blocks,
+            **flags: network flags of ``diffaug.nets.adm.ADMConfig`` (image_size, num_channels, num_res_blocks,
                 channel_mult, attention_resolutions, num_heads, num_head_channels, num_heads_upsample,
                 learn_sigma, class_cond, use_scale_shift_norm, resblock_updown, use_new_attention_order,
                 dropout), in every form the original ``create_model`` accepts (``channel_mult=""`` for the image
@@ -400,7 +401,7 @@ class Denoiser(nn.Module):
                 ``model_and_diffusion_defaults()`` (``use_fp16``, ``use_checkpoint``, ``timestep_respacing``,
                 ``use_kl``, ``rescale_learned_sigmas``) are accepted and ignored, so its dict passes through whole.
         """
-        from .adm import ADMUNet, adm_config, check_adm_state, parse_flag, read_adm_state
+        from .nets.adm import ADMUNet, adm_config, check_adm_state, parse_flag, read_adm_state
 
         config, base = adm_config(preset, **flags)
         noise_schedule = noise_schedule or (base.noise_schedule if base else "linear")
@@ -426,7 +427,7 @@ class Denoiser(nn.Module):
         """
         from diffusers import DDPMScheduler
 
-        from .checkpoint import atomic_folder, save_safetensors, write_json
+        from .utils.checkpoint import atomic_folder, save_safetensors, write_json
 
         if not isinstance(self.net, _DiffusersUNet):
             raise InputError("save_pretrained supports denoisers built from a diffusers UNet2DModel")
@@ -489,7 +490,7 @@ def _scheduler_from_config(cfg: dict, path: Path):
 def load_denoiser(name_or_path: str | os.PathLike = "digits", *, device: torch.device | str | None = None,
                   speed: "accel.Speed | None" = None) -> Denoiser:
     """Load a shipped denoiser by name (``"digits"``) or a saved folder, in eval mode, on ``device``, set up with
-    ``speed`` (:class:`~diffaug.accel.Speed`: precision, channels_last, compile) if given.
+    ``speed`` (:class:`~diffaug.utils.accel.Speed`: precision, channels_last, compile) if given.
 
     Nothing is downloaded; a missing or incomplete folder is an :class:`InputError` (never a fallback).
     """

@@ -27,58 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import accel
-from . import checkpoint as ckpt
 from .denoiser import Denoiser
 from .errors import InputError
+from .nets.time_conditioned import TimeConditionedCNN
+from .utils import accel, checkpoint as ckpt
 
 KINDS = ("noisy", "da")
 WEIGHTS, SPEC = "guidance.safetensors", "guidance.json"
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[N, dim]`` of integer timesteps (the transformer / DDPM one)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-
-
-class _FiLMBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm1 = nn.GroupNorm(groups, cout)
-        self.film = nn.Linear(emb_dim, 2 * cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, emb):
-        h = F.silu(self.norm1(self.conv1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = F.silu(self.norm2(self.conv2(h)) * (1 + scale) + shift)
-        return h + self.skip(x)
-
-
-class TimeConditionedCNN(nn.Module):
-    """``net(x, t) -> logits``: FiLM-conditioned CNN, two stages (full and half resolution), global pooling."""
-
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32, emb_dim: int = 64):
-        super().__init__()
-        self.emb_dim = emb_dim
-        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        groups = 8 if width % 8 == 0 else 1
-        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
-        self.block1 = _FiLMBlock(width, width, emb_dim, groups)
-        self.block2 = _FiLMBlock(width, 2 * width, emb_dim, groups)
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.emb_dim))
-        h = self.block1(self.stem(x), emb)
-        h = self.block2(F.avg_pool2d(h, 2) if min(h.shape[-2:]) >= 4 else h, emb)
-        return self.head(h.mean((2, 3)))
 
 
 class GuidanceClassifier(nn.Module):
@@ -97,7 +52,7 @@ class GuidanceClassifier(nn.Module):
             raise InputError(f"unknown guidance kind {kind!r}; use noisy or da")
         self.kind = kind
         self.net = net
-        self.precision = "fp32"  # autocast dtype of the network call; see diffaug.accel.accelerate
+        self.precision = "fp32"  # autocast dtype of the network call; see diffaug.utils.accel.accelerate
         self.channels_last = False
         self.denoiser = denoiser  # a submodule, so .to() moves it; its weights are not saved with the classifier
         for p in denoiser.parameters():
@@ -112,15 +67,15 @@ class GuidanceClassifier(nn.Module):
         Args:
             path: the ``.pt`` state dict (``torch.load(..., weights_only=True)``) or ``.safetensors``.
             denoiser: the diffusion model it guides; with a preset, its schedule must be the preset's.
-            preset: a name in ``diffaug.adm.CLASSIFIER_PRESETS`` (``64x64_classifier``, ``128x128_classifier``,
+            preset: a name in ``diffaug.nets.adm.CLASSIFIER_PRESETS`` (``64x64_classifier``, ``128x128_classifier``,
                 ``256x256_classifier``, ``512x512_classifier``).
             **flags: the scripts' ``classifier_*`` flags and ``image_size`` (override the preset's), in the forms
                 the original accepts; a ``classifier_and_diffusion_defaults()`` dict passes through whole (its
                 ``noise_schedule`` / ``diffusion_steps`` are checked against the denoiser's schedule, runtime-only
                 flags such as ``classifier_use_fp16`` are ignored).
         """
+        from .nets.adm import ADMClassifier, adm_classifier_config, check_adm_state, read_adm_state
         from . import schedule
-        from .adm import ADMClassifier, adm_classifier_config, check_adm_state, read_adm_state
 
         trained_on = {k: flags.pop(k) for k in ("noise_schedule", "diffusion_steps") if k in flags}
         config, pool, base = adm_classifier_config(preset, **flags)
@@ -153,7 +108,7 @@ class GuidanceClassifier(nn.Module):
         Args:
             folder: the folder holding ``guidance.safetensors`` (and ``guidance.json``).
             denoiser: the diffusion model it guides; a convolutional denoiser is run at the classifier's image size.
-            speed: a :class:`~diffaug.accel.Speed` to set the classifier up with (the denoiser is set up
+            speed: a :class:`~diffaug.utils.accel.Speed` to set the classifier up with (the denoiser is set up
                 separately).
 
         Raises:
@@ -223,7 +178,7 @@ class GuidanceClassifier(nn.Module):
 
 
 def build_guidance(kind: str, denoiser: Denoiser, num_classes: int, width: int = 32, seed: int = 0):
-    from .seeding import private_seed
+    from .utils.seeding import private_seed
 
     with private_seed(seed):
         net = TimeConditionedCNN(denoiser.channels * (2 if kind == "da" else 1), num_classes, width=width)
@@ -304,3 +259,39 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
                 mean = ddim_step(x, x0, a_t, a_prev, 1.0, torch.zeros_like(x)) + scale * var * grad
                 x = mean + var.clamp(min=0).sqrt() * randn()
     return denoiser.decode(x).clamp(0, 1)
+
+
+def noisy_batch(den: Denoiser, images: torch.Tensor, generator: torch.Generator | None):
+    """``(x_t, t)``: images in [0, 1] diffused to uniform random integer times (model space)."""
+    n = images.shape[0]
+    t = torch.randint(0, den.num_timesteps, (n,), generator=generator, device=images.device)
+    noise = torch.randn(images.shape, generator=generator, device=images.device)
+    return den.q_sample(den.encode(images), t, noise), t
+
+
+@torch.no_grad()
+def accuracy_over_t(model, images: torch.Tensor | None, labels: torch.Tensor | None, *, generator: torch.Generator,
+                    bins: int = 10, repeats: int = 3, batch_size: int = 512, batches=None) -> dict:
+    """The paper's Table 4 number (accuracy with t uniform, ``repeats`` draws per image) and accuracy per t-bin.
+
+    ``model(x_t, t)`` is a guidance classifier; for a clean classifier wrap it as ``lambda x, t: clf(decode(x))``.
+    ``batches`` (instead of ``images`` and ``labels``): a function returning an iterable of ``(images, labels)``
+    batches on the model's device, called once per repeat (e.g. over a streamed folder's loader).
+    """
+    den = model.denoiser
+    T = den.num_timesteps
+    hits = torch.zeros(bins)
+    counts = torch.zeros(bins)
+    if batches is None:
+        def batches():
+            return ((images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size))
+    for _ in range(repeats):
+        for x, y in batches():
+            x_t, t = noisy_batch(den, x, generator)
+            correct = (model(x_t, t).argmax(1) == y).float().cpu()
+            b = (t.cpu() * bins // T).clamp(max=bins - 1)
+            hits.index_add_(0, b, correct)
+            counts.index_add_(0, b, torch.ones_like(correct))
+    return {"accuracy": float(hits.sum() / counts.sum()),
+            "bins": [{"t_from": k * T // bins, "t_to": (k + 1) * T // bins - 1,
+                      "accuracy": float(hits[k] / counts[k]) if counts[k] else None} for k in range(bins)]}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .seeding import private_seed
+from .utils.seeding import private_seed
 
 RECIPES = ("plain", "diffaug", "augmix", "augmix+diffaug")
 

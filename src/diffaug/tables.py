@@ -3,7 +3,7 @@
 An evaluation computes *rows* (a list of dicts, one per measured number); :func:`summarize` groups them and
 aggregates one value over a key (e.g. the accuracy of a recipe's classifiers: mean, std, n, the values), and
 :func:`markdown_table` renders headers and cells. Cells of the form ``mean +- std`` are
-:func:`diffaug.report.mean_std`, the one formatter.
+:func:`diffaug.tables.mean_std`, the one formatter.
 """
 
 from __future__ import annotations
@@ -73,3 +73,12 @@ def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> li
     """The lines of a Markdown table: ``| h1 | h2 |``, ``|---|---|`` and one ``| c1 | c2 |`` line per row."""
     return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
         ["| " + " | ".join(row) + " |" for row in cells]
+
+
+def mean_std(values, scale: float = 100.0, digits: int = 1) -> str:
+    """``"mean +- std"`` of ``values`` times ``scale`` (sample std; 0 for a single value)."""
+    import statistics
+
+    values = list(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.fmean(values):.{digits}f} +- {scale * sd:.{digits}f}"

@@ -13,7 +13,7 @@ normalisation: the networks get [0, 1] images either way).
 The random crop and flip of a sample are a function of ``(seed, epoch, index)`` only (:func:`sample_seed`), so
 they do not depend on the number of workers, on the rank, or on where a resumed run started: torchvision's v2
 transforms draw their parameters from the global RNG, so :class:`SeededView` runs each sample's transform under
-a private seed (:func:`diffaug.seeding.private_cpu_seed`, which restores the caller's RNG afterwards).
+a private seed (:func:`diffaug.utils.seeding.private_cpu_seed`, which restores the caller's RNG afterwards).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..seeding import private_cpu_seed
+from ..utils.seeding import private_cpu_seed
 
 EVAL_CROP_FRACTION = 0.875
 TRANSFORM_LIBRARIES = ("torchvision", "timm")
@@ -57,7 +57,7 @@ class _TimmTransform:
     def __call__(self, image):
         from torchvision.transforms.v2.functional import to_pil_image
 
-        from ..seeding import private_python_seed
+        from ..utils.seeding import private_python_seed
 
         # timm's random crop draws from Python's `random`: give it a private state drawn from torch's CPU RNG
         # (which SeededView seeds per sample)

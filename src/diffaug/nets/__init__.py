@@ -1,4 +1,6 @@
-"""Architectures the project configures itself: the diffusion UNet factory."""
+"""Networks: the diffusion UNet factory (:mod:`.unet`), OpenAI's ADM UNet and classifier (:mod:`.adm`), the
+small classifier backbones (:mod:`.small`), the guidance classifiers' time-conditioned CNN
+(:mod:`.time_conditioned`) and the 2-D toy's epsilon-model (:mod:`.toy`)."""
 
 from .unet import unet_config_for
 

@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import write_csv, write_text
-from .classifier import load_classifier
-from .data import FAR_OOD_SETS, load_dataset, noise_images, photo_patches, subset_classes
-from .errors import InputError
-from .ood import PAPER_SCORES, SCORES, OODScorer, metrics, search_percentile
-from .report import mean_std
-from .tables import JobResult, lookup, markdown_table, summarize
+from ..classifier import load_classifier
+from ..data import FAR_OOD_SETS, load_dataset, noise_images, photo_patches, subset_classes
+from ..errors import InputError
+from ..ood import PAPER_SCORES, SCORES, OODScorer, metrics, search_percentile
+from ..tables import JobResult, lookup, markdown_table, mean_std, summarize
+from ..utils.checkpoint import write_csv, write_text
 
 COLUMN_NAMES = {"ash_s": "ASH", "msp": "MSP", "react": "ReAct", "scale": "SCALE"}
 
@@ -43,7 +42,7 @@ def fit_split(splits: dict, seed: int = 0):
     """The images the OOD scores are fitted on: the val split, or, when the val split is the test split (a folder
     with ``train/`` + ``val/`` only, ImageNet's layout), a seeded stratified sample of ``FIT_IMAGES`` train
     images, so that no score is fitted on the images it is tested on."""
-    from .data import stratified_sample
+    from ..data import stratified_sample
 
     if splits["val"] is not splits["test"]:
         return splits["val"]
@@ -56,8 +55,8 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
     """``{name: (group, images)}``: an in-memory tensor, or a lazy source (a streamed folder or image list);
     every set is checked for emptiness and shape before any scoring. ``lazy_test``: the streamed ID test split
     (for ``holdout`` on a folder)."""
-    from .data import ImageList, open_unlabelled
-    from .evaldata import folder_keys
+    from ..data import ImageList, open_unlabelled
+    from .sets import folder_keys
 
     paths = [n[5:] if n.startswith("near=") else n for n in names if n not in ("holdout", *FAR_OOD_SETS)]
     keys = dict(zip(paths, folder_keys([Path(p).with_suffix("") if Path(p).is_file() else p for p in paths],
@@ -110,7 +109,7 @@ def _set_features(scorer: OODScorer, images, size: int | None, batch_size: int, 
     ``size`` through a DataLoader (only the features are kept)."""
     if isinstance(images, torch.Tensor):
         return scorer.features_of(images.to(device))
-    from .evaldata import batches, eval_view
+    from .sets import batches, eval_view
 
     feats = [scorer.features_of(x.to(device), batch_size) for x, _ in
              batches(eval_view(images, size), batch_size, workers=workers, what=what)]
@@ -127,8 +126,8 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
     splits, :func:`diffaug.data.open_splits`), and so are OOD folders and image lists, at the classifier's input
     size (``image_size``, default its ``model.json``'s). Features are computed once per set, batch by batch, and
     shared by every score."""
-    from .data import check_workers, is_in_memory, open_splits
-    from .evaldata import at_size, eval_size
+    from ..data import check_workers, is_in_memory, open_splits
+    from .sets import at_size, eval_size
 
     check_workers(workers)
     model = load_classifier(folder, device=device, speed=speed)
@@ -216,7 +215,7 @@ def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, se
 
     See :func:`evaluate_classifier` for the data (in memory or streamed), ``image_size``, ``workers`` and
     ``image_root`` (the folder an OpenOOD image list's paths are relative to; default the list's folder)."""
-    from .evaldata import folder_keys
+    from .sets import folder_keys
 
     out = Path(out)
     folder_keys(classifiers)  # refuses a folder given twice (it would count as two classifiers of its recipe)

@@ -30,83 +30,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import accel
-from . import checkpoint as ckpt
-from .errors import InputError
+from ..errors import InputError
+from ..utils import accel, checkpoint as ckpt
+from ..utils.distributed import Dist, any_rank, gather_objects
 
 CKPT_DIR = "checkpoints"
 
 
 # ---------------------------------------------------------------------- distributed helpers
-@dataclass
-class Dist:
-    """This process's place among the ranks torchrun started (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``DistributedDataParallel`` whose gradients are views of its all-reduce buckets, laid out as the buckets.
-
-    Each parameter gets a zero gradient before wrapping and ``gradient_as_bucket_view=True``, so DDP makes every
-    ``.grad`` a view of its bucket and each backward accumulates into it in place; zero the gradients in place
-    (``zero_grad(set_to_none=False)``), never to None. Otherwise autograd may hand DDP a gradient of another
-    layout (the layout contract ignores the strides of size-1 dims, which a ``[C, 1, k, k]`` convolution weight
-    has and oneDNN's backward sets its own way), which DDP then copies into the bucket on every step with the
-    warning "Grad strides do not match bucket view strides". It also saves one gradient-sized copy per step.
-    """
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)  # same strides as p, hence as its bucket view
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               gradient_as_bucket_view=True)
-
-
-def refuse_torchrun(name: str) -> None:
-    """One-line :class:`InputError` when a single-process loop is started by torchrun with several ranks."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise InputError(f"{name} runs on one process, torchrun started {world}; run it without torchrun "
-                         "(`diffaug train` is the data-parallel loop)")
-
-
-def gather_objects(value, dist_info: Dist) -> list:
-    """``value`` (any picklable object, e.g. a generator state or a count) of every rank, in rank order."""
-    if dist_info.world == 1:
-        return [value]
-    import torch.distributed as dist
-
-    values = [None] * dist_info.world
-    dist.all_gather_object(values, value)
-    return values
-
-
-def any_rank(flag: bool, dist_info: Dist) -> bool:
-    """True on every rank when ``flag`` is true on any rank (e.g. one of them got SIGTERM)."""
-    if dist_info.world == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 # ---------------------------------------------------------------------- the run folder
@@ -361,3 +292,11 @@ def run_steps(run: Run, start: int, total: int, step_fn: Callable[[int], dict], 
                     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         finally:
             bar.close()
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: a pure function of (seed, epoch, position), so resume is exact."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[pos * batch_size : (pos + 1) * batch_size]

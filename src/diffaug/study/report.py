@@ -6,46 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes
-from .errors import InputError
-
-def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Lay out, write atomically (creating the folder) and close a matplotlib figure as PNG; returns the path."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
-    """Write images ``[N, C, H, W]`` in [0, 1] as one PNG grid, ``nrow`` per row, atomically; small images are
-    enlarged (nearest) to at least 64 px so they can be seen."""
-    import io
-
-    import torch.nn.functional as F
-    from torchvision.utils import save_image
-
-    scale = max(1, 64 // images.shape[-1])
-    buf = io.BytesIO()
-    save_image(F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest"), buf, format="png",
-               nrow=nrow, padding=2, pad_value=0.5)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
-
-
-def mean_std(values, scale: float = 100.0, digits: int = 1) -> str:
-    """``"mean +- std"`` of ``values`` times ``scale`` (sample std; 0 for a single value)."""
-    import statistics
-
-    values = list(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.fmean(values):.{digits}f} +- {scale * sd:.{digits}f}"
+from ..errors import InputError
+from ..utils.figures import save_figure
 
 
 AUGMENTATION_TIMES = tuple(range(350, 701, 50))  # the paper's Figure 1 columns
@@ -53,7 +15,7 @@ AUGMENTATION_TIMES = tuple(range(350, 701, 50))  # the paper's Figure 1 columns
 
 def augmentation_grid(aug, images: torch.Tensor, times, generator: torch.Generator | None = None) -> torch.Tensor:
     """DiffAug views ``[N, len(times), C, H, W]`` of ``images`` at fixed times (fresh noise per view)."""
-    from .augment import DiffAug
+    from ..augment import DiffAug
 
     views = []
     for t in times:
@@ -77,14 +39,14 @@ def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .augment import DiffAug
-    from .data import is_in_memory, load_dataset
-    from .denoiser import Denoiser, load_denoiser
+    from ..augment import DiffAug
+    from ..data import is_in_memory, load_dataset
+    from ..denoiser import Denoiser, load_denoiser
 
     den = denoiser if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
     streamed = not is_in_memory(data)
     if streamed:  # an image folder: the denoiser at the figure's size
-        from .data import check_size, open_splits
+        from ..data import check_size, open_splits
 
         size = check_size(image_size) if image_size is not None else (den.image_size or (None,))[0]
         if size is None:
@@ -102,7 +64,7 @@ def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_i
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(train), generator=gen)[:num_images]
     if streamed:
-        from .data import generative_transform, read_sample
+        from ..data import generative_transform, read_sample
 
         picked = read_sample(train, generative_transform(den.image_size[0], flip=False), indices=pick, workers=workers)
         images, labels = picked.images.to(device), picked.labels

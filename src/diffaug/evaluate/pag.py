@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .denoiser import Denoiser
-from .errors import InputError
-from .sampling import input_gradient
+from ..denoiser import Denoiser
+from ..errors import InputError
+from ..sampling import input_gradient
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def pag_panel(den: Denoiser, images: torch.Tensor, labels: torch.Tensor, models:
 
     ``models``: name -> a classifier of [0, 1] images, or a :class:`~diffaug.guidance.GuidanceClassifier`.
     """
-    from .guidance import GuidanceClassifier
+    from ..guidance import GuidanceClassifier
 
     if not 0 <= t < den.num_timesteps:
         raise InputError(f"--t must lie in [0, {den.num_timesteps}), got {t}")
@@ -64,16 +64,16 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
             n: int = 6, seed: int = 0, out: str | Path, device: str = "cpu", speed=None,
             workers: int | None = None) -> Path:
     """The ``diffaug pag`` job: load the models, take one test image per class (the first ``n``), draw the panel.
-    ``speed``: an :class:`~diffaug.accel.Speed` for every network (gradients flow through all of them).
+    ``speed``: an :class:`~diffaug.utils.accel.Speed` for every network (gradients flow through all of them).
 
     ``digits`` / CIFAR-10 are read in memory (as before); on an image folder only those ``n`` test images are
     read (through the loader, ``workers`` processes), brought to the models' input size by the evaluation
     transform (the classifiers' and guidance classifiers' sizes must agree; the denoiser runs at it)."""
-    from .classifier import load_classifier
-    from .data import is_in_memory, load_dataset
-    from .denoiser import load_denoiser
-    from .evaldata import folder_keys
-    from .guidance import GuidanceClassifier
+    from ..classifier import load_classifier
+    from ..data import is_in_memory, load_dataset
+    from ..denoiser import load_denoiser
+    from ..guidance import GuidanceClassifier
+    from .sets import folder_keys
 
     if not classifiers and not guidance:
         raise InputError("give at least one --classifier or --guidance folder")
@@ -100,7 +100,7 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
     if in_memory:
         images, labels = test.images[idx], test.labels[idx]
     else:
-        from .data import eval_transform, read_sample
+        from ..data import eval_transform, read_sample
 
         picked = read_sample(test, eval_transform(den.image_size[0]), indices=idx, workers=workers)
         images, labels = picked.images, picked.labels
@@ -113,9 +113,9 @@ def _streamed_setup(data, den: Denoiser, classifiers: dict, guidance: list[str])
     the folder's classes (matched by name)."""
     import json
 
-    from .classifier import input_size
-    from .data import open_splits
-    from .evaldata import match_classes
+    from ..classifier import input_size
+    from ..data import open_splits
+    from .sets import match_classes
 
     sizes = {name: input_size(m) for name, m in classifiers.items()}
     for folder in guidance:
@@ -145,7 +145,7 @@ def write_pag(den: Denoiser, images, labels, models: dict, out: str | Path, *, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import save_figure
+    from ..utils.figures import save_figure
 
     panel = pag_panel(den, images, labels, models, t=t, generator=generator).detach().cpu()
     names = ["image", f"x_t (t={t})", *models]

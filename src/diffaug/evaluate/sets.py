@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def folder_keys(folders, what: str = "classifier") -> list[str]:
@@ -55,8 +55,8 @@ def _unique_suffix(parts: tuple, others: list[tuple]) -> str:
 def eval_size(models: dict, image_size: int | None = None) -> int | None:
     """The input size the evaluation feeds every classifier: ``image_size`` when given (checked), else the size
     the classifiers record (they must agree), else None (no classifier records one: data at its own size)."""
-    from .classifier import input_size
-    from .data import check_size
+    from ..classifier import input_size
+    from ..data import check_size
 
     if image_size is not None:
         return check_size(image_size)
@@ -74,7 +74,7 @@ def at_size(images: torch.Tensor, size: int | None) -> torch.Tensor:
     already have it (or ``size`` is None)."""
     if size is None or tuple(images.shape[-2:]) == (size, size):
         return images
-    from .data import eval_transform
+    from ..data import eval_transform
 
     return eval_transform(size)(images).as_subclass(torch.Tensor).contiguous()
 
@@ -90,7 +90,7 @@ class ClassColumns(nn.Module):
         self.spec = {**getattr(model, "spec", {}), "num_classes": int(index.numel())}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .data import restrict_logits
+        from ..data import restrict_logits
 
         return restrict_logits(self.model(x), self.index)
 
@@ -103,7 +103,7 @@ def match_classes(model: nn.Module, classes: list[str] | None, num_classes: int,
         InputError: the set has classes the classifier does not know (the first are named), or, for a classifier
             that records no class names, another number of classes.
     """
-    from .data import class_index_map
+    from ..data import class_index_map
 
     known = model.spec.get("classes")
     k = model.spec["num_classes"]
@@ -129,7 +129,7 @@ def as_float(image: torch.Tensor) -> torch.Tensor:
 def eval_view(source, size: int | None):
     """``source`` (a lazy source or any dataset of ``(image, label)``) seen through the evaluation transform at
     ``size``, or as it is when ``size`` is None."""
-    from .data import SeededView, eval_transform
+    from ..data import SeededView, eval_transform
 
     return SeededView(source, eval_transform(size) if size is not None else as_float)
 
@@ -140,7 +140,7 @@ def batches(dataset, batch_size: int, *, workers: int | None = 0, indices=None, 
     DataLoader with ``workers`` processes; only the batches in flight are held in memory."""
     from torch.utils.data import Subset
 
-    from .data import make_loader
+    from ..data import make_loader
 
     data = dataset if indices is None else Subset(dataset, [int(i) for i in indices])
     try:
@@ -171,7 +171,7 @@ def open_eval_folder(data, models: dict, *, channels: int = 3, on_bad_file: str 
     -Sketch, -V2, ...)."""
     from pathlib import Path
 
-    from .data import open_folder, open_splits, split_layout
+    from ..data import open_folder, open_splits, split_layout
 
     root = Path(data)
     trained_on = {Path(str(m.spec.get("data"))).resolve() for m in models.values() if m.spec.get("data")}

@@ -12,26 +12,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import schedule
-from .denoiser import Denoiser
-from .guidance import timestep_embedding
-from .report import save_figure
-
-
-class PointEpsModel(nn.Module):
-    """``net(x [N, 2, 1, 1], t, y) -> eps [N, 2, 1, 1]``: an MLP on the point and a time embedding."""
-
-    def __init__(self, hidden: int = 128, emb_dim: int = 32):
-        super().__init__()
-        self.emb_dim = emb_dim
-        self.mlp = nn.Sequential(nn.Linear(2 + emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
-
-    def forward(self, x, t, y=None):
-        h = torch.cat([x.flatten(1), timestep_embedding(t, self.emb_dim)], dim=1)
-        return self.mlp(h).view_as(x)
+from ..denoiser import Denoiser
+from ..nets.toy import PointEpsModel
+from ..utils.figures import save_figure
+from .. import schedule
 
 
 def moons(n: int, seed: int) -> torch.Tensor:
@@ -44,7 +29,7 @@ def moons(n: int, seed: int) -> torch.Tensor:
 
 def train_toy(*, steps: int = 3000, batch_size: int = 256, seed: int = 0) -> tuple[Denoiser, torch.Tensor]:
     """Train the 2-D model on 2000 moon points; returns the denoiser and the data."""
-    from .seeding import private_seed
+    from ..utils.seeding import private_seed
 
     data = moons(2000, seed)
     with private_seed(seed):

@@ -21,10 +21,10 @@ from types import SimpleNamespace
 
 import torch
 
-from .checkpoint import write_json, write_text
-from .errors import InputError
-from .report import mean_std, save_figure
-from .tables import JobResult, lookup, markdown_table, summarize
+from ..errors import InputError
+from ..tables import JobResult, lookup, markdown_table, mean_std, summarize
+from ..utils.checkpoint import write_json, write_text
+from ..utils.figures import save_figure
 
 # a streamed folder's bounded samples for the generation metrics (class-stratified, seeded)
 REFERENCE_IMAGES = 2000  # real test images the generated ones are compared with
@@ -34,10 +34,10 @@ JUDGE_IMAGES = 2000  # train images the judge (feature network) is fitted on
 def _load_guidance(guidance, denoiser, data, clean_classifier, device, speed, workers) -> SimpleNamespace:
     """The denoiser, the guidance classifiers (keyed by folder), the clean classifier and the test data (in memory,
     or a streamed folder's batches), before any work."""
-    from .classifier import load_classifier
-    from .data import check_workers, is_in_memory, load_dataset
-    from .denoiser import load_denoiser
-    from .guidance import GuidanceClassifier
+    from ..classifier import load_classifier
+    from ..data import check_workers, is_in_memory, load_dataset
+    from ..denoiser import load_denoiser
+    from ..guidance import GuidanceClassifier
 
     den = load_denoiser(denoiser, device=device, speed=speed)
     models = {str(folder): GuidanceClassifier.from_pretrained(folder, den, speed=speed) for folder in guidance}
@@ -64,7 +64,7 @@ class _CleanOnNoisy(torch.nn.Module):
         self.denoiser, self.clean, self.clean_size = den, clean, clean_size
 
     def forward(self, x_t, t):
-        from .denoiser import Denoiser
+        from ..denoiser import Denoiser
 
         x = Denoiser.decode(x_t).clamp(0, 1)
         if self.clean_size is not None and tuple(x.shape[-2:]) != (self.clean_size, self.clean_size):
@@ -76,7 +76,7 @@ class _CleanOnNoisy(torch.nn.Module):
 
 def _accuracy_rows(s: SimpleNamespace, clean_classifier, seed: int, device) -> dict:
     """``{name: {kind, accuracy, bins}}``: accuracy over random t of every guidance classifier and the clean one."""
-    from .train_guidance import accuracy_over_t
+    from ..guidance import accuracy_over_t
 
     def over_t(model):
         return accuracy_over_t(model, s.images, s.labels, batches=s.test_batches,
@@ -94,15 +94,14 @@ def _generation_rows(s: SimpleNamespace, data, per_class, steps, scale, sampler,
     every guidance classifier (grids written to ``out``), judged by a small CNN trained on the real train split."""
     from tqdm.auto import tqdm
 
-    from .classifier import create_classifier
-    from .data import is_in_memory
-    from .genmetrics import generation_metrics
-    from .guidance import guided_sample
-    from .train import fit_classifier
+    from ..classifier import create_classifier, fit_classifier
+    from ..data import is_in_memory
+    from ..genmetrics import generation_metrics
+    from ..guidance import guided_sample
 
     train, real_images, real_set = s.train, s.real_images, "Real set: the test split."
     if not is_in_memory(data):  # bounded, seeded, class-stratified samples read through the loader
-        from .data import read_sample
+        from ..data import read_sample
 
         train = read_sample(s.splits["train"], s.view.transforms[0], JUDGE_IMAGES, seed=seed, workers=workers)
         real_images = read_sample(s.splits["test"], s.view.transforms[0], REFERENCE_IMAGES, seed=seed,
@@ -185,9 +184,9 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
 def _streamed_setup(data, den, models: dict, clean, clean_name):
     """A folder's splits and the denoiser at the guidance classifiers' size (they must agree); the clean
     classifier matched to the folder's classes by name, and its input size."""
-    from .classifier import input_size
-    from .data import open_splits
-    from .evaldata import match_classes
+    from ..classifier import input_size
+    from ..data import open_splits
+    from .sets import match_classes
 
     sizes = {name: tuple(g.spec["image_size"]) for name, g in models.items()}
     if len(set(sizes.values())) > 1:
@@ -210,14 +209,14 @@ def _streamed_setup(data, den, models: dict, clean, clean_name):
 
 def _test_view(test, den):
     """A folder's test images as the guidance classifiers were trained on them (whole image, no flip)."""
-    from .data import SeededView, generative_transform
+    from ..data import SeededView, generative_transform
 
     return SeededView(test, generative_transform(den.image_size[0], flip=False))
 
 
 def _batches(view, device, workers):
     """A function giving the view's ``(images, labels)`` batches on ``device`` (one pass per call)."""
-    from .data import make_loader
+    from ..data import make_loader
 
     loader = make_loader(view, 512, workers=workers)
 
@@ -235,7 +234,7 @@ def _label(g) -> str:
 
 
 def _save_grid(samples, y, path):
-    from .report import save_grid
+    from ..utils.figures import save_grid
 
     per = int((y == y[0]).sum())
     order = torch.argsort(y, stable=True)

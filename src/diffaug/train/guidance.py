@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import accel
-from . import checkpoint as ckpt
+from ..data import check_size, check_workers, is_in_memory, load_dataset
+from ..denoiser import Denoiser, load_denoiser
+from ..errors import InputError
+from ..guidance import (KINDS, SPEC, WEIGHTS, GuidanceClassifier, accuracy_over_t, build_guidance, noisy_batch, save_guidance)
+from ..utils import accel, checkpoint as ckpt
+from ..utils.distributed import refuse_torchrun
 from . import harness
-from .data import check_size, check_workers, is_in_memory, load_dataset
-from .denoiser import Denoiser, load_denoiser
-from .errors import InputError
-from .guidance import KINDS, SPEC, WEIGHTS, GuidanceClassifier, build_guidance, save_guidance
-from .guidance import load_guidance  # noqa: F401 (moved to diffaug.guidance; still importable from here)
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -76,14 +75,6 @@ class GuidanceTrainConfig:
             raise InputError(f"lr must be > 0, got {self.lr}")
 
 
-def noisy_batch(den: Denoiser, images: torch.Tensor, generator: torch.Generator | None):
-    """``(x_t, t)``: images in [0, 1] diffused to uniform random integer times (model space)."""
-    n = images.shape[0]
-    t = torch.randint(0, den.num_timesteps, (n,), generator=generator, device=images.device)
-    noise = torch.randn(images.shape, generator=generator, device=images.device)
-    return den.q_sample(den.encode(images), t, noise), t
-
-
 def labelled_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified ``(labelled, unlabelled)`` indices: ``max(1, round(fraction * n_c))`` of each class labelled."""
     gen = torch.Generator().manual_seed(seed)
@@ -121,7 +112,7 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     folder = harness.RunFolder(out_dir, finished="metrics.json", outputs=("log.jsonl", WEIGHTS, SPEC),
                                checkpoint_file=CHECKPOINT)
     folder.check(resume, force)
-    harness.refuse_torchrun("train-guidance")
+    refuse_torchrun("train-guidance")
     device = torch.device(device)
     den, train, test, streamed = _guidance_data(cfg, device, progress)
     model = build_guidance(cfg.kind, den, train.num_classes, width=cfg.width, seed=cfg.seed).to(device)
@@ -173,7 +164,7 @@ def _guidance_data(cfg: GuidanceTrainConfig, device: torch.device, progress: boo
     den = load_denoiser(cfg.denoiser, device=device)
     streamed = not is_in_memory(cfg.data)
     if streamed:
-        from .data import open_splits
+        from ..data import open_splits
 
         size = cfg.image_size or (den.image_size[0] if den.image_size else None)
         if size is None:
@@ -191,18 +182,17 @@ def _guidance_batches(cfg: GuidanceTrainConfig, den: Denoiser, train, labelled, 
                       start: int, device):
     """``(batch(step) -> (x, y), extra_batch(step) -> x_u)``: labelled images in [0, 1] with their labels, and
     unlabelled ones (for the consistency loss), the same batches in memory or streamed."""
-    from .train import _batch_indices
 
     n_lab, n_unlab = len(labelled), len(unlabelled)
 
     def lab_batch(step):  # indices into the labelled / unlabelled parts
-        return _batch_indices(n_lab, min(cfg.batch_size, n_lab), step, cfg.seed)
+        return harness.batch_indices(n_lab, min(cfg.batch_size, n_lab), step, cfg.seed)
 
     def unlab_batch(step):
-        return _batch_indices(n_unlab, cfg.batch_size, step, cfg.seed + 1)
+        return harness.batch_indices(n_unlab, cfg.batch_size, step, cfg.seed + 1)
 
     if streamed:
-        from .data import SeededView, generative_transform, make_step_loader
+        from ..data import SeededView, generative_transform, make_step_loader
 
         view = SeededView(train, generative_transform(den.image_size[0]), seed=cfg.seed)
         batches = iter(make_step_loader(view, lambda s: labelled[lab_batch(s)], start, cfg.steps, workers=cfg.workers))
@@ -233,7 +223,7 @@ def _test_accuracy(model: GuidanceClassifier, den: Denoiser, test, streamed: boo
                    device) -> dict:
     test_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     if streamed:
-        from .data import SeededView, generative_transform, make_loader
+        from ..data import SeededView, generative_transform, make_loader
 
         loader = make_loader(SeededView(test, generative_transform(den.image_size[0], flip=False)), 512,
                              workers=cfg.workers)
@@ -242,29 +232,3 @@ def _test_accuracy(model: GuidanceClassifier, den: Denoiser, test, streamed: boo
     return accuracy_over_t(model, test.images.to(device), test.labels.to(device), generator=test_gen)
 
 
-@torch.no_grad()
-def accuracy_over_t(model, images: torch.Tensor | None, labels: torch.Tensor | None, *, generator: torch.Generator,
-                    bins: int = 10, repeats: int = 3, batch_size: int = 512, batches=None) -> dict:
-    """The paper's Table 4 number (accuracy with t uniform, ``repeats`` draws per image) and accuracy per t-bin.
-
-    ``model(x_t, t)`` is a guidance classifier; for a clean classifier wrap it as ``lambda x, t: clf(decode(x))``.
-    ``batches`` (instead of ``images`` and ``labels``): a function returning an iterable of ``(images, labels)``
-    batches on the model's device, called once per repeat (e.g. over a streamed folder's loader).
-    """
-    den = model.denoiser
-    T = den.num_timesteps
-    hits = torch.zeros(bins)
-    counts = torch.zeros(bins)
-    if batches is None:
-        def batches():
-            return ((images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size))
-    for _ in range(repeats):
-        for x, y in batches():
-            x_t, t = noisy_batch(den, x, generator)
-            correct = (model(x_t, t).argmax(1) == y).float().cpu()
-            b = (t.cpu() * bins // T).clamp(max=bins - 1)
-            hits.index_add_(0, b, correct)
-            counts.index_add_(0, b, torch.ones_like(correct))
-    return {"accuracy": float(hits.sum() / counts.sum()),
-            "bins": [{"t_from": k * T // bins, "t_to": (k + 1) * T // bins - 1,
-                      "accuracy": float(hits[k] / counts[k]) if counts[k] else None} for k in range(bins)]}

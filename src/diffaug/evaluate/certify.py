@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import accel
-from .checkpoint import append_text, write_text
-from .errors import InputError
-from .smoothing import Smooth, check_sampling_args, check_sequential_args
-from .tables import JobResult, markdown_table
+from ..errors import InputError
+from ..smoothing import Smooth, check_sampling_args, check_sequential_args
+from ..tables import JobResult, markdown_table
+from ..utils import accel
+from ..utils.checkpoint import append_text, write_text
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "num_samples")
 HEADER = "\t".join(COLUMNS) + "\n"
@@ -43,7 +43,7 @@ def _read_rows(path: Path) -> list[list[str]]:
 
 
 class StreamedImages:
-    """The images of a lazy dataset (e.g. :func:`diffaug.evaldata.eval_view` of a folder) for
+    """The images of a lazy dataset (e.g. :func:`diffaug.evaluate.sets.eval_view` of a folder) for
     :func:`certify_images`, instead of an in-memory tensor: ``items(indices)`` decodes them in that order, one at a
     time, ``workers`` DataLoader processes reading ahead; each is moved to ``device``."""
 
@@ -54,7 +54,7 @@ class StreamedImages:
         return self.dataset[int(i)][0].to(self.device)
 
     def items(self, indices):
-        from .evaldata import batches
+        from .sets import batches
 
         for x, _ in batches(self.dataset, 1, workers=self.workers, indices=indices):
             yield x[0].to(self.device)
@@ -133,7 +133,7 @@ def write_report(out: Path, results: dict[str, dict[float, list[list[str]]]], se
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import save_figure
+    from ..utils.figures import save_figure
 
     sigmas = sorted({s for per in results.values() for s in per})
     radii = table_radii(sigmas)
@@ -178,7 +178,7 @@ def certify_indices(labels, skip: int, limit: int | None, seed: int, stratified:
     """The test images to certify: every ``skip``-th, then at most ``limit`` of them: the first ``limit``
     (``stratified=False``, the in-memory sets, as before) or a seeded sample stratified by class
     (:func:`diffaug.data.stratified_sample`)."""
-    from .data import stratified_sample
+    from ..data import stratified_sample
 
     candidates = np.arange(0, len(labels), skip)
     if limit is None:
@@ -206,7 +206,7 @@ def best_sigma_curves(rows: list[dict]) -> dict[str, np.ndarray]:
 
 def _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequential, max_n, workers):
     """Check the sampling settings before any work; returns ``(n, radii)`` (``n``: ``max_n`` when sequential)."""
-    from .data import check_workers
+    from ..data import check_workers
 
     if max_n is not None and not sequential:
         raise InputError("--max-n applies to --sequential only; use --n for fixed-n CERTIFY or add --sequential")
@@ -226,13 +226,13 @@ def _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequentia
 
 
 def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size, workers, progress):
-    """Load the data (in memory or streamed), the classifiers (keyed by :func:`diffaug.evaldata.folder_keys`) and
+    """Load the data (in memory or streamed), the classifiers (keyed by :func:`diffaug.evaluate.sets.folder_keys`) and
     the denoiser, and build every :class:`Smooth`, before any work; returns ``(images, labels, in_memory, models,
     den, smooths)``."""
-    from .classifier import load_classifier
-    from .data import is_in_memory, load_dataset
-    from .denoiser import load_denoiser
-    from .evaldata import at_size, eval_size, eval_view, folder_keys, match_classes, open_eval_folder
+    from ..classifier import load_classifier
+    from ..data import is_in_memory, load_dataset
+    from ..denoiser import load_denoiser
+    from .sets import at_size, eval_size, eval_view, folder_keys, match_classes, open_eval_folder
 
     in_memory = is_in_memory(data)
     test = load_dataset(data, "test") if in_memory else None
@@ -273,11 +273,11 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     radius grid, instead of fixed-n CERTIFY.
 
     Data: ``digits`` / CIFAR-10 in memory (``limit``: the first images, as before); any other folder is streamed
-    one image at a time (:func:`diffaug.evaldata.open_eval_folder`: a classifier's own training folder gives its
+    one image at a time (:func:`diffaug.evaluate.sets.open_eval_folder`: a classifier's own training folder gives its
     test split, any other class folder is used whole) at the classifiers' input size (``image_size``, default
     their ``model.json``'s), classes matched by name, and ``limit`` takes a seeded, class-stratified sample;
     ``workers`` DataLoader processes decode the next images while one is certified."""
-    from .harness import init_distributed
+    from ..utils.distributed import init_distributed
 
     out = Path(out)
     device = torch.device(device)

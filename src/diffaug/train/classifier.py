@@ -32,15 +32,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import accel
-from . import checkpoint as ckpt
+from ..classifier import Classifier, create_classifier, save_classifier
+from ..data import (BAD_FILE_POLICIES, check_library, check_size, check_workers, is_in_memory, load_dataset, subset_classes)
+from ..errors import InputError
+from ..recipes import RECIPES, check_settings, from_name
+from ..utils import accel, checkpoint as ckpt
+from ..utils.distributed import Dist, data_parallel, gather_objects, init_distributed
 from . import harness
-from .classifier import Classifier, create_classifier, save_classifier
-from .data import is_in_memory, load_dataset, subset_classes
-from .data import BAD_FILE_POLICIES, check_library, check_size, check_workers
-from .errors import InputError
-from .harness import Dist, data_parallel, gather_objects, init_distributed
-from .recipes import RECIPES, check_settings, from_name
 
 DEFAULT_MODELS = {"digits": "small_cnn"}
 DEFAULT_IMAGE_SIZE = 224
@@ -179,9 +177,9 @@ class _Streamed:
     a function of (seed, epoch, rank, pos); reading starts mid-epoch without decoding the images before ``pos``."""
 
     def __init__(self, cfg: TrainConfig, splits: dict, dist_info: "Dist", per_rank: int, centre_view: bool):
-        from .data import ResumableSampler, SeededView, eval_transform, make_loader, train_transform
+        from ..data import ResumableSampler, SeededView, eval_transform, make_loader, train_transform
 
-        from .data import aligned_copy
+        from ..data import aligned_copy
 
         self.splits, self.per_rank, self.workers = splits, per_rank, cfg.workers
         lib = cfg.transforms
@@ -209,7 +207,7 @@ class _Streamed:
         return next(self._it)
 
     def accuracy(self, model: nn.Module, split: str, device: torch.device) -> float:
-        from .data import SeededView, make_loader
+        from ..data import SeededView, make_loader
 
         loader = make_loader(SeededView(self.splits[split], self.eval_transform), 256, workers=self.workers)
         return loader_accuracy(model, loader, device)
@@ -226,7 +224,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/step-*.safetensors`` (the last
     ``keep_checkpoints``), and the final ``model.safetensors`` + ``model.json`` (with clean test accuracy).
     """
-    from .denoiser import load_denoiser
+    from ..denoiser import load_denoiser
 
     cfg = cfg.resolved()
     cfg.validate()
@@ -303,7 +301,7 @@ def _diffaug(cfg: TrainConfig, den, first: torch.Tensor, device: torch.device):
     run around ``--denoiser-size``."""
     if den is None:
         return None
-    from .augment import DiffAug, ResizedDiffAug, denoiser_at
+    from ..augment import DiffAug, ResizedDiffAug, denoiser_at
 
     den, resize_to = denoiser_at(den, first.shape[-1], cfg.denoiser_size)
     seen = first if resize_to is None else torch.nn.functional.interpolate(first, size=(resize_to, resize_to))
@@ -331,13 +329,13 @@ class _ClassifierData:
     def __init__(self, cfg: TrainConfig, den, progress: bool):
         self.cfg, self.streamed = cfg, not is_in_memory(cfg.data)
         if self.streamed:  # a folder, read lazily; a 1-channel denoiser gets 1-channel images
-            from .data import SeededView, eval_transform, open_splits
+            from ..data import SeededView, eval_transform, open_splits
 
             main = progress and int(os.environ.get("RANK", "0")) == 0
             splits = open_splits(cfg.data, channels=den.channels if den is not None else 3,
                                  on_bad_file=cfg.on_bad_file, verbose=main)
             if cfg.extra_data:
-                from .data import with_extra
+                from ..data import with_extra
 
                 splits["train"] = with_extra(splits["train"], cfg.extra_data)
                 if main:

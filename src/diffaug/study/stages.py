@@ -35,10 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import write_json, write_text
-from .errors import InputError
-from .report import mean_std
-from .tables import summarize
+from ..errors import InputError
+from ..tables import mean_std, summarize
+from ..utils.checkpoint import write_json, write_text
 
 STAGES = ("classifiers", "augmentations", "shift", "ood", "certify", "guidance", "semi", "pag", "toy")
 READS = {"shift": ("classifiers",), "ood": ("classifiers",), "certify": ("classifiers",), "pag": ("classifiers",
@@ -114,7 +113,7 @@ class StudyConfig:
         return dataclasses.replace(base, **data)
 
     def validate(self) -> None:
-        from .recipes import RECIPES
+        from ..recipes import RECIPES
 
         bad = [r for r in self.recipes if r not in RECIPES]
         if bad or not self.recipes:
@@ -146,7 +145,7 @@ class StudyConfig:
             raise InputError(f"unknown ood_holdout_recipes {bad}; use {', '.join(RECIPES)}")
         if len(set(self.ood_id_classes)) != len(self.ood_id_classes) or any(c < 0 for c in self.ood_id_classes):
             raise InputError(f"ood_id_classes must be distinct class indices >= 0, got {self.ood_id_classes}")
-        from .data import check_workers
+        from ..data import check_workers
 
         check_workers(self.workers)
 
@@ -165,7 +164,7 @@ SETTINGS = {  # the settings each stage depends on (besides data and denoiser, a
 
 
 def _key(stage: str, cfg: StudyConfig, upstream: dict[str, str]) -> str:
-    from . import __version__
+    from .. import __version__
 
     settings = {k: getattr(cfg, k) for k in ("data", "denoiser", *SETTINGS[stage])}
     settings.update({k: getattr(cfg, k) for k in ("image_size", "batch_size") if getattr(cfg, k) is not None})
@@ -183,8 +182,8 @@ def _classifier_dirs(root: Path, cfg: StudyConfig, recipes=None) -> dict[tuple[s
 def _trained_classifier(cfg: StudyConfig, recipe: str, seed: int, folder: Path, progress: bool,
                         classes: list[int] | None = None) -> dict:
     """Train one classifier into ``folder`` unless it is there (resuming from its checkpoints); its spec."""
-    from .data import is_in_memory
-    from .train_classifier import TrainConfig, train_classifier
+    from ..data import is_in_memory
+    from ..train.classifier import TrainConfig, train_classifier
 
     if not (folder / "model.json").is_file():  # written last
         resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
@@ -202,7 +201,7 @@ def _trained_classifier(cfg: StudyConfig, recipe: str, seed: int, folder: Path, 
 
 def _folder_batch(data: str, classes: list[int] | None, batch: int = 128) -> int:
     """``batch`` (TrainConfig's default), or the number of training images of a smaller folder."""
-    from .data import open_splits
+    from ..data import open_splits
 
     train = open_splits(data)["train"]
     return min(batch, len(train.with_classes(list(classes)) if classes is not None else train))
@@ -228,7 +227,7 @@ def stage_augmentations(cfg: StudyConfig, root: Path, out: Path, progress: bool)
 
 
 def stage_shift(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
-    from .eval_shift import run_eval_shift
+    from ..evaluate.shift import run_eval_shift
 
     folders = [str(p) for p in _classifier_dirs(root, cfg).values()]
     res = run_eval_shift(data=cfg.data, classifiers=folders, denoiser=cfg.denoiser,
@@ -255,7 +254,7 @@ def _values_by(summary: list[dict], key: str) -> dict[str, list[float]]:
 
 def _mean_auroc(rows: list[dict], group: str) -> dict[str, list[float]]:
     """recipe -> per classifier, the AUROC averaged over the paper's four scores and the group's sets."""
-    from .ood import PAPER_SCORES
+    from ..ood import PAPER_SCORES
 
     return _values_by(summarize([r for r in rows if r["score"] in PAPER_SCORES and r["group"] == group], "recipe",
                                 "classifier", "auroc"), "recipe")
@@ -263,7 +262,7 @@ def _mean_auroc(rows: list[dict], group: str) -> dict[str, list[float]]:
 
 def _ood_classes(cfg: StudyConfig) -> tuple[int, list[int]]:
     """``(number of classes, in-distribution classes of the near-OOD classifiers)``; checked before any work."""
-    from .data import is_in_memory, load_dataset, open_splits
+    from ..data import is_in_memory, load_dataset, open_splits
 
     if is_in_memory(cfg.data):
         num_classes = load_dataset(cfg.data, "test").num_classes
@@ -286,8 +285,8 @@ def _ood_classes(cfg: StudyConfig) -> tuple[int, list[int]]:
 def _resolved(cfg: StudyConfig) -> StudyConfig:
     """``cfg`` with the one image size of a study on an image folder (``image_size``, else the denoiser's),
     checked against the denoiser before any work; in-memory data (digits, CIFAR-10) unchanged."""
-    from .data import check_size, is_in_memory
-    from .denoiser import load_denoiser
+    from ..data import check_size, is_in_memory
+    from ..denoiser import load_denoiser
 
     if is_in_memory(cfg.data):
         return cfg
@@ -306,7 +305,7 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
 
 
 def stage_ood(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
-    from .eval_ood import run_eval_ood
+    from ..evaluate.ood import run_eval_ood
 
     num_classes, id_classes = _ood_classes(cfg)
     folders = [str(p) for p in _classifier_dirs(root, cfg).values()]
@@ -334,8 +333,8 @@ def stage_ood(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
 
 
 def stage_certify(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
-    from .certify import best_sigma_curves, run_certify, table_radii
-    from .evaldata import folder_keys
+    from ..evaluate.certify import best_sigma_curves, run_certify, table_radii
+    from ..evaluate.sets import folder_keys
 
     dirs = _classifier_dirs(root, cfg, cfg.certify_recipes)
     # Sequential certification: at most certify_n draws per image, the same guarantee as fixed-n CERTIFY. At n = 500
@@ -356,8 +355,8 @@ def stage_certify(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> di
 
 
 def stage_guidance(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
-    from .eval_guidance import run_eval_guidance
-    from .train_guidance import GuidanceTrainConfig, train_guidance
+    from ..evaluate.guidance import run_eval_guidance
+    from ..train.guidance import GuidanceTrainConfig, train_guidance
 
     folders = []
     for seed in cfg.seeds:
@@ -384,7 +383,7 @@ def stage_guidance(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> d
 
 
 def stage_semi(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
-    from .train_guidance import GuidanceTrainConfig, train_guidance
+    from ..train.guidance import GuidanceTrainConfig, train_guidance
 
     acc, bins = {}, {}
     for seed in cfg.seeds:
@@ -423,7 +422,7 @@ def _bin_cell(values: list[float | None]) -> str:
 
 
 def stage_pag(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict:
-    from .pag import run_pag
+    from ..evaluate.pag import run_pag
 
     dirs = _classifier_dirs(root, cfg, ["plain", "diffaug"])
     seed = cfg.seeds[0]
@@ -470,7 +469,7 @@ def _claim(claim: str, paper: str, values: list[float] | None, unit: str = "", s
     ``seeds_to_settle`` is the number of seeds that would settle it if mean and spread stayed as measured.
     ``rule="ratio"`` (the speed claim, one measurement): holds at >= 5x.
     """
-    from .stats import paired_t_interval, seeds_to_settle
+    from ..stats import paired_t_interval, seeds_to_settle
 
     if not values:
         return {"claim": claim, "paper": paper, "measured": None, "holds": None, "unit": unit, "ci95": None,

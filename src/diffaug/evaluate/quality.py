@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .augment import DiffAug
-from .checkpoint import write_json
-from .data import load_dataset
-from .denoiser import Denoiser, load_denoiser
-from .errors import InputError
-from .classifier import create_classifier
-from .sampling import ddim_sample
-from .train import fit_classifier, predict
+from ..augment import DiffAug
+from ..classifier import create_classifier, fit_classifier, predict
+from ..data import load_dataset
+from ..denoiser import Denoiser, load_denoiser
+from ..errors import InputError
+from ..sampling import ddim_sample
+from ..utils.checkpoint import write_json
 
 
 def measure_once(den: Denoiser, seed: int, *, data: str = "digits", per_class: int = 50, sample_steps: int = 100,

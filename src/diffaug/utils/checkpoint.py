@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save
 
-from .errors import InputError, StorageError
+from ..errors import InputError, StorageError
 
 
 _UMASK = os.umask(0)

@@ -8,21 +8,20 @@ bit-for-bit as if it had never stopped (on the same device and library versions)
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import accel
+from ..data import ImageDataset, check_size, check_workers, is_in_memory, load_dataset
+from ..denoiser import Denoiser
+from ..errors import InputError
+from ..utils import accel
+from ..utils.distributed import refuse_torchrun
+from ..utils.seeding import private_seed
 from . import harness
-from .data import ImageDataset, check_size, check_workers, is_in_memory, load_dataset
-from .denoiser import Denoiser
-from .errors import InputError
-from .seeding import private_seed
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 DEFAULT_STREAMED_SIZE = 64  # train-diffusion's image size on a streamed folder
@@ -79,19 +78,11 @@ class DiffusionTrainConfig:
             raise InputError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'squaredcos_cap_v2'")
 
 
-def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the batch at ``step``: a pure function of (seed, epoch, position), so resume is exact."""
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[pos * batch_size : (pos + 1) * batch_size]
-
-
 def build_diffusion_model(cfg: DiffusionTrainConfig, image_size: int, channels: int, num_classes: int | None):
     """A fresh diffusers ``UNet2DModel`` and ``DDPMScheduler`` for this config."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from .nets.unet import unet_config_for
+    from ..nets.unet import unet_config_for
 
     unet_cfg = unet_config_for(image_size, channels, num_classes if cfg.conditional else None,
                                width=cfg.width, layers_per_block=cfg.layers_per_block)
@@ -124,7 +115,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     folder = harness.RunFolder(out_dir, finished="diffaug.json", outputs=("log.jsonl",),
                                checkpoint_file=CHECKPOINT_FILE)
     folder.check(resume, force)
-    harness.refuse_torchrun("train-diffusion")
+    refuse_torchrun("train-diffusion")
 
     device = torch.device(device)
     num_classes = data.num_classes if cfg.conditional else None
@@ -178,7 +169,7 @@ def _diffusion_data(cfg: DiffusionTrainConfig, progress: bool):
     """``(data, streamed, channels, size)`` of the training images, their size checked (square, a power of two)."""
     streamed = not is_in_memory(cfg.data)
     if streamed:  # a folder, read lazily through the data layer: any image size, resized to cfg.image_size
-        from .data import open_splits
+        from ..data import open_splits
 
         data = open_splits(cfg.data, verbose=progress)["train"]
         C, H = data.channels, cfg.image_size or DEFAULT_STREAMED_SIZE
@@ -197,10 +188,10 @@ def _diffusion_data(cfg: DiffusionTrainConfig, progress: bool):
 def _diffusion_batches(cfg: DiffusionTrainConfig, data, streamed: bool, size: int, start: int, device):
     """``batch(step) -> (x0, labels)`` in model space on ``device``: the same images in memory or streamed."""
     if streamed:  # batch `step` holds the same images as in memory; each flip is a function of (seed, step, index)
-        from .data import SeededView, generative_transform, make_step_loader
+        from ..data import SeededView, generative_transform, make_step_loader
 
         batches = iter(make_step_loader(SeededView(data, generative_transform(size), seed=cfg.seed),
-                                        lambda s: _batch_indices(len(data), cfg.batch_size, s, cfg.seed), start,
+                                        lambda s: harness.batch_indices(len(data), cfg.batch_size, s, cfg.seed), start,
                                         cfg.steps, workers=cfg.workers))
 
         def batch(step):
@@ -210,14 +201,14 @@ def _diffusion_batches(cfg: DiffusionTrainConfig, data, streamed: bool, size: in
         images, labels = accel.to_device(data.images, device), accel.to_device(data.labels, device)
 
         def batch(step):
-            idx = _batch_indices(len(data), cfg.batch_size, step, cfg.seed).to(device)
+            idx = harness.batch_indices(len(data), cfg.batch_size, step, cfg.seed).to(device)
             return Denoiser.encode(images[idx]), labels[idx]
     return batch
 
 
 def _write_sample_grid(den: Denoiser, path: Path, cfg: DiffusionTrainConfig, data: ImageDataset, per_class: int = 10):
-    from .report import save_grid
-    from .sampling import ddim_sample
+    from ..sampling import ddim_sample
+    from ..utils.figures import save_grid
 
     gen = torch.Generator(device=den.alpha_bar.device).manual_seed(cfg.seed)
     if den.is_conditional:
@@ -230,29 +221,5 @@ def _write_sample_grid(den: Denoiser, path: Path, cfg: DiffusionTrainConfig, dat
 
 
 # ---------------------------------------------------------------------- small classifiers
-def fit_classifier(model: nn.Module, data: ImageDataset, *, epochs: int = 30, batch_size: int = 64,
-                   lr: float = 1e-3, weight_decay: float = 5e-4, generator: torch.Generator | None = None,
-                   device: str | torch.device = "cpu") -> nn.Module:
-    """Plain cross-entropy training (AdamW, cosine LR); used for reference classifiers that judge quality."""
-    device = torch.device(device)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(data) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    images, labels = data.images.to(device), data.labels.to(device)
-    for _ in range(epochs):
-        perm = torch.randperm(len(data), generator=generator).to(device)
-        for i in range(0, len(data), batch_size):
-            idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Class predictions ``[N]`` of an eval-mode classifier on images in [0, 1]."""
-    return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -409,7 +409,7 @@ def adm_classifier_config(preset: str | None = None, **flags) -> tuple[ADMConfig
 
 
 # Flags of the original scripts that change how a model is trained or run, not what it computes: gradient
-# checkpointing, fp16 weights (precision is ``diffaug.accel``'s job), training losses, and the sampler's timestep
+# checkpointing, fp16 weights (precision is ``diffaug.utils.accel``'s job), training losses, and the sampler's timestep
 # respacing (a respaced model is called at the original timesteps with the original alpha_bar, which is what the
 # one-step estimate uses). They are accepted, so ``model_and_diffusion_defaults()`` dicts pass through, and ignored.
 RUNTIME_ONLY_FLAGS = frozenset({"use_checkpoint", "use_fp16", "use_kl", "rescale_learned_sigmas",
@@ -471,7 +471,7 @@ def read_adm_state(path) -> dict[str, torch.Tensor]:
     objects are refused, never run) or a ``.safetensors`` file with the same keys."""
     from pathlib import Path
 
-    from .checkpoint import read_safetensors
+    from ..utils.checkpoint import read_safetensors
 
     path = Path(path)
     if not path.is_file():

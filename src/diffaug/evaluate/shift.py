@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from . import accel
-from .checkpoint import write_csv, write_text
-from .corruptions import ALL_CORRUPTIONS, parse_corruptions, parse_severities
-from .errors import InputError
-from .report import mean_std, save_figure
-from .tables import JobResult, lookup, markdown_table, summarize
+from ..corruptions import ALL_CORRUPTIONS, parse_corruptions, parse_severities
+from ..errors import InputError
+from ..tables import JobResult, lookup, markdown_table, mean_std, summarize
+from ..utils import accel
+from ..utils.checkpoint import write_csv, write_text
+from ..utils.figures import save_figure
 
 MODES = ("default", "de", "dda", "dda-se")
 TABLE_COLUMNS = (("dda", "DDA"), ("dda-se", "DDA-SE"), ("de", "DE"), ("default", "Default"))
@@ -73,10 +73,10 @@ class _Clock:
 def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device,
                   analyses, speed=None, workers=None):
     """Load and check everything before any work; returns what the run needs."""
-    from .classifier import load_classifier
-    from .data import check_workers, corrupted_layout, corrupted_names, is_in_memory, load_dataset
-    from .denoiser import load_denoiser
-    from .evaldata import folder_keys
+    from ..classifier import load_classifier
+    from ..data import check_workers, corrupted_layout, corrupted_names, is_in_memory, load_dataset
+    from ..denoiser import load_denoiser
+    from .sets import folder_keys
 
     modes = parse_modes(modes)
     check_workers(workers)
@@ -115,8 +115,8 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
 
 def _check_shapes(models, den, images: torch.Tensor, classes, num_classes: int, source: str) -> dict:
     """Check channels, classes and the denoiser on a probe batch at the evaluation size; returns the models, each
-    scored on the set's classes (:func:`diffaug.evaldata.match_classes`)."""
-    from .evaldata import match_classes
+    scored on the set's classes (:func:`diffaug.evaluate.sets.match_classes`)."""
+    from .sets import match_classes
 
     for name, model in models.items():
         if model.spec.get("channels", images.shape[1]) != images.shape[1]:
@@ -137,7 +137,7 @@ def _subset(n: int, limit: int | None) -> torch.Tensor:
 def _stratified_subset(labels: torch.Tensor, limit: int | None) -> torch.Tensor:
     """A streamed set's ``limit`` images: a fixed (seed 0, the same for every --seed and run) class-stratified
     sample (:func:`diffaug.data.stratified_sample`, as ``certify --limit``), sorted; all images without a limit."""
-    from .data import stratified_sample
+    from ..data import stratified_sample
 
     if not limit:
         return torch.arange(len(labels))
@@ -148,12 +148,12 @@ def _stratified_subset(labels: torch.Tensor, limit: int | None) -> torch.Tensor:
 def evaluate_condition(models: dict, den, batches, modes, *, members, dda_kwargs: dict, seed: int, key: tuple,
                        batch_size: int, device: str | torch.device = "cpu") -> list[dict]:
     """Accuracy and seconds per image of every classifier x mode on one condition, given as ``(images, labels)``
-    batches of (already corrupted) images on ``device`` (:func:`diffaug.evaldata.chunks` of a tensor): the DE /
+    batches of (already corrupted) images on ``device`` (:func:`diffaug.evaluate.sets.chunks` of a tensor): the DE /
     DDA draws continue from batch to batch. Batches given as ``(images, labels, b)`` (a stream, perhaps a shard of
     it) draw from generators keyed by the batch index ``b`` instead, so a batch's numbers do not depend on which
     rank evaluates it."""
-    from .dda import dda_adapt
-    from .ensemble import ensemble_probs, ensemble_views
+    from ..dda import dda_adapt
+    from ..ensemble import ensemble_probs, ensemble_views
 
     device = torch.device(device)
     n = 0
@@ -209,7 +209,7 @@ def de_accuracy_vs_t(models: dict, den, conditions, *, seed: int, t_max: int = 4
     ``conditions``: ``(key, batches)`` pairs, ``batches`` an iterable of ``(images, labels)`` on ``device``; one
     noise draw per member on a 25-step grid, shared by the steps.
     """
-    from .ensemble import ensemble_probs, ensemble_views
+    from ..ensemble import ensemble_probs, ensemble_views
 
     grid = list(range(0, t_max + 1, 25))
     hits = {}  # (classifier, step, t) -> correct count
@@ -239,7 +239,7 @@ def entropy_vs_t(models: dict, den, batches, *, seed: int, num_points: int = 21,
     """Figure 2: mean entropy (nats) of each classifier's softmax on DiffAug views at t from 0 to T - 1.
 
     ``batches``: an iterable of ``(images, labels)`` on ``device`` (labels unused)."""
-    from .ensemble import ensemble_probs, ensemble_views
+    from ..ensemble import ensemble_probs, ensemble_views
 
     T = den.num_timesteps
     times = sorted(set(range(0, T, max(1, T // (num_points - 1)))) | {T - 1})  # 0, 50, ..., 950, 999 for T = 1000
@@ -371,7 +371,7 @@ def _dda_settings(den, members, dda_t, dda_steps, dda_scale, dda_downsample, dda
     dda_kwargs = {"t_start": dda_t or (den.num_timesteps // 2 if den else 500), "steps": dda_steps,
                   "guidance_scale": dda_scale, "downsample": dda_downsample, "norm": dda_norm}
     if den is not None:
-        from .dda import dda_timesteps
+        from ..dda import dda_timesteps
 
         if not 0 < dda_kwargs["t_start"] < den.num_timesteps:
             raise InputError(f"--dda-t must lie in (0, {den.num_timesteps}), got {dda_kwargs['t_start']}")
@@ -386,7 +386,7 @@ def _dda_settings(den, members, dda_t, dda_steps, dda_scale, dda_downsample, dda
 
 def _check_imagenet_c(data, names, severities, reference_classes) -> None:
     """Every condition's folder of an ImageNet-C layout exists with no class the first lacks, before any work."""
-    from .data import class_folders
+    from ..data import class_folders
 
     for c in names:
         for sev in severities:
@@ -433,8 +433,8 @@ class _Source:
 
     def open(self, test, models, den, progress: bool) -> dict:
         """Read or open the data and check the models on a probe batch; returns the models matched to its classes."""
-        from .data import load_corrupted, open_corrupted
-        from .evaldata import at_size, eval_view, open_eval_folder, probe
+        from ..data import load_corrupted, open_corrupted
+        from .sets import at_size, eval_view, open_eval_folder, probe
 
         data, names, severities, size = self.data, self.names, self.severities, self.size
         if test is not None:  # in memory, as before (resized only when the classifiers were trained at another size)
@@ -461,7 +461,7 @@ class _Source:
 
     def shard_batches(self, ds, keep_c, shard, what: str):
         """``(x, y, b)`` for the batches ``b`` of ``ds[keep_c]`` that ``shard(b)`` selects (all when None)."""
-        from .evaldata import batches
+        from .sets import batches
 
         bs = self.batch_size
         picked = [b for b in range(-(-len(keep_c) // bs)) if shard is None or shard(b)]
@@ -474,9 +474,9 @@ class _Source:
     def condition_batches(self, corruption: str, severity: int, shard=None):
         """The condition's ``(images on device, labels)`` batches; a streamed set's are ``(images, labels, b)``
         with ``b`` the batch index, only those ``shard(b)`` selects."""
-        from .corruptions import corrupt
-        from .data import load_corrupted, open_corrupted
-        from .evaldata import at_size, chunks, eval_view
+        from ..corruptions import corrupt
+        from ..data import load_corrupted, open_corrupted
+        from .sets import at_size, chunks, eval_view
 
         if self.layout == "cifar10-c":
             ds = load_corrupted(self.data, corruption, severity)
@@ -510,7 +510,7 @@ def _evaluate_conditions(src: _Source, models, den, modes, members, dda_kwargs, 
     x modes; None on the other ranks."""
     from tqdm.auto import tqdm
 
-    from .harness import init_distributed
+    from ..utils.distributed import init_distributed
 
     dist_info = init_distributed(src.device)
     rows = []
@@ -579,11 +579,11 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     corrupted batch by batch, through a DataLoader with ``workers`` processes, so memory is bounded by the batch
     (``limit``: a fixed, seed 0, class-stratified sample, as ``certify --limit``). Images are brought to the
     classifiers' input size (``image_size``, default the size their ``model.json`` records) by the evaluation
-    transform; classes are matched by name (:mod:`diffaug.evaldata`).
+    transform; classes are matched by name (:mod:`diffaug.evaluate.sets`).
     """
-    from .corruptions import check_frost_images
-    from .ensemble import ensemble_members
-    from .evaldata import eval_size
+    from ..corruptions import check_frost_images
+    from ..ensemble import ensemble_members
+    from .sets import eval_size
 
     out = Path(out)
     device = torch.device(device)
