@@ -157,7 +157,16 @@ class Denoiser(nn.Module):
             raise InputError(f"the denoiser was built for {built} images and cannot run at {size}x{size} (its network "
                              f"takes {takes}); resize the images to a size it takes (diffaug train: --denoiser-size "
                              f"{self.image_size[0]})")
-        den = Denoiser(self.net, self.alpha_bar, self.prediction_type, image_size=(size, size),
+        return self._copy(self.net, (size, size))
+
+    def with_net(self, net: Callable[..., torch.Tensor]) -> "Denoiser":
+        """This denoiser (schedule, sizes, classes, speed settings) around ``net``, a network with the same calling
+        convention as :attr:`net`, e.g. ``DistributedDataParallel(den.net)`` so that training computes its loss
+        through the wrapper whose backward all-reduces the gradients. The math stays this class's."""
+        return self._copy(net, self.image_size)
+
+    def _copy(self, net, image_size) -> "Denoiser":
+        den = Denoiser(net, self.alpha_bar, self.prediction_type, image_size=image_size,
                        channels=self.channels, num_classes=self.num_classes, null_class=self.null_class)
         den.scheduler_config, den.precision, den.channels_last = self.scheduler_config, self.precision, self.channels_last
         return den

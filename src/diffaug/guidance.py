@@ -150,6 +150,14 @@ class GuidanceClassifier(nn.Module):
         ckpt.save_safetensors(tensors, folder / WEIGHTS, metadata=spec)
         ckpt.write_json(folder / SPEC, spec)
 
+    def with_net(self, net: nn.Module) -> "GuidanceClassifier":
+        """This classifier (kind, denoiser, speed settings) around ``net``, a network with the same calling convention
+        as :attr:`net`, e.g. ``DistributedDataParallel(model.net)`` so that training computes its loss through the
+        wrapper whose backward all-reduces the gradients (the frozen denoiser stays outside the wrapper)."""
+        model = GuidanceClassifier(self.kind, net, self.denoiser)
+        model.precision, model.channels_last = self.precision, self.channels_last
+        return model
+
     def inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network sees: ``x_t`` or ``[x_t, x0_hat(x_t)]`` (differentiable w.r.t. ``x_t``)."""
         if self.kind == "noisy":

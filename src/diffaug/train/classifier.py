@@ -37,7 +37,7 @@ from ..data import (BAD_FILE_POLICIES, check_library, check_size, check_workers,
 from ..errors import InputError
 from ..recipes import RECIPES, check_settings, from_name
 from ..utils import accel, checkpoint as ckpt
-from ..utils.distributed import Dist, data_parallel, gather_objects, init_distributed
+from ..utils.distributed import Dist, check_batch_split, data_parallel, gather_objects, init_distributed
 from . import harness
 
 DEFAULT_MODELS = {"digits": "small_cnn"}
@@ -289,8 +289,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
 
 
 def _check_ranks(cfg: TrainConfig, dist_info: Dist, device: torch.device) -> None:
-    if dist_info.world > 1 and cfg.batch_size % dist_info.world:
-        raise InputError(f"batch size {cfg.batch_size} is not divisible by {dist_info.world} ranks")
+    check_batch_split(cfg.batch_size, dist_info.world)
     if cfg.sync_bn and dist_info.world > 1 and device.type != "cuda":
         raise InputError("--sync-bn needs CUDA devices under torchrun (PyTorch's SyncBatchNorm has no CPU "
                          "implementation); drop --sync-bn")

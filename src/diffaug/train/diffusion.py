@@ -1,8 +1,10 @@
-"""Training loops: the diffusion model (denoiser) on the user's own data, and small classifiers.
+"""``diffaug train-diffusion``: the diffusion model (denoiser) on the user's own data.
 
-The loops are library functions (no argparse); :mod:`diffaug.cli` is a thin layer over them. All randomness
+The loop is a library function (no argparse); :mod:`diffaug.cli` is a thin layer over it. All randomness
 comes from explicit ``torch.Generator`` objects whose states are checkpointed, so ``resume`` continues a run
-bit-for-bit as if it had never stopped (on the same device and library versions).
+bit-for-bit as if it had never stopped (on the same device and library versions). Under ``torchrun`` it runs
+DistributedDataParallel: ``batch_size`` is the global batch, each rank takes its share of the same global batch
+indices and draws its own noise (one generator per rank); rank 0 writes the log, checkpoints and final outputs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..data import ImageDataset, check_size, check_workers, is_in_memory, load_d
 from ..denoiser import Denoiser
 from ..errors import InputError
 from ..utils import accel
-from ..utils.distributed import refuse_torchrun
+from ..utils.distributed import Dist, check_batch_split, data_parallel, init_distributed, rank_share, world_size
 from ..utils.seeding import private_seed
 from . import harness
 
@@ -101,8 +103,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     ``out_dir`` receives ``unet/``, ``scheduler/``, ``diffaug.json`` (the denoiser, EMA weights),
     ``checkpoint.safetensors`` (everything needed to resume), ``train_config.json``, ``log.jsonl`` and
     ``samples.png`` (a grid, one row per class). ``resume`` continues the run in ``out_dir`` (bitwise; also
-    after SIGTERM, which saves at the next step), ``force`` starts it over. Returns the trained (EMA)
-    :class:`Denoiser`.
+    after SIGTERM, which saves at the next step), ``force`` starts it over. Under ``torchrun`` (see the module
+    docstring) ``cfg.batch_size`` must be a multiple of the number of processes and a run resumes on as many;
+    rank 0 writes ``out_dir``. Returns the trained (EMA) :class:`Denoiser` (on every rank).
     """
     cfg.validate()
     out_dir = Path(out_dir)
@@ -115,9 +118,10 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     folder = harness.RunFolder(out_dir, finished="diffaug.json", outputs=("log.jsonl",),
                                checkpoint_file=CHECKPOINT_FILE)
     folder.check(resume, force)
-    refuse_torchrun("train-diffusion")
+    check_batch_split(cfg.batch_size, world_size())
 
     device = torch.device(device)
+    dist_info = init_distributed(device)
     num_classes = data.num_classes if cfg.conditional else None
     unet, scheduler = build_diffusion_model(cfg, H, C, num_classes)
     unet.to(device)
@@ -126,15 +130,18 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     )
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = harness.rank_generator(cfg.seed, dist_info, device)
     state = harness.TrainState({"model": unet, "ema": ema}, opt, sched, accel.grad_scaler(device, cfg.precision), gen)
-    run = harness.Run(folder, state, harness.LossLog(out_dir / "log.jsonl"), dataclasses.asdict(cfg), "train-diffusion")
+    run = harness.Run(folder, state, harness.LossLog(out_dir / "log.jsonl", dist_info.main), dataclasses.asdict(cfg),
+                      "train-diffusion", dist_info)
     start = run.start(resume, force, "train_config.json", ("steps", "checkpoint_every", "workers", "sample_grid"),
                       dataclasses.asdict(DiffusionTrainConfig()))
 
     den = Denoiser.from_diffusers(unet, scheduler, num_classes=num_classes, null_class=num_classes)
     accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
-    batch = _diffusion_batches(cfg, data, streamed, H, start, device)
+    if dist_info.world > 1:  # the loss goes through DDP's wrapper, whose backward all-reduces the gradients
+        den = den.with_net(data_parallel(den.net, device))
+    batch = _diffusion_batches(cfg, data, streamed, H, start, device, dist_info)
 
     def step_fn(step: int) -> dict:
         x0, y = batch(step)
@@ -145,9 +152,10 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
             drop = torch.rand(y.shape, generator=gen, device=device) < cfg.label_dropout
             y = torch.where(drop, torch.full_like(y, num_classes), y)
         loss = F.mse_loss(den.model_output(den.q_sample(x0, t, noise), t, y), noise)
-        accel.optimizer_step(loss, opt, state.scaler, clip_params=unet.parameters(), max_norm=cfg.grad_clip)
+        accel.optimizer_step(loss, opt, state.scaler, clip_params=unet.parameters(), max_norm=cfg.grad_clip,
+                             set_to_none=dist_info.world == 1)  # DDP: grads are bucket views
         sched.step()
-        ema.update_parameters(unet)
+        ema.update_parameters(unet)  # the same on every rank: the gradients were all-reduced
         return {"step": step + 1, "loss": loss.detach()}  # on the device until the log is written
 
     unet.train()
@@ -156,6 +164,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
 
     ema_unet = ema.module.eval()
     result = Denoiser.from_diffusers(ema_unet, scheduler, num_classes=num_classes, null_class=num_classes)
+    if not dist_info.main:
+        return result
     result.save_pretrained(out_dir, extra={"data": cfg.data, "classes": data.classes, "train_steps": cfg.steps,
                                            "seed": cfg.seed})
     if cfg.sample_grid:
@@ -185,13 +195,17 @@ def _diffusion_data(cfg: DiffusionTrainConfig, progress: bool):
     return data, streamed, C, H
 
 
-def _diffusion_batches(cfg: DiffusionTrainConfig, data, streamed: bool, size: int, start: int, device):
-    """``batch(step) -> (x0, labels)`` in model space on ``device``: the same images in memory or streamed."""
+def _diffusion_batches(cfg: DiffusionTrainConfig, data, streamed: bool, size: int, start: int, device,
+                       dist_info: Dist):
+    """``batch(step) -> (x0, labels)`` in model space on ``device``, this rank's share of the global batch: the same
+    images in memory or streamed."""
+    def indices(step):
+        return rank_share(harness.batch_indices(len(data), cfg.batch_size, step, cfg.seed), dist_info)
+
     if streamed:  # batch `step` holds the same images as in memory; each flip is a function of (seed, step, index)
         from ..data import SeededView, generative_transform, make_step_loader
 
-        batches = iter(make_step_loader(SeededView(data, generative_transform(size), seed=cfg.seed),
-                                        lambda s: harness.batch_indices(len(data), cfg.batch_size, s, cfg.seed), start,
+        batches = iter(make_step_loader(SeededView(data, generative_transform(size), seed=cfg.seed), indices, start,
                                         cfg.steps, workers=cfg.workers))
 
         def batch(step):
@@ -201,7 +215,7 @@ def _diffusion_batches(cfg: DiffusionTrainConfig, data, streamed: bool, size: in
         images, labels = accel.to_device(data.images, device), accel.to_device(data.labels, device)
 
         def batch(step):
-            idx = harness.batch_indices(len(data), cfg.batch_size, step, cfg.seed).to(device)
+            idx = indices(step).to(device)
             return Denoiser.encode(images[idx]), labels[idx]
     return batch
 
@@ -218,8 +232,3 @@ def _write_sample_grid(den: Denoiser, path: Path, cfg: DiffusionTrainConfig, dat
     with torch.no_grad():
         samples = ddim_sample(den, len(y) if y is not None else 100, y, steps=cfg.sample_steps, generator=gen)
     save_grid(samples, path, nrow=per_class)
-
-
-# ---------------------------------------------------------------------- small classifiers
-
-

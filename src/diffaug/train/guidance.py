@@ -3,7 +3,10 @@
 
 Training images are forward-diffused with ``t ~ U{0, ..., T-1}`` by the frozen denoiser's schedule; the DA
 classifier also sees the denoiser's one-step estimate (computed without gradients during training). Batches and
-noise come from seeded generators whose state is checkpointed, so ``--resume`` continues bit for bit.
+noise come from seeded generators whose state is checkpointed, so ``--resume`` continues bit for bit. Under
+``torchrun`` the guidance network (only it: the frozen denoiser has nothing to train) runs DistributedDataParallel;
+``batch_size`` is the global batch, each rank takes its share of the same global batch indices and draws its own
+noise; rank 0 writes the log, checkpoints and final outputs.
 
 A folder holds ``guidance.safetensors`` (weights + the schedule it was trained for), ``guidance.json`` (kind,
 sizes, classes, the denoiser it used), ``checkpoint.safetensors``, ``train_config.json``, ``log.jsonl`` and
@@ -26,7 +29,7 @@ from ..denoiser import Denoiser, load_denoiser
 from ..errors import InputError
 from ..guidance import (KINDS, SPEC, WEIGHTS, GuidanceClassifier, accuracy_over_t, build_guidance, noisy_batch, save_guidance)
 from ..utils import accel, checkpoint as ckpt
-from ..utils.distributed import refuse_torchrun
+from ..utils.distributed import Dist, check_batch_split, data_parallel, init_distributed, rank_share, world_size
 from . import harness
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -112,34 +115,39 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     folder = harness.RunFolder(out_dir, finished="metrics.json", outputs=("log.jsonl", WEIGHTS, SPEC),
                                checkpoint_file=CHECKPOINT)
     folder.check(resume, force)
-    refuse_torchrun("train-guidance")
+    check_batch_split(cfg.batch_size, world_size())
     device = torch.device(device)
     den, train, test, streamed = _guidance_data(cfg, device, progress)
+    labelled, unlabelled = labelled_split(train.labels, cfg.labelled_fraction, cfg.seed)
+    _check_split_batches(cfg, len(labelled), len(unlabelled), world_size())
+    dist_info = init_distributed(device)
     model = build_guidance(cfg.kind, den, train.num_classes, width=cfg.width, seed=cfg.seed).to(device)
     speed = accel.Speed(cfg.precision, cfg.channels_last, cfg.compile)
     speed.apply(den)
     speed.apply(model)
     opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = harness.rank_generator(cfg.seed, dist_info, device)
     state = harness.TrainState({"net": model.net}, opt, sched, accel.grad_scaler(device, cfg.precision), gen)
-    run = harness.Run(folder, state, harness.LossLog(out_dir / "log.jsonl"), dataclasses.asdict(cfg),
-                      f"train-guidance ({cfg.kind})")
+    run = harness.Run(folder, state, harness.LossLog(out_dir / "log.jsonl", dist_info.main), dataclasses.asdict(cfg),
+                      f"train-guidance ({cfg.kind})", dist_info)
     start = run.start(resume, force, "train_config.json", ("checkpoint_every",),
                       dataclasses.asdict(GuidanceTrainConfig()))
-    labelled, unlabelled = labelled_split(train.labels, cfg.labelled_fraction, cfg.seed)
-    batch, extra_batch = _guidance_batches(cfg, den, train, labelled, unlabelled, streamed, start, device)
+    batch, extra_batch = _guidance_batches(cfg, den, train, labelled, unlabelled, streamed, start, device, dist_info)
+    # the losses go through DDP's wrapper of the network, whose backward all-reduces the gradients
+    trained = model.with_net(data_parallel(model.net, device)) if dist_info.world > 1 else model
 
     def step_fn(step: int) -> dict:
         x, y = batch(step)
         x_t, t = noisy_batch(den, x, gen)
         with torch.no_grad():
             inputs = model.inputs(x_t, t)
-        loss = F.cross_entropy(model.logits(inputs, t), y)
+        loss = F.cross_entropy(trained.logits(inputs, t), y)
         if cfg.consistency_weight > 0:
             x_u = extra_batch(step)
-            loss = loss + cfg.consistency_weight * consistency_loss(model, den.encode(x_u), cfg.consistency_delta, gen)
-        accel.optimizer_step(loss, opt, state.scaler)
+            loss = loss + cfg.consistency_weight * consistency_loss(trained, den.encode(x_u), cfg.consistency_delta,
+                                                                    gen)
+        accel.optimizer_step(loss, opt, state.scaler, set_to_none=dist_info.world == 1)  # DDP: grads are bucket views
         sched.step()
         return {"step": step + 1, "loss": loss.detach()}  # on the device until the log is written
 
@@ -147,6 +155,8 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     t0 = time.perf_counter()
     harness.run_steps(run, start, cfg.steps, step_fn, checkpoint_every=cfg.checkpoint_every, progress=progress)
     model.net.eval()
+    if not dist_info.main:
+        return model
     save_guidance(model, out_dir, classes=train.classes, extra={
         "data": cfg.data, "denoiser": cfg.denoiser, "seed": cfg.seed, "steps": cfg.steps,
         "labelled_fraction": cfg.labelled_fraction, "consistency_weight": cfg.consistency_weight,
@@ -178,18 +188,27 @@ def _guidance_data(cfg: GuidanceTrainConfig, device: torch.device, progress: boo
     return den, train, test, streamed
 
 
+def _check_split_batches(cfg: GuidanceTrainConfig, n_lab: int, n_unlab: int, world: int) -> None:
+    """Under torchrun, the labelled batch (at most the labelled images) and the unlabelled one (consistency loss)
+    must split evenly over the ranks too (a part smaller than ``batch_size`` is one whole batch)."""
+    for n, part, used in ((n_lab, "labelled", True), (n_unlab, "unlabelled", cfg.consistency_weight > 0)):
+        if used and n < cfg.batch_size and n % world:
+            raise InputError(f"the {n} {part} images (one batch: fewer than --batch-size) do not split evenly over "
+                             f"{world} ranks; change --labelled-fraction or the number of processes")
+
+
 def _guidance_batches(cfg: GuidanceTrainConfig, den: Denoiser, train, labelled, unlabelled, streamed: bool,
-                      start: int, device):
+                      start: int, device, dist_info: Dist):
     """``(batch(step) -> (x, y), extra_batch(step) -> x_u)``: labelled images in [0, 1] with their labels, and
-    unlabelled ones (for the consistency loss), the same batches in memory or streamed."""
+    unlabelled ones (for the consistency loss), this rank's share of each global batch, in memory or streamed."""
 
     n_lab, n_unlab = len(labelled), len(unlabelled)
 
     def lab_batch(step):  # indices into the labelled / unlabelled parts
-        return harness.batch_indices(n_lab, min(cfg.batch_size, n_lab), step, cfg.seed)
+        return rank_share(harness.batch_indices(n_lab, min(cfg.batch_size, n_lab), step, cfg.seed), dist_info)
 
     def unlab_batch(step):
-        return harness.batch_indices(n_unlab, cfg.batch_size, step, cfg.seed + 1)
+        return rank_share(harness.batch_indices(n_unlab, cfg.batch_size, step, cfg.seed + 1), dist_info)
 
     if streamed:
         from ..data import SeededView, generative_transform, make_step_loader

@@ -14,8 +14,10 @@ everything around it lives here once:
 * :class:`StopSignal`: SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits.
 * :class:`LossLog`: ``metrics.jsonl`` / ``log.jsonl`` rows kept on the device between writes; rewound on resume.
 * :func:`run_steps`: the step loop that ties them together (progress bar, log, checkpoint cadence, signals).
-* DDP helpers: :func:`init_distributed`, :class:`Dist`, :func:`data_parallel`, :func:`gather_objects`,
-  :func:`any_rank`.
+* The data and randomness of a step: :func:`batch_indices` (the global batch of a step; under torchrun each rank
+  takes its :func:`~diffaug.utils.distributed.rank_share`) and :func:`rank_generator`.
+* DDP helpers live in :mod:`diffaug.utils.distributed` (:func:`init_distributed`, :class:`Dist`,
+  :func:`data_parallel`, :func:`gather_objects`, :func:`any_rank`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,6 @@ from ..utils import accel, checkpoint as ckpt
 from ..utils.distributed import Dist, any_rank, gather_objects
 
 CKPT_DIR = "checkpoints"
-
-
-# ---------------------------------------------------------------------- distributed helpers
 
 
 # ---------------------------------------------------------------------- the run folder
@@ -292,6 +291,13 @@ def run_steps(run: Run, start: int, total: int, step_fn: Callable[[int], dict], 
                     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         finally:
             bar.close()
+
+
+def rank_generator(seed: int, dist_info: Dist, device: torch.device) -> torch.Generator:
+    """This rank's generator of a loop's random draws: seeded with ``seed`` on one process (as before the loops ran
+    under torchrun, so a one-process run is unchanged), with ``seed * 1000 + rank`` under torchrun (as
+    ``diffaug train``'s), so the ranks draw different noise."""
+    return torch.Generator(device=device).manual_seed(seed if dist_info.world == 1 else seed * 1000 + dist_info.rank)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:

@@ -23,10 +23,14 @@ class Dist:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """The number of processes torchrun started (1 when run alone), read before joining any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world_size() == 1:
         return Dist()
     import torch.distributed as dist
 
@@ -52,12 +56,20 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
                                                gradient_as_bucket_view=True)
 
 
-def refuse_torchrun(name: str) -> None:
-    """One-line :class:`InputError` when a single-process loop is started by torchrun with several ranks."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise InputError(f"{name} runs on one process, torchrun started {world}; run it without torchrun "
-                         "(`diffaug train` is the data-parallel loop)")
+def check_batch_split(batch_size: int, world: int, what: str = "batch size") -> None:
+    """One-line :class:`InputError` unless a global batch of ``batch_size`` splits evenly over ``world`` ranks."""
+    if world > 1 and batch_size % world:
+        raise InputError(f"{what} {batch_size} is not divisible by {world} ranks; pass a --batch-size that is a "
+                         f"multiple of {world}")
+
+
+def rank_share(indices: torch.Tensor, dist_info: Dist) -> torch.Tensor:
+    """This rank's contiguous share of a global batch's ``indices`` (all of them on one process).
+
+    Every index lands on exactly one rank, in order, so the ranks together see the batch one process would; with
+    equal shares, the mean of the ranks' mean losses (what DDP's averaged gradient is the gradient of) is the mean
+    loss of the whole batch."""
+    return indices.tensor_split(dist_info.world)[dist_info.rank] if dist_info.world > 1 else indices
 
 
 def gather_objects(value, dist_info: Dist) -> list:
