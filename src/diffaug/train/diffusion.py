@@ -96,6 +96,14 @@ def build_diffusion_model(cfg: DiffusionTrainConfig, image_size: int, channels: 
     return unet, scheduler
 
 
+def diffusion_loss(den: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   y: torch.Tensor | None) -> torch.Tensor:
+    """DDPM's simple loss ``mean ||eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, y)||^2`` of an
+    epsilon-prediction ``den`` on model-space images ``x0`` with the given times, noise and labels (None:
+    unconditional; the null label where dropped)."""
+    return F.mse_loss(den.model_output(den.q_sample(x0, t, noise), t, y), noise)
+
+
 def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
                     device: str | torch.device = "cpu", progress: bool = True) -> Denoiser:
     """Train an epsilon-prediction DDPM on ``cfg.data`` and save the EMA weights as a denoiser folder.
@@ -151,7 +159,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
         if y is not None:
             drop = torch.rand(y.shape, generator=gen, device=device) < cfg.label_dropout
             y = torch.where(drop, torch.full_like(y, num_classes), y)
-        loss = F.mse_loss(den.model_output(den.q_sample(x0, t, noise), t, y), noise)
+        loss = diffusion_loss(den, x0, t, noise, y)
         accel.optimizer_step(loss, opt, state.scaler, clip_params=unet.parameters(), max_norm=cfg.grad_clip,
                              set_to_none=dist_info.world == 1)  # DDP: grads are bucket views
         sched.step()

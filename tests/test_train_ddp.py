@@ -1,0 +1,113 @@
+"""train-diffusion and train-guidance under torchrun (two CPU processes, gloo)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffaug import load_denoiser
+from diffaug.cli import main
+from diffaug.guidance import GuidanceClassifier
+from diffaug.utils.checkpoint import load_safetensors
+from diffaug.utils.distributed import Dist, rank_share
+
+PLAN = Path(__file__).with_name("torchrun_plan.py")
+
+
+def _diffusion(out, steps, *more):
+    return ["train-diffusion", "--out", str(out), "--steps", str(steps), "--width", "8", "--batch-size", "8",
+            "--checkpoint-every", "2", "--no-sample-grid", "--quiet", "--device", "cpu", *more]
+
+
+def _guidance(out, den_dir, *more):
+    return ["train-guidance", "--denoiser", str(den_dir), "--out", str(out), "--steps", "2", "--batch-size", "8",
+            "--width", "8", "--quiet", "--device", "cpu", *more]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [8, 12])
+def test_rank_shares_cover_the_global_batch_once_in_order(world, n):
+    indices = torch.randperm(50, generator=torch.Generator().manual_seed(n))[:n]
+    shares = [rank_share(indices, Dist(r, world)) for r in range(world)]
+    assert torch.equal(torch.cat(shares), indices)  # each global index exactly once: one process's batch
+    if n % world == 0:
+        assert {len(s) for s in shares} == {n // world}
+    assert rank_share(indices, Dist()) is indices
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_exactly_and_match_the_one_process_gradient(tmp_path, den_dir, capsys):
+    ddp = tmp_path / "ddp"
+    plan = {"commands": [_diffusion(ddp / "straight", 4),
+                         _diffusion(ddp / "split", 2),
+                         _diffusion(ddp / "split", 4, "--resume"),
+                         _guidance(ddp / "da", den_dir, "--kind", "da"),
+                         _guidance(ddp / "semi", den_dir, "--kind", "noisy", "--labelled-fraction", "0.5",
+                                   "--consistency-weight", "1")],
+            "grad_check": str(tmp_path / "grads.safetensors")}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           str(PLAN), str(tmp_path / "plan.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Grad strides do not match" not in done.stderr
+
+    # the checkpoint: two ranks, two different generators; rank 0 alone logs
+    tensors, meta = load_safetensors(ddp / "straight" / "checkpoint.safetensors")
+    assert meta["world"] == 2 and meta["step"] == 4
+    assert not torch.equal(tensors["rng.rank0"], tensors["rng.rank1"])
+    assert [json.loads(r)["step"] for r in (ddp / "straight" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    den = load_denoiser(ddp / "straight")
+    assert den.num_classes == 10
+
+    # stopped at step 2 and resumed on two ranks: bitwise the straight run
+    resumed, _ = load_safetensors(ddp / "split" / "checkpoint.safetensors")
+    assert resumed.keys() == tensors.keys() and all(torch.equal(resumed[k], tensors[k]) for k in tensors)
+    assert (ddp / "split" / "log.jsonl").read_text() == (ddp / "straight" / "log.jsonl").read_text()
+
+    # guidance: the outputs of a DA run (frozen denoiser outside DDP) and a semi-supervised one (two forwards)
+    for name in ("da", "semi"):
+        assert json.loads((ddp / name / "metrics.json").read_text())["accuracy"] >= 0
+        assert load_safetensors(ddp / name / "checkpoint.safetensors")[1]["world"] == 2
+    assert GuidanceClassifier.from_pretrained(ddp / "da", load_denoiser(den_dir)).kind == "da"
+
+    # the averaged DDP gradient of the two shares is the one-process gradient of the whole batch
+    g, _ = load_safetensors(tmp_path / "grads.safetensors")
+    names = [k[len("full."):] for k in g if k.startswith("full.")]
+    full = torch.cat([g[f"full.{k}"].flatten() for k in names])
+    ddp_grad = torch.cat([g[f"ddp.{k}"].flatten() for k in names])
+    local = torch.cat([g[f"local.{k}"].flatten() for k in names])
+    scale = full.abs().max()
+    torch.testing.assert_close(ddp_grad, full, rtol=1e-4, atol=1e-5 * scale)
+    assert (local - full).abs().max() > 1e-2 * scale  # one share's gradient is not the batch's: the check can fail
+
+    # a resume with another number of processes is refused in one line
+    assert main(_diffusion(ddp / "split", 6, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "used 2 processes; resume with the same number" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (lambda out, den: _diffusion(out, 2, "--batch-size", "7"), "batch size 7 is not divisible by 2 ranks"),
+    (lambda out, den: _guidance(out, den, "--kind", "noisy", "--batch-size", "9"),
+     "batch size 9 is not divisible by 2 ranks"),
+    (lambda out, den: _guidance(out, den, "--kind", "noisy", "--labelled-fraction", "0.001",
+                                       "--batch-size", "12"),
+     "the 10 labelled images .* do not split evenly over 4 ranks"),
+])
+def test_a_batch_the_ranks_cannot_share_is_refused_before_any_work(tmp_path, den_dir, capsys, monkeypatch, argv,
+                                                                   message):
+    world = "4" if "labelled" in message else "2"
+    monkeypatch.setenv("WORLD_SIZE", world)  # as torchrun sets it; the check comes before joining any group
+    out = tmp_path / "out"
+    assert main(argv(out, den_dir)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert re.search(message, err), err
+    assert not out.exists()

@@ -1,0 +1,72 @@
+"""Run by ``tests/test_train_ddp.py`` under ``torchrun``: several ``diffaug`` CLI commands in one launch (one
+process group and one start-up instead of one per command), then, if asked, a two-rank gradient check.
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/torchrun_plan.py PLAN.json`` where the plan is
+``{"commands": [[argv...], ...], "grad_check": "FILE.safetensors" (optional)}``; exits with the first failing
+command's code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def grad_check(path: Path) -> None:
+    """Rank 0 writes three gradients of the diffusion loss of one global batch of 8 (the same t, noise and labels on
+    every rank): through DDP with each rank on its share (``ddp.``), of the whole batch on one model (``full.``),
+    and of rank 0's share alone (``local.``)."""
+    from safetensors.torch import save_file
+
+    from diffaug.denoiser import Denoiser
+    from diffaug.train.diffusion import DiffusionTrainConfig, build_diffusion_model, diffusion_loss
+    from diffaug.utils.distributed import data_parallel, init_distributed, rank_share
+
+    device = torch.device("cpu")
+    dist_info = init_distributed(device)
+    cfg = DiffusionTrainConfig(width=8, seed=3)
+
+    def fresh():  # the same initial weights every time (seeded build)
+        unet, scheduler = build_diffusion_model(cfg, 8, 1, 10)
+        return unet, Denoiser.from_diffusers(unet, scheduler, num_classes=10, null_class=10)
+
+    g = torch.Generator().manual_seed(1)
+    n = 8
+    x0 = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.randint(0, 11, (n,), generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    noise = torch.randn(n, 1, 8, 8, generator=g)
+    share = rank_share(torch.arange(n), dist_info)
+
+    grads = {}
+    unet, den = fresh()
+    trained = den.with_net(data_parallel(den.net, device))  # kept alive through backward, as the loop's is
+    diffusion_loss(trained, x0[share], t[share], noise[share], y[share]).backward()
+    grads["ddp"] = unet
+    for name, idx in (("full", torch.arange(n)), ("local", share)):
+        unet, den = fresh()
+        diffusion_loss(den, x0[idx], t[idx], noise[idx], y[idx]).backward()
+        grads[name] = unet
+    if dist_info.main:
+        save_file({f"{name}.{k}": p.grad.detach().clone().contiguous()
+                   for name, m in grads.items() for k, p in m.named_parameters()}, str(path))
+
+
+def main() -> int:
+    from diffaug.cli import main as cli
+
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    for argv in plan["commands"]:
+        rc = cli(argv)
+        if rc:
+            return rc
+    if plan.get("grad_check"):
+        grad_check(Path(plan["grad_check"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
