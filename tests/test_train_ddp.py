@@ -111,3 +111,32 @@ def test_a_batch_the_ranks_cannot_share_is_refused_before_any_work(tmp_path, den
     assert len(err.splitlines()) == 1
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_with_net_keeps_the_math_and_settings(den_dir, images):
+    from diffaug.guidance import build_guidance
+
+    den = load_denoiser(den_dir)
+    den.precision, den.channels_last = "bf16", True
+    calls = []
+
+    class Spy(torch.nn.Module):  # stands in for DDP's wrapper: the same calling convention
+        def __init__(self, net):
+            super().__init__()
+            self.module = net
+
+        def forward(self, *args):
+            calls.append(len(args))
+            return self.module(*args)
+
+    wrapped = den.with_net(Spy(den.net))
+    assert (wrapped.precision, wrapped.channels_last, wrapped.num_classes, wrapped.null_class,
+            wrapped.image_size) == ("bf16", True, den.num_classes, den.null_class, den.image_size)
+    den.precision = wrapped.precision = "fp32"
+    x, t = den.encode(images), torch.arange(6) * 100
+    with torch.no_grad():
+        assert torch.equal(wrapped.predict_x0(x, t), den.predict_x0(x, t)) and calls == [3]
+        model = build_guidance("da", den, 10, width=8)
+        spied = model.with_net(Spy(model.net))
+        assert spied.kind == "da" and spied.denoiser is den
+        assert torch.equal(spied(x, t), model(x, t)) and calls == [3, 2]
