@@ -2,8 +2,8 @@
 process group and one start-up instead of one per command), then, if asked, a two-rank gradient check.
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/torchrun_plan.py PLAN.json`` where the plan is
-``{"commands": [[argv...], ...], "grad_check": "FILE.safetensors" (optional)}``; exits with the first failing
-command's code.
+``{"commands": [[argv...], ...], "grad_check": "FILE.safetensors", "sync_check": {"out": DIR, "denoiser": DIR,
+"result": FILE.json}}`` (both checks optional); exits with the first failing command's code.
 """
 
 from __future__ import annotations
@@ -55,6 +55,22 @@ def grad_check(path: Path) -> None:
                    for name, m in grads.items() for k, p in m.named_parameters()}, str(path))
 
 
+def sync_check(out: str, denoiser: str, result: Path) -> None:
+    """A semi-supervised guidance run (two forwards of the network per step) on both ranks; rank 0 writes whether
+    the ranks' trained weights are equal (each rank drew other noise: they are only if the gradients were
+    all-reduced) and the number of ranks."""
+    from diffaug.train.guidance import GuidanceTrainConfig, train_guidance
+    from diffaug.utils.distributed import gather_objects, init_distributed
+
+    dist_info = init_distributed(torch.device("cpu"))
+    cfg = GuidanceTrainConfig(kind="noisy", denoiser=denoiser, steps=2, batch_size=8, width=8, labelled_fraction=0.5,
+                              consistency_weight=1.0)
+    model = train_guidance(cfg, out, progress=False)
+    weights = gather_objects(torch.cat([p.detach().flatten() for p in model.net.parameters()]), dist_info)
+    if dist_info.main:
+        result.write_text(json.dumps({"world": len(weights), "equal": all(torch.equal(w, weights[0]) for w in weights)}))
+
+
 def main() -> int:
     from diffaug.cli import main as cli
 
@@ -65,6 +81,9 @@ def main() -> int:
             return rc
     if plan.get("grad_check"):
         grad_check(Path(plan["grad_check"]))
+    if plan.get("sync_check"):
+        check = plan["sync_check"]
+        sync_check(check["out"], check["denoiser"], Path(check["result"]))
     return 0
 
 
