@@ -79,6 +79,8 @@ def main() -> int:
         rc = cli(argv)
         if rc:
             return rc
+        if torch.distributed.is_initialized():  # rank 0 may still be writing the final outputs another rank reads next
+            torch.distributed.barrier()
     if plan.get("grad_check"):
         grad_check(Path(plan["grad_check"]))
     if plan.get("sync_check"):
