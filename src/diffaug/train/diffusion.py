@@ -21,7 +21,8 @@ from ..data import ImageDataset, check_size, check_workers, is_in_memory, load_d
 from ..denoiser import Denoiser
 from ..errors import InputError
 from ..utils import accel
-from ..utils.distributed import Dist, check_batch_split, data_parallel, init_distributed, rank_share, world_size
+from ..utils.distributed import (Dist, check_batch_split, data_parallel, init_distributed, main_process,
+                                 rank_share, world_size)
 from ..utils.seeding import private_seed
 from . import harness
 
@@ -117,7 +118,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     """
     cfg.validate()
     out_dir = Path(out_dir)
-    data, streamed, C, H = _diffusion_data(cfg, progress)
+    data, streamed, C, H = _diffusion_data(cfg, progress and main_process())
     if cfg.batch_size is None:
         cfg = dataclasses.replace(cfg, batch_size=default_batch_size(H))
     if streamed and cfg.batch_size > len(data):

@@ -28,6 +28,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def main_process() -> bool:
+    """Whether this is rank 0 (or the only process), read before joining any process group (e.g. to print once)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone."""
     if world_size() == 1:
