@@ -51,7 +51,7 @@ def test_two_processes_train_resume_exactly_and_match_the_one_process_gradient(t
             "sync_check": {"out": str(ddp / "semi"), "denoiser": str(den_dir), "result": str(tmp_path / "sync.json")}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
            str(PLAN), str(tmp_path / "plan.json")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
