@@ -19,29 +19,28 @@ def private_seed(seed: int | None):
         yield
 
 
-@contextlib.contextmanager
 def private_cpu_seed(seed: int):
     """Like :func:`private_seed` for code that draws only from the global CPU generator (e.g. torchvision's
     random transforms), at a fraction of the cost (about 5 us instead of 0.5 ms): seeds and restores the CPU
     generator alone, for use once per sample in data loading."""
     gen = torch.default_generator
-    state = gen.get_state()
-    gen.manual_seed(seed)
-    try:
-        yield
-    finally:
-        gen.set_state(state)
+    return _reseeded(gen.get_state, gen.set_state, gen.manual_seed, seed)
 
 
-@contextlib.contextmanager
 def private_python_seed(seed: int):
     """Like :func:`private_cpu_seed` for code that draws from Python's ``random`` module (e.g. timm's random
     crops): seeds it for the block, then restores the caller's state."""
     import random
 
-    state = random.getstate()
-    random.seed(seed)
+    return _reseeded(random.getstate, random.setstate, random.seed, seed)
+
+
+@contextlib.contextmanager
+def _reseeded(get_state, set_state, reseed, seed: int):
+    """Seed one generator (through its ``get_state`` / ``set_state`` / ``reseed``) for a block, then restore it."""
+    state = get_state()
+    reseed(seed)
     try:
         yield
     finally:
-        random.setstate(state)
+        set_state(state)
