@@ -1,6 +1,8 @@
 """Certification cost: sequential certification (``Smooth.certify_sequential``) vs fixed-n CERTIFY.
 
     python benchmarks/bench_certify.py [--images 100] [--n 10000] [--classifiers PLAIN_DIR DIFFAUG_DIR]
+    python benchmarks/bench_certify.py --only digits --record votes.npz ...   # also save every case's votes
+    python benchmarks/bench_certify.py --replay votes.npz     # both rules again on saved votes, no model
     python benchmarks/bench_certify.py --sampling [--n 20000] [--batch 1000]   # the sampling-loop section
 
 Both certifiers run in one process on the same cases with the same alpha (0.001), the same n0 (100) and the same
@@ -107,14 +109,19 @@ def certify_both(selection, labels, label, sigma, seconds, args) -> dict:
     stops. The comparison is paired (no Monte Carlo noise between the two) and costs one CERTIFY per case.
     """
     c_hat = int(torch.bincount(selection).argmax())
-    votes = (labels == c_hat).numpy()
+    return certify_votes(c_hat, (labels == c_hat).numpy(), label, sigma, seconds, args)
+
+
+def certify_votes(c_hat: int, votes: np.ndarray, label: int, sigma: float, seconds: float, args) -> dict:
+    """Both rules on one case's votes (1 = the draw's label is the selected class ``c_hat``), in draw order."""
     pred, radius = cohen_radius(c_hat, int(votes.sum()), args.n, args.alpha, sigma)
     thresholds = [float(norm.cdf(r / sigma)) for r in GRID]
     passed, trials = grid_test(recorded(votes), thresholds, args.alpha, look_schedule(args.n, args.batch))
     seq_pred, seq_radius = (c_hat, GRID[passed]) if passed >= 0 else (ABSTAIN, 0.0)
     return {"fixed": [str(pred), f"{radius}", str(int(pred == label)), str(100 + args.n)],
             "seq": [str(seq_pred), f"{seq_radius}", str(int(seq_pred == label)), str(100 + trials)],
-            "seconds": (seconds, seconds * (100 + trials) / (100 + args.n))}
+            "seconds": (seconds, seconds * (100 + trials) / (100 + args.n)),
+            "record": (c_hat, label, sigma, votes)}
 
 
 def summarize(name: str, groups: dict[str, list[dict]], target: float) -> dict:
@@ -193,7 +200,38 @@ def bench_digits(args) -> dict:
                 groups[f"{name} sigma={s:g}"].append(row)
                 print(f"image {i} {name} sigma={s:g}: CERTIFY {row['fixed'][:2]} sequential {row['seq'][:2]} "
                       f"({row['seq'][3]} evaluations)", flush=True)
+        if args.record:
+            save_votes(args.record, groups, args)
     return summarize(f"digits DDS, {args.images} test digits, sigma {', '.join(map(str, args.sigmas))}", groups, 5.0)
+
+
+# ---------------------------------------------------------------------- recorded votes (--record / --replay)
+def save_votes(path: Path, groups: dict[str, list[dict]], args) -> None:
+    """Write every case's selected class, label, sigma and votes so far (``np.savez_compressed``, votes bit-packed;
+    written to a temporary file and renamed, so an interrupted run leaves the last complete image's file)."""
+    arrays = {"n": np.array(args.n), "alpha": np.array(args.alpha), "batch": np.array(args.batch),
+              "groups": np.array(list(groups))}
+    for g, (name, rows) in enumerate(groups.items()):
+        records = [r["record"] for r in rows]
+        arrays[f"g{g}_meta"] = np.array([[c, lab, sigma] for c, lab, sigma, _ in records], dtype=float).reshape(-1, 3)
+        arrays[f"g{g}_votes"] = np.packbits(np.array([v for *_, v in records], dtype=bool).reshape(-1, args.n), axis=1)
+    tmp = Path(f"{path}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def bench_replay(args) -> dict:
+    """Both rules on the votes of a ``--record`` file, with no model: re-measures a rule change on the same draws."""
+    data = np.load(args.replay)
+    args.n, args.alpha, args.batch = int(data["n"]), float(data["alpha"]), int(data["batch"])
+    groups = {}
+    for g, name in enumerate(data["groups"]):
+        meta, packed = data[f"g{g}_meta"], data[f"g{g}_votes"]
+        votes = np.unpackbits(packed, axis=1, count=args.n)
+        groups[str(name)] = [certify_votes(int(c), v, int(lab), float(sigma), 0.0, args)
+                             for (c, lab, sigma), v in zip(meta, votes)]
+    images = len(next(iter(groups.values()))) if groups else 0
+    return summarize(f"replay of {args.replay}: {images} cases per group", groups, 5.0)
 
 
 def main(argv=None) -> None:
@@ -211,12 +249,19 @@ def main(argv=None) -> None:
                    "instead of training them")
     p.add_argument("--only", choices=("linear", "digits"), help="run one setting")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record", type=Path, help="(digits) save every case's votes to this .npz, image by image")
+    p.add_argument("--replay", type=Path, help="instead of sampling, run both rules on the votes of a --record file "
+                   "(alpha, n and batch are read from it)")
     p.add_argument("--repeats", type=int, default=5, help="(--sampling) timing repeats")
     p.add_argument("--sigma", type=float, default=0.5, help="(--sampling) noise level")
     args = p.parse_args(argv)
     if args.sampling:
         args.n = args.n or 20000
         bench_sampling(args)
+        return
+    if args.replay:
+        figures = {"replay": bench_replay(args)}
+        print(f"\nsummary: replay: {figures['replay']['ratio']:.2f}x fewer evaluations")
         return
     args.n = args.n or 10000
     print(f"alpha={args.alpha} n0=100 n=max_n={args.n} grid radii {GRID} batch={args.batch} "

@@ -179,10 +179,10 @@ def crossing_rate(critical, looks, p, paths: int, seed: int) -> float:
     return float((counts >= np.asarray(critical)).any(axis=1).mean())
 
 
-@pytest.mark.parametrize("p0", [0.5, 0.841, 0.977])
-def test_group_sequential_boundaries_spend_alpha_exactly(p0):
+@pytest.mark.parametrize("p0, power", [(0.5, 3.0), (0.841, 0.5), (0.977, 3.0), (0.977, 0.5)])
+def test_group_sequential_boundaries_spend_alpha_exactly(p0, power):
     looks, alpha = look_schedule(2000, 500), 0.05
-    critical = rejection_boundaries(p0, looks, alpha)
+    critical = rejection_boundaries(p0, looks, alpha, power)
     assert all(c <= t + 1 for c, t in zip(critical, looks)) and critical[-1] <= looks[-1]
     # the simulated crossing rate under H0 is within alpha and close to it (the boundaries are not loose)
     rate = crossing_rate(critical, looks, p0, 250_000, seed=1)
@@ -195,6 +195,31 @@ def test_group_sequential_boundaries_spend_alpha_exactly(p0):
     # per-look Clopper-Pearson (the naive rule) crosses far more often than alpha
     naive = [min([s for s in range(t + 1) if lower_confidence_bound(s, t, alpha) > p0] or [t + 1]) for t in looks]
     assert crossing_rate(naive, looks, p0, 200_000, seed=3) > 1.5 * alpha
+
+
+def test_each_threshold_spends_as_early_as_its_last_look_allows():
+    looks, alpha = look_schedule(10_000, 1000), 0.001
+    for p0 in (0.5, 0.6915, 0.8413, 0.9332, 0.9772, 0.99865, 0.99997):
+        fixed = sequential.fixed_n_critical(p0, 10_000, alpha)
+        # CERTIFY's critical value: the fewest successes whose Clopper-Pearson bound passes p0
+        assert lower_confidence_bound(fixed, 10_000, alpha) > p0 or fixed == 10_001
+        assert fixed == 10_001 or lower_confidence_bound(fixed - 1, 10_000, alpha) <= p0
+        power = sequential.spending_power(p0, looks, alpha)
+        critical = sequential.grid_boundaries(p0, looks, alpha)
+        assert critical == rejection_boundaries(p0, looks, alpha, power)
+        if fixed > 10_000:  # Phi(4): no test passes it within 10,000 draws
+            assert power == sequential.SPENDING_POWERS[-1] and critical[-1] == 10_001
+            continue
+        # its last look tolerates >= 95 % of the wrong votes CERTIFY tolerates, and no earlier power would
+        assert 10_000 - critical[-1] >= sequential.FINAL_ALLOWANCE * (10_000 - fixed)
+        for earlier in sequential.SPENDING_POWERS[:sequential.SPENDING_POWERS.index(power)]:
+            tolerated = 10_000 - rejection_boundaries(p0, looks, alpha, earlier)[-1]
+            assert tolerated < sequential.FINAL_ALLOWANCE * (10_000 - fixed)
+    # Phi(3) (r = 0.75 at sigma 0.25): CERTIFY passes it with at most 3 wrong votes in 10,000, so only the cubic
+    # spending keeps all 3; Phi(2) (r = 0.5): CERTIFY tolerates 182, the earliest spending keeps >= 95 % of them
+    assert sequential.spending_power(0.99865, looks, alpha) == 3.0
+    assert sequential.spending_power(0.97725, looks, alpha) == 0.5
+    assert 10_000 - sequential.fixed_n_critical(0.99865, 10_000, alpha) == 3
 
 
 def test_futility_is_the_beta_binomial_predictive_probability():
@@ -230,7 +255,7 @@ class LinearMargin(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def naive_boundaries(p0, looks, alpha):
+def naive_boundaries(p0, looks, alpha, power=None):
     """The naive rule: CERTIFY's Clopper-Pearson bound at alpha, re-used at every look."""
     return tuple(min([s for s in range(t + 1) if lower_confidence_bound(s, t, alpha) > p0] or [t + 1])
                  for t in looks)

@@ -7,12 +7,15 @@ Two rules, both valid however the stopping time depends on the data:
   Applications to Clinical Trials", ch. 7 and 12; alpha spending after Lan & DeMets 1983, Biometrika 70:659). For
   each grid threshold ``p_k = Phi(r_k / sigma)`` the test of ``H0: pA <= p_k`` rejects at look ``j`` when the
   successes reach ``c_kj``. The critical values are computed exactly from the binomial law: the chance under
-  ``pA = p_k`` of crossing any of them up to look ``j`` is at most ``alpha * (t_j / max_n) ** SPENDING_POWER``, so
+  ``pA = p_k`` of crossing any of them up to look ``j`` is at most ``alpha * (t_j / max_n) ** power``, so
   at most ``alpha`` overall (and less for any ``pA < p_k``: the rejection region only grows with the votes).
   Radii are certified in order (fixed-sequence testing), so a radius above the true one needs the first false
-  threshold's test to reject: probability <= alpha, as CERTIFY. A power spending function with exponent 3 spends
-  little early (an image the classifier always gets right still stops after ~1.3x the draws a fixed-n test
-  would need) and keeps the last look almost as strong as CERTIFY's Clopper-Pearson bound.
+  threshold's test to reject: probability <= alpha, as CERTIFY. The spending is a power of time, and each
+  threshold gets its own exponent (:func:`spending_power`, fixed before any draw): the most front-loaded of
+  ``SPENDING_POWERS`` whose last look still tolerates ``FINAL_ALLOWANCE`` (95 %) of the wrong votes CERTIFY's
+  Clopper-Pearson bound tolerates at ``max_n``. Early spending lets clear cases stop near the fewest draws any
+  level-alpha test needs; the allowance keeps the last look as strong as CERTIFY's where it is tight (a threshold
+  near 1 that CERTIFY passes with only a few wrong votes in ``max_n`` gets the cubic spending).
 * **Continuous radius: an anytime-valid confidence sequence**, the beta-binomial mixture (Robbins 1970,
   "Statistical methods related to the law of the iterated logarithm"; Howard, Ramdas, McAuliffe & Sekhon 2021,
   "Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist., Sec. 3) at ``alpha / 2``,
@@ -37,7 +40,8 @@ from scipy.stats import beta, betabinom, binom
 CS_PRIOR = (1.0, 0.1)  # Beta(1, 0.1): mass near p = 1, where certification is hardest (see cs_side)
 FIRST_LOOK = 32  # draws before the first look
 LOOK_GROWTH = 1.25  # each look after 25 % more draws, and at most one forward batch more
-SPENDING_POWER = 3.0  # alpha spent by draw t: alpha * (t / max_n) ** SPENDING_POWER
+SPENDING_POWERS = (0.5, 1.0, 2.0, 3.0)  # alpha spent by draw t: alpha * (t / max_n) ** power; see spending_power
+FINAL_ALLOWANCE = 0.95  # the last look tolerates at least this share of the wrong votes CERTIFY tolerates
 FUTILITY = 0.01  # stop testing a radius when the chance of still certifying it by max_n is below this
 
 
@@ -59,15 +63,47 @@ def look_schedule(max_n: int, batch_size: int, first: int = FIRST_LOOK, growth: 
     return tuple(looks) + (max_n,)
 
 
+def fixed_n_critical(p0: float, n: int, alpha: float) -> int:
+    """The fewest successes in ``n`` draws whose Clopper-Pearson lower bound at ``alpha`` exceeds ``p0`` (what
+    CERTIFY needs to pass ``p0``); ``n + 1`` when none does."""
+    if lower_confidence_bound(n, n, alpha) <= p0:
+        return n + 1
+    low, high = 0, n  # the bound grows with the successes: bisect for the first that passes
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if lower_confidence_bound(mid, n, alpha) > p0 else (mid, high)
+    return high
+
+
+def spending_power(p0: float, looks: tuple[int, ...], alpha: float) -> float:
+    """The exponent of the threshold ``p0``'s alpha spending: the first of ``SPENDING_POWERS`` (most front-loaded
+    first) whose last critical value tolerates at least ``FINAL_ALLOWANCE`` of the wrong votes that CERTIFY's
+    Clopper-Pearson bound tolerates at ``max_n``; the last (most back-loaded) when none does. It depends on
+    ``p0``, the looks and alpha only, never on the draws, so each test keeps its level."""
+    max_n = looks[-1]
+    tolerated = max_n - fixed_n_critical(p0, max_n, alpha)
+    if tolerated < 0:  # CERTIFY cannot pass p0 within max_n draws either
+        return SPENDING_POWERS[-1]
+    for power in SPENDING_POWERS:
+        if max_n - rejection_boundaries(p0, looks, alpha, power)[-1] >= FINAL_ALLOWANCE * tolerated:
+            return power
+    return SPENDING_POWERS[-1]
+
+
+def grid_boundaries(p0: float, looks: tuple[int, ...], alpha: float) -> tuple[int, ...]:
+    """The critical values of the threshold ``p0``'s test in :func:`grid_test`, at its :func:`spending_power`."""
+    return rejection_boundaries(p0, looks, alpha, spending_power(p0, looks, alpha))
+
+
 @functools.lru_cache(maxsize=256)
-def rejection_boundaries(p0: float, looks: tuple[int, ...], alpha: float,
-                         power: float = SPENDING_POWER) -> tuple[int, ...]:
+def rejection_boundaries(p0: float, looks: tuple[int, ...], alpha: float, power: float) -> tuple[int, ...]:
     """Exact critical values ``c_j`` of the group-sequential test of ``H0: p <= p0`` at the draw counts ``looks``.
 
     ``H0`` is rejected at the first look ``j`` with ``successes >= c_j`` (``c_j = t_j + 1``: no rejection there).
     Each ``c_j`` is the smallest value whose probability under ``p = p0`` of a first crossing at look ``j``, added
     to that of the earlier looks, stays within ``alpha * (t_j / max_n) ** power``: the sub-density of the paths not
     yet rejected is carried from look to look by convolving with the binomial law of the new draws.
+    ``power`` shapes the spending (3: little early, a last look close to the fixed-n test's; 0.5: most early).
     """
     max_n = looks[-1]
     alive = np.ones(1)  # P(S_t = s and no rejection so far), s = 0..t
@@ -110,7 +146,7 @@ def grid_test(draw, thresholds: list[float], alpha: float, looks: tuple[int, ...
         looks: :func:`look_schedule`.
         futility: see :func:`futile`.
     """
-    critical = [rejection_boundaries(float(p), looks, alpha) for p in thresholds]
+    critical = [grid_boundaries(float(p), looks, alpha) for p in thresholds]
     passed, successes, trials = -1, 0, 0
     for j, t in enumerate(looks):
         successes += int(draw(t - trials))
