@@ -3,6 +3,7 @@
     python benchmarks/bench_certify.py [--images 100] [--n 10000] [--classifiers PLAIN_DIR DIFFAUG_DIR]
     python benchmarks/bench_certify.py --only digits --record votes.npz ...   # also save every case's votes
     python benchmarks/bench_certify.py --replay votes.npz     # both rules again on saved votes, no model
+    python benchmarks/bench_certify.py --stage --images 30 --classifiers ...   # the study's certify stage, timed
     python benchmarks/bench_certify.py --sampling [--n 20000] [--batch 1000]   # the sampling-loop section
 
 Both certifiers run in one process on the same cases with the same alpha (0.001), the same n0 (100) and the same
@@ -141,7 +142,9 @@ def summarize(name: str, groups: dict[str, list[dict]], target: float) -> dict:
                for k in ("fixed", "seq")}
         diff = acc["fixed"] - acc["seq"]
         worst_mean, worst_max = max(worst_mean, abs(diff.mean())), max(worst_max, np.abs(diff).max())
-        print(f"  {group}: certified accuracy % at r = {', '.join(f'{r:g}' for r in GRID)}")
+        group_ratio = sum(int(r["fixed"][3]) for r in rows) / sum(int(r["seq"][3]) for r in rows)
+        print(f"  {group}: evaluations CERTIFY / sequential {group_ratio:.2f}x; certified accuracy % at r = "
+              f"{', '.join(f'{r:g}' for r in GRID)}")
         print("    CERTIFY    " + " ".join(f"{a:6.1f}" for a in acc["fixed"]))
         print("    sequential " + " ".join(f"{a:6.1f}" for a in acc["seq"]))
         print(f"    gap: mean {diff.mean():+.2f} points, largest {np.abs(diff).max():.2f} points")
@@ -205,6 +208,36 @@ def bench_digits(args) -> dict:
     return summarize(f"digits DDS, {args.images} test digits, sigma {', '.join(map(str, args.sigmas))}", groups, 5.0)
 
 
+# ---------------------------------------------------------------------- the study's certify stage (--stage)
+def bench_stage(args) -> None:
+    """Wall time of ``run_certify`` with the study's certify-stage settings (n0 50, n = max_n 500, alpha 0.001,
+    batch 500, sigma 0.25 / 0.5, the shipped denoiser, plain + diffaug classifiers): fixed-n CERTIFY vs sequential,
+    interleaved ``--repeats`` times on the same images, each run into a fresh folder (no resume)."""
+    from diffaug.evaluate.certify import run_certify
+
+    classifiers = [str(p) for p in digits_classifiers(args).values()]
+    common = dict(data="digits", classifiers=classifiers, denoiser="digits", sigmas=[0.25, 0.5], n0=50, n=500,
+                  alpha=0.001, batch_size=500, skip=1, limit=args.images, seed=0, progress=False)
+    seconds, evaluations = {"fixed": [], "sequential": []}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for kind in ("fixed", "sequential"):
+                t0 = time.perf_counter()
+                res = run_certify(**common, out=Path(tmp) / f"{kind}{r}", sequential=kind == "sequential")
+                seconds[kind].append(time.perf_counter() - t0)
+                evaluations[kind] = sum(int(row[6]) if kind == "sequential" else 550
+                                        for by_sigma in res.extra["certify"].values()
+                                        for rows in by_sigma.values() for row in rows)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    print(f"study certify stage settings, {args.images} digits x 2 classifiers x 2 sigmas, repeats {args.repeats}, "
+          f"threads {torch.get_num_threads()}")
+    for k in seconds:
+        print(f"  {k:10s} median {med[k]:7.2f} s  ({', '.join(f'{t:.2f}' for t in seconds[k])})  "
+              f"evaluations {evaluations[k]}")
+    print(f"evaluations fixed / sequential = {evaluations['fixed'] / evaluations['sequential']:.2f}x; wall time "
+          f"fixed / sequential = {med['fixed'] / med['sequential']:.2f}x (images certified in the same time)")
+
+
 # ---------------------------------------------------------------------- recorded votes (--record / --replay)
 def save_votes(path: Path, groups: dict[str, list[dict]], args) -> None:
     """Write every case's selected class, label, sigma and votes so far (``np.savez_compressed``, votes bit-packed;
@@ -237,6 +270,8 @@ def bench_replay(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sampling", action="store_true", help="the sample_counts vs reference-loop section instead")
+    p.add_argument("--stage", action="store_true", help="wall time of the study's certify stage settings, fixed-n "
+                   "vs sequential, instead (--images digits, --repeats)")
     p.add_argument("--n", type=int, default=None, help="CERTIFY's n = the sequential max_n (default 10000; "
                    "20000 with --sampling)")
     p.add_argument("--batch", type=int, default=1000)
@@ -252,12 +287,15 @@ def main(argv=None) -> None:
     p.add_argument("--record", type=Path, help="(digits) save every case's votes to this .npz, image by image")
     p.add_argument("--replay", type=Path, help="instead of sampling, run both rules on the votes of a --record file "
                    "(alpha, n and batch are read from it)")
-    p.add_argument("--repeats", type=int, default=5, help="(--sampling) timing repeats")
+    p.add_argument("--repeats", type=int, default=5, help="(--sampling, --stage) timing repeats")
     p.add_argument("--sigma", type=float, default=0.5, help="(--sampling) noise level")
     args = p.parse_args(argv)
     if args.sampling:
         args.n = args.n or 20000
         bench_sampling(args)
+        return
+    if args.stage:
+        bench_stage(args)
         return
     if args.replay:
         figures = {"replay": bench_replay(args)}

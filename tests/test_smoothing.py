@@ -421,3 +421,37 @@ def test_certify_shards_across_two_ranks(tmp_path, trained):
     rows = lambda p: [r.split("\t")[:5] for r in (p / "plain" / "sigma_0.25" / "certify.tsv").read_text().splitlines()]  # noqa: E731
     assert rows(tmp_path / "ddp") == rows(tmp_path / "one") and len(rows(tmp_path / "one")) == 7
     assert (tmp_path / "ddp" / "plain" / "sigma_0.25" / "certify.rank1.tsv").exists()
+
+
+class BatchSizes(nn.Module):
+    """Wraps a classifier and records the size of every forward pass."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.sizes = inner, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_pooled_images_get_the_certificates_they_get_alone_in_fewer_larger_passes():
+    den, grid = tiny_denoiser(), (0.0, 0.25, 0.5)
+    clf = BatchSizes(create_classifier("small_cnn", 10, 1, seed=0).eval())
+    smooth = Smooth(clf, 10, 0.25, denoiser=den)
+    xs = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    alone = [smooth.certify_sequential(x, 0.001, 400, 200, radii=grid, n0=20,
+                                       generator=torch.Generator().manual_seed(i)) for i, x in enumerate(xs)]
+    alone_passes, clf.sizes = len(clf.sizes), []
+    pooled = dict(smooth.certify_sequential_many(((i, x, torch.Generator().manual_seed(i)) for i, x in enumerate(xs)),
+                                                 0.001, 400, 200, radii=grid, n0=20))
+    assert [pooled[i] for i in range(6)] == alone
+    assert max(clf.sizes) <= 200 and sum(clf.sizes) == sum(c.num_samples for c in alone)
+    assert len(clf.sizes) < alone_passes
+
+
+def test_pooled_images_must_share_one_shape():
+    smooth = Smooth(Constant(3), 10, sigma=0.5)
+    images = [(0, torch.rand(1, 4, 4), None), (1, torch.rand(1, 5, 5), None)]
+    with pytest.raises(InputError, match="share one shape"):
+        list(smooth.certify_sequential_many(images, 0.001, 100, 50, radii=(0.0,), n0=10))

@@ -134,6 +134,23 @@ def futile(successes: int, trials: int, final_critical: int, max_n: int, futilit
     return float(betabinom.sf(need - 1, remaining, successes + 0.5, trials - successes + 0.5)) < futility
 
 
+def grid_steps(thresholds: list[float], alpha: float, looks: tuple[int, ...], futility: float = FUTILITY):
+    """The grid rule as a coroutine: yields how many new draws it wants, is sent how many of them voted for the
+    selected class, and returns ``(k, trials)`` (see :func:`grid_test`). Several images can then share forward
+    passes (:meth:`diffaug.Smooth.certify_sequential_many`), each running its own copy of the rule."""
+    critical = [grid_boundaries(float(p), looks, alpha) for p in thresholds]
+    passed, successes, trials = -1, 0, 0
+    for j, t in enumerate(looks):
+        successes += int((yield t - trials))
+        trials = t
+        while passed + 1 < len(thresholds) and successes >= critical[passed + 1][j]:
+            passed += 1  # fixed-sequence: radius k is tested only once k - 1 is certified
+        if passed + 1 == len(thresholds) or futile(successes, trials, critical[passed + 1][-1], looks[-1],
+                                                   futility):
+            break
+    return passed, trials
+
+
 def grid_test(draw, thresholds: list[float], alpha: float, looks: tuple[int, ...],
               futility: float = FUTILITY) -> tuple[int, int]:
     """Run the grid rule on a stream of votes; returns ``(k, trials)``: the index of the largest threshold passed
@@ -146,17 +163,13 @@ def grid_test(draw, thresholds: list[float], alpha: float, looks: tuple[int, ...
         looks: :func:`look_schedule`.
         futility: see :func:`futile`.
     """
-    critical = [grid_boundaries(float(p), looks, alpha) for p in thresholds]
-    passed, successes, trials = -1, 0, 0
-    for j, t in enumerate(looks):
-        successes += int(draw(t - trials))
-        trials = t
-        while passed + 1 < len(thresholds) and successes >= critical[passed + 1][j]:
-            passed += 1  # fixed-sequence: radius k is tested only once k - 1 is certified
-        if passed + 1 == len(thresholds) or futile(successes, trials, critical[passed + 1][-1], looks[-1],
-                                                   futility):
-            break
-    return passed, trials
+    steps = grid_steps(thresholds, alpha, looks, futility)
+    wanted = next(steps)
+    while True:
+        try:
+            wanted = steps.send(draw(wanted))
+        except StopIteration as stop:
+            return stop.value
 
 
 def recorded(votes):

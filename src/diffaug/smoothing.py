@@ -158,6 +158,14 @@ class Smooth:
         check_sampling_args(batch_size, alpha, **counts)
         return x
 
+    def noisy_copies(self, x: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``num`` copies of ``x`` with Gaussian noise of std ``sigma``, ``[num, C, H, W]``; the noise is drawn on
+        the generator's device in one call, so the same generator gives the same copies however they are batched
+        with other images'."""
+        gen_device = generator.device if generator is not None else x.device
+        noise = torch.randn((num, *x.shape), generator=generator, device=gen_device).to(x.device)
+        return x.unsqueeze(0) + self.sigma * noise
+
     @torch.no_grad()
     def sample_labels(self, x: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None = None,
                       classifiers=None) -> torch.Tensor:
@@ -167,13 +175,11 @@ class Smooth:
         on the same noisy, denoised copies: several base classifiers on one set of draws for one denoiser pass.
         """
         heads = [self.classifier] if classifiers is None else list(classifiers)
-        gen_device = generator.device if generator is not None else x.device
         labels = []
         remaining = num
         while remaining > 0:
             b = min(batch_size, remaining)
-            noise = torch.randn((b, *x.shape), generator=generator, device=gen_device).to(x.device)
-            front = self.denoise(x.unsqueeze(0) + self.sigma * noise)
+            front = self.denoise(self.noisy_copies(x, b, generator))
             labels.append(torch.stack([head(front).argmax(dim=1).cpu() for head in heads]))
             remaining -= b
         out = torch.cat(labels, dim=1) if labels else torch.zeros((len(heads), 0), dtype=torch.long)
@@ -238,6 +244,9 @@ class Smooth:
             A :class:`Certificate` ``(label, radius, num_samples)``; ``(ABSTAIN, 0.0, ...)`` when nothing is
             certified.
         """
+        if radii is not None:
+            return next(self.certify_sequential_many([(None, x, generator)], alpha, max_n, batch_size, radii=radii,
+                                                     n0=n0, futility=futility))[1]
         x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
         check_sequential_args(n0, max_n, radii, radius_tol, futility)
         c_hat = int(self.sample_counts(x, n0, batch_size, generator).argmax())
@@ -246,18 +255,86 @@ class Smooth:
         def draw(m: int) -> int:
             return int(self.sample_counts(x, m, batch_size, generator)[c_hat])
 
-        if radii is not None:  # radius 0 (a certified label) always sits on the grid
-            grid = sorted({0.0, *map(float, radii)})
-            passed, trials = sequential.grid_test(draw, [float(ndtr(r / self.sigma)) for r in grid], alpha, looks,
-                                                  futility)
-            if passed < 0:
-                return Certificate(ABSTAIN, 0.0, n0 + trials)
-            return Certificate(c_hat, grid[passed], n0 + trials)
         lower, trials = continuous_test(draw, alpha, looks, (0.01 * self.sigma if radius_tol is None
                                                              else float(radius_tol)) / self.sigma)
         if lower <= 0.5:
             return Certificate(ABSTAIN, 0.0, n0 + trials)
         return Certificate(c_hat, self.sigma * float(ndtri(lower)), n0 + trials)
+
+    def certify_sequential_many(self, images, alpha: float, max_n: int, batch_size: int, *, radii, n0: int = 100,
+                                futility: float = FUTILITY):
+        """:meth:`certify_sequential` on a grid for a stream of images that share forward passes.
+
+        One image's looks want few draws at first (32, 40, 50, ...), and forward passes that small waste a GPU
+        (and, less, a CPU). Here several images are certified at once: each runs its own copy of the grid rule
+        (:func:`~diffaug.sequential.grid_steps`), and the draws they want next are pooled, oldest image first,
+        into forward passes of at most ``batch_size`` copies; a new image is taken in while the pending draws fit
+        in one pass. Each image's noise comes from its own generator, drawn per request exactly as
+        :meth:`certify_sequential` draws it, so each certificate is the one that image would get alone (up to the
+        float rounding of a differently composed batch) and has the same guarantee.
+
+        Args:
+            images: iterable of ``(key, x, generator)``: any key, one image ``[C, H, W]`` in [0, 1], its generator.
+            alpha, max_n, batch_size, radii, n0, futility: as in :meth:`certify_sequential` (``radii`` required).
+
+        Yields:
+            ``(key, Certificate)`` as each image finishes (not necessarily in input order).
+        """
+        check_sequential_args(n0, max_n, radii, None, futility)
+        grid = sorted({0.0, *map(float, radii)})  # radius 0 (a certified label) always sits on the grid
+        looks = look_schedule(max_n, batch_size)
+        source, active, shape = iter(images), [], None
+        while True:
+            while sum(a[4] for a in active) < batch_size and (item := next(source, None)) is not None:
+                key, x, generator = item
+                x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
+                if shape is not None and x.shape != shape:
+                    raise InputError(f"images certified together must share one shape: {tuple(x.shape)} after "
+                                     f"{tuple(shape)}; resize them to one size first")
+                shape = x.shape
+                steps = self._grid_certificate(n0, batch_size, grid, alpha, looks, futility)
+                active.append([key, x, generator, steps, next(steps)])
+            if not active:
+                return
+            chosen, total = [], 0
+            for a in active:  # the oldest requests that fit in one pass, at least one
+                if chosen and total + a[4] > batch_size:
+                    break
+                chosen.append(a)
+                total += a[4]
+            with torch.no_grad():
+                noisy = torch.cat([self.noisy_copies(x, m, generator) for _, x, generator, _, m in chosen])
+                labels = self.classifier(self.denoise(noisy)).argmax(dim=1).cpu()
+            for a, part in zip(chosen, labels.split([a[4] for a in chosen])):
+                try:
+                    a[4] = a[3].send(part)
+                except StopIteration as stop:
+                    active.remove(a)
+                    yield a[0], stop.value
+
+    def _grid_certificate(self, n0: int, batch_size: int, grid: list[float], alpha: float, looks, futility: float):
+        """One image's grid certification as a coroutine: yields how many draws it wants next (at most
+        ``batch_size``), is sent their labels, returns its :class:`Certificate`."""
+
+        def labels_of(num: int):  # the labels of num draws, asked for in passes of at most batch_size
+            parts = []
+            for start in range(0, num, batch_size):
+                parts.append((yield min(batch_size, num - start)))
+            return torch.cat(parts)
+
+        c_hat = int(torch.bincount((yield from labels_of(n0)), minlength=self.num_classes).argmax())
+        steps = sequential.grid_steps([float(ndtr(r / self.sigma)) for r in grid], alpha, looks, futility)
+        wanted = next(steps)
+        while True:
+            votes = int(((yield from labels_of(wanted)) == c_hat).sum())
+            try:
+                wanted = steps.send(votes)
+            except StopIteration as stop:
+                passed, trials = stop.value
+                break
+        if passed < 0:
+            return Certificate(ABSTAIN, 0.0, n0 + trials)
+        return Certificate(c_hat, grid[passed], n0 + trials)
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> int:

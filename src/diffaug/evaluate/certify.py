@@ -66,8 +66,10 @@ def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, 
     """Certify ``images[i]`` for ``i`` in ``indices``, appending rows to ``out_tsv``; already-done rows are kept.
 
     ``images``: a tensor ``[N, C, H, W]`` or a :class:`StreamedImages` (read one image at a time).
-    With ``sequential_radii`` (a grid) each image is certified by ``Smooth.certify_sequential`` with ``max_n = n``;
-    otherwise by fixed-n ``Smooth.certify``."""
+    With ``sequential_radii`` (a grid) the images are certified by ``Smooth.certify_sequential_many`` with
+    ``max_n = n`` (several at a time, sharing forward passes; a row's ``time`` then runs from the image's first
+    draw to its certificate, and rows are appended as images finish); otherwise one by one by fixed-n
+    ``Smooth.certify``."""
     from tqdm.auto import tqdm
 
     rows = _read_rows(out_tsv)
@@ -77,17 +79,24 @@ def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, 
     todo = [i for i in indices if i not in done]
     device = images.device
     items = images.items(todo) if isinstance(images, StreamedImages) else (images[i] for i in todo)
-    for i, x in tqdm(zip(todo, items), total=len(todo), disable=not progress, desc=f"certify sigma={smooth.sigma}"):
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
-        t0 = time.perf_counter()
-        if sequential_radii is None:
-            (pred, radius), used = smooth.certify(x, n0, n, alpha, batch_size, generator=gen), n0 + n
-        else:
-            pred, radius, used = dataclasses.astuple(smooth.certify_sequential(
-                x, alpha, n, batch_size, radii=sequential_radii, n0=n0, generator=gen))
+    started = {}
+
+    def seeded():  # (index, image, its generator), noting when each image's certification starts
+        for i, x in zip(todo, items):
+            started[i] = time.perf_counter()
+            yield i, x, torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+
+    if sequential_radii is None:
+        results = ((i, (*smooth.certify(x, n0, n, alpha, batch_size, generator=gen), n0 + n))
+                   for i, x, gen in seeded())
+    else:
+        results = ((i, dataclasses.astuple(cert)) for i, cert in smooth.certify_sequential_many(
+            seeded(), alpha, n, batch_size, radii=sequential_radii, n0=n0))
+    for i, (pred, radius, used) in tqdm(results, total=len(todo), disable=not progress,
+                                        desc=f"certify sigma={smooth.sigma}"):
         label = int(labels[i])
         append_text(out_tsv, f"{i}\t{label}\t{pred}\t{radius:.4f}\t{int(pred == label)}\t"
-                    f"{time.perf_counter() - t0:.4f}\t{used}\n")
+                    f"{time.perf_counter() - started.pop(i):.4f}\t{used}\n")
 
 
 def merge_shards(folder: Path) -> list[list[str]]:
