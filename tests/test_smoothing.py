@@ -455,3 +455,9 @@ def test_pooled_images_must_share_one_shape():
     images = [(0, torch.rand(1, 4, 4), None), (1, torch.rand(1, 5, 5), None)]
     with pytest.raises(InputError, match="share one shape"):
         list(smooth.certify_sequential_many(images, 0.001, 100, 50, radii=(0.0,), n0=10))
+    for kwargs, message in [({"radii": None}, "pass radii"), ({"radii": (0.5, 0.25)}, "increasing"),
+                            ({"radii": (0.0,), "alpha": 0.0}, "alpha"), ({"radii": (0.0,), "max_n": 5}, "max_n")]:
+        args = {"alpha": 0.001, "max_n": 100, **kwargs}
+        with pytest.raises(InputError, match=message):
+            next(smooth.certify_sequential_many(iter(images), args.pop("alpha"), args.pop("max_n"), 50, n0=10,
+                                                **args))

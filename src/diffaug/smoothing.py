@@ -244,11 +244,11 @@ class Smooth:
             A :class:`Certificate` ``(label, radius, num_samples)``; ``(ABSTAIN, 0.0, ...)`` when nothing is
             certified.
         """
+        x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
+        check_sequential_args(n0, max_n, radii, radius_tol, futility)
         if radii is not None:
             return next(self.certify_sequential_many([(None, x, generator)], alpha, max_n, batch_size, radii=radii,
                                                      n0=n0, futility=futility))[1]
-        x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
-        check_sequential_args(n0, max_n, radii, radius_tol, futility)
         c_hat = int(self.sample_counts(x, n0, batch_size, generator).argmax())
         looks = look_schedule(max_n, batch_size)
 
@@ -280,6 +280,10 @@ class Smooth:
         Yields:
             ``(key, Certificate)`` as each image finishes (not necessarily in input order).
         """
+        if radii is None:
+            raise InputError("certify_sequential_many certifies on a grid: pass radii (e.g. (0.0, 0.25, 0.5)), or "
+                             "use certify_sequential for a continuous radius")
+        check_sampling_args(batch_size, alpha, n0=n0, max_n=max_n)
         check_sequential_args(n0, max_n, radii, None, futility)
         grid = sorted({0.0, *map(float, radii)})  # radius 0 (a certified label) always sits on the grid
         looks = look_schedule(max_n, batch_size)
