@@ -40,6 +40,34 @@ def test_rank_shares_cover_the_global_batch_once_in_order(world, n):
     assert rank_share(indices, Dist()) is indices
 
 
+_LEAVE_AT_EXIT = """
+import atexit, sys
+import torch, torch.distributed as dist
+from diffaug.utils import distributed
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))  # runs after the handlers of later
+distributed.world_size = lambda: 2  # a one-rank group, joined as under torchrun                  # registrations
+info = distributed.init_distributed(torch.device("cpu"))
+distributed.init_distributed(torch.device("cpu"))  # joining twice registers nothing more
+print("rank", info.rank, "world", info.world, "initialized:", dist.is_initialized())
+"""
+
+
+def test_a_joined_process_group_is_left_at_exit(tmp_path):
+    # A gloo group left to the interpreter's teardown can abort a rank with "terminate called without an active
+    # exception" (SIGABRT): the failure a CI run of the torchrun test hit. init_distributed leaves it at exit.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _LEAVE_AT_EXIT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["rank 0 world 1 initialized: True", "initialized at exit: False"]
+
+
 @pytest.mark.slow
 def test_two_processes_train_resume_exactly_and_match_the_one_process_gradient(tmp_path, den_dir, capsys):
     ddp = tmp_path / "ddp"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -34,14 +35,27 @@ def main_process() -> bool:
 
 
 def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone."""
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone.
+
+    A group joined here is also left at exit (:func:`leave_distributed`, registered with :mod:`atexit`): one left
+    to the interpreter's teardown can abort the process ("terminate called without an active exception", SIGABRT)
+    when a gloo worker thread still holds a tensor as Python shuts down (pytorch/pytorch#190489)."""
     if world_size() == 1:
         return Dist()
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave_distributed)
     return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def leave_distributed() -> None:
+    """Destroy the default process group if one is up (a no-op otherwise, so it is safe to call twice)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
