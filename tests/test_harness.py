@@ -152,6 +152,24 @@ def test_stop_signal_and_log(tmp_path):
     assert read_jsonl(tmp_path / "log.jsonl") == [{"step": s + 1, "loss": float(s)} for s in range(3)]
 
 
+def test_the_logged_loss_is_the_mean_over_ranks(monkeypatch):
+    from diffaug.train import harness
+
+    rows = [{"step": 1, "loss": 1.0, "lr": 0.1}, {"step": 2, "loss": 4.0, "lr": 0.1}]
+    assert harness.mean_over_ranks([dict(r) for r in rows], Dist()) == rows  # one process: unchanged, no gather
+    gathered = []
+
+    def two_ranks(value, dist_info):  # rank 0 holds ``value``; rank 1 logged 3.0 and 0.0 at the same steps
+        gathered.append(value)
+        return [value, [3.0, 0.0]]
+
+    monkeypatch.setattr(harness, "gather_objects", two_ranks)
+    mean = harness.mean_over_ranks([dict(r) for r in rows], Dist(0, 2))
+    assert gathered == [[1.0, 4.0]]  # one gather for all rows
+    assert mean == [{"step": 1, "loss": 2.0, "lr": 0.1}, {"step": 2, "loss": 2.0, "lr": 0.1}]
+    assert harness.mean_over_ranks([], Dist(0, 2)) == [] and len(gathered) == 1
+
+
 # ---------------------------------------------------------------------- the loops
 def _stopped_by_sigterm(monkeypatch, at: int, train, out) -> None:
     """Run ``train(out)`` with SIGTERM sent to this process during optimiser step ``at`` (0-based); check that

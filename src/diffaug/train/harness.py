@@ -256,14 +256,27 @@ class Run:
         return 0
 
     def save(self, step: int) -> None:
-        """At a step boundary (every rank): write the log and, on the main rank, the checkpoint."""
-        rows = self.log.to_host()
+        """At a step boundary (every rank): write the log and, on the main rank, the checkpoint. Under torchrun
+        each logged loss is the mean of the ranks' losses (:func:`mean_over_ranks`): with equal shares, the loss of
+        the whole global batch, as one process would log it."""
+        rows = mean_over_ranks(self.log.to_host(), self.dist)
         states = gather_objects(self.state.generator.get_state(), self.dist)
         extra = self.extra_meta(rows) if self.extra_meta is not None else None
         self.log.flush()
         if self.dist.main:
             self.state.save(self.folder.checkpoint_path(step), step, self.config, states, extra)
             self.folder.prune()
+
+
+def mean_over_ranks(rows: list[dict], dist_info: Dist, key: str = "loss") -> list[dict]:
+    """Replace each row's host float ``row[key]`` by its mean over the ranks (the same rows, step for step, on every
+    rank; one gather per checkpoint, not per step). Unchanged on one process."""
+    if dist_info.world == 1 or not rows:
+        return rows
+    per_rank = gather_objects([row[key] for row in rows], dist_info)
+    for row, values in zip(rows, zip(*per_rank)):
+        row[key] = sum(values) / len(values)
+    return rows
 
 
 def run_steps(run: Run, start: int, total: int, step_fn: Callable[[int], dict], *, checkpoint_every: int,
