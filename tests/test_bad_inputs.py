@@ -95,6 +95,8 @@ def _cases(ws, den_dir):
         (["eval-guidance", "--guidance", str(ws / "guid"), "--denoiser", d, "--per-class", "1"], "per-class"),
         (["pag", "--classifier", clf, "--denoiser", d, "--t", "5000"], "5000"),
         (["pag", "--classifier", clf, "--denoiser", missing], missing),
+        (["eval-guidance", "--guidance", str(ws / "guid"), "--denoiser", d, "--workers", "-1"], "workers must be"),
+        (["pag", "--classifier", clf, "--denoiser", d, "--workers", "-2"], "workers must be"),
         (["toy", "--t", "-3"], "-3"),
         (["toy", "--steps", "0"], "steps"),
         (["study", "--config", str(ws / "cfg_types.json")], "epochs"),

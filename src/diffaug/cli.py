@@ -146,7 +146,7 @@ def cmd_eval_guidance(args) -> None:
                             clean_classifier=args.clean_classifier, per_class=args.per_class, steps=args.steps,
                             scale=args.scale, sampler=args.sampler, seed=args.seed, out=args.out,
                             device=_device(args.device), generation=not args.no_generation,
-                            progress=not args.quiet, speed=_speed(args)).text)
+                            progress=not args.quiet, speed=_speed(args), workers=args.workers).text)
 
 
 def cmd_pag(args) -> None:
@@ -154,7 +154,8 @@ def cmd_pag(args) -> None:
 
     out = _png_path(args.out)
     run_pag(classifiers=args.classifier or [], guidance=args.guidance or [], denoiser=args.denoiser, data=args.data,
-            t=args.t, n=args.n, seed=args.seed, out=out, device=_device(args.device), speed=_speed(args))
+            t=args.t, n=args.n, seed=args.seed, out=out, device=_device(args.device), speed=_speed(args),
+            workers=args.workers)
     print(f"wrote {out}")
 
 
@@ -220,10 +221,14 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_data(p: argparse.ArgumentParser) -> None:
-    """The options every evaluation that streams image folders takes."""
+    """The options every evaluation that streams image folders at the classifier's size takes."""
     p.add_argument("--image-size", dest="image_size", type=int,
                    help="evaluate at this input size (default: the size in the classifier's model.json; image "
                         "folders are brought to it by Resize(size / 0.875) + CenterCrop(size))")
+    _add_workers(p)
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="DataLoader worker processes for streamed image folders "
                    "(default min(8, CPUs); 0 reads in the main process)")
 
@@ -231,8 +236,8 @@ def _add_eval_data(p: argparse.ArgumentParser) -> None:
 def _common(out_help: str | None, *names: str, **helps: str) -> argparse.ArgumentParser:
     """The parent parser of one command's shared flags: ``--out`` (required; ``out_help``) and those in ``names``:
     ``seed``, ``device``, ``quiet``, ``resume``, ``force`` (:data:`SHARED_FLAGS`; ``helps[name]`` replaces a flag's
-    help text for this command), ``speed`` (--precision, --channels-last, --compile) and ``eval-data``
-    (--image-size, --workers of the streaming evaluations)."""
+    help text for this command), ``speed`` (--precision, --channels-last, --compile), ``eval-data``
+    (--image-size, --workers of the streaming evaluations) and ``workers`` (--workers alone)."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--out", required=True, help=out_help)
     for name in names:
@@ -240,6 +245,8 @@ def _common(out_help: str | None, *names: str, **helps: str) -> argparse.Argumen
             _add_speed(parent)
         elif name == "eval-data":
             _add_eval_data(parent)
+        elif name == "workers":
+            _add_workers(parent)
         else:
             kwargs = {**SHARED_FLAGS[name], **({"help": helps[name]} if name in helps else {})}
             parent.add_argument(f"--{name}", **kwargs)
@@ -511,9 +518,9 @@ COMMANDS = {
     "sample": Command("classifier-guided samples of one class from an unconditional denoiser", cmd_sample,
                       _sample_flags, _PNG, ("seed", "device", "speed")),
     "eval-guidance": Command("guidance classifiers: Table 4, accuracy vs t, guided-generation metrics",
-                             cmd_eval_guidance, _eval_guidance_flags, None, _EVALUATION),
+                             cmd_eval_guidance, _eval_guidance_flags, None, (*_EVALUATION, "workers")),
     "pag": Command("perceptually aligned gradients through the denoiser (the paper's Figure 3)", cmd_pag, _pag_flags,
-                   _PNG, ("seed", "device", "speed")),
+                   _PNG, ("seed", "device", "speed", "workers")),
     "toy": Command("2-D demonstration: one-step denoising lands near the data (Figure 5)", cmd_toy, _toy_flags,
                    "PNG file to write (numbers go to the same name .json)", ("seed",)),
     "study": Command("the paper's whole evaluation, cached per stage, with a report (the main job)", cmd_study,

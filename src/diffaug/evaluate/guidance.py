@@ -39,6 +39,7 @@ def _load_guidance(guidance, denoiser, data, clean_classifier, device, speed, wo
     from ..denoiser import load_denoiser
     from ..guidance import GuidanceClassifier
 
+    check_workers(workers)
     den = load_denoiser(denoiser, device=device, speed=speed)
     models = {str(folder): GuidanceClassifier.from_pretrained(folder, den, speed=speed) for folder in guidance}
     clean = load_classifier(clean_classifier, device=device, speed=speed) if clean_classifier else None
@@ -48,7 +49,6 @@ def _load_guidance(guidance, denoiser, data, clean_classifier, device, speed, wo
         return SimpleNamespace(den=den, models=models, clean=clean, clean_size=None, images=images, labels=labels,
                                test_batches=None, num_classes=train.num_classes, channels=train.images.shape[1],
                                train=train, real_images=images, splits=None, view=None)
-    check_workers(workers)
     den, splits, clean, clean_size = _streamed_setup(data, den, models, clean, clean_classifier)
     view = _test_view(splits["test"], den)
     return SimpleNamespace(den=den, models=models, clean=clean, clean_size=clean_size, images=None, labels=None,

@@ -70,7 +70,7 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
     read (through the loader, ``workers`` processes), brought to the models' input size by the evaluation
     transform (the classifiers' and guidance classifiers' sizes must agree; the denoiser runs at it)."""
     from ..classifier import load_classifier
-    from ..data import is_in_memory, load_dataset
+    from ..data import check_workers, is_in_memory, load_dataset
     from ..denoiser import load_denoiser
     from ..guidance import GuidanceClassifier
     from .sets import folder_keys
@@ -79,6 +79,7 @@ def run_pag(*, classifiers: list[str], guidance: list[str], denoiser: str, data:
         raise InputError("give at least one --classifier or --guidance folder")
     if n < 1:
         raise InputError(f"--n must be >= 1, got {n}")
+    check_workers(workers)
     den = load_denoiser(denoiser, device=device, speed=speed)
     if not 0 <= t < den.num_timesteps:
         raise InputError(f"--t must lie in [0, {den.num_timesteps}), got {t}")
