@@ -455,9 +455,40 @@ def test_pooled_images_must_share_one_shape():
     images = [(0, torch.rand(1, 4, 4), None), (1, torch.rand(1, 5, 5), None)]
     with pytest.raises(InputError, match="share one shape"):
         list(smooth.certify_sequential_many(images, 0.001, 100, 50, radii=(0.0,), n0=10))
+    mixed = [(0, torch.rand(1, 4, 4), None), (1, torch.rand(1, 4, 4, dtype=torch.float64), None)]
+    with pytest.raises(InputError, match="dtype"):  # torch.cat would promote the first image's copies
+        list(smooth.certify_sequential_many(mixed, 0.001, 100, 50, radii=(0.0,), n0=10))
+    read = []
     for kwargs, message in [({"radii": None}, "pass radii"), ({"radii": (0.5, 0.25)}, "increasing"),
                             ({"radii": (0.0,), "alpha": 0.0}, "alpha"), ({"radii": (0.0,), "max_n": 5}, "max_n")]:
         args = {"alpha": 0.001, "max_n": 100, **kwargs}
-        with pytest.raises(InputError, match=message):
-            next(smooth.certify_sequential_many(iter(images), args.pop("alpha"), args.pop("max_n"), 50, n0=10,
-                                                **args))
+        with pytest.raises(InputError, match=message):  # raised by the call itself, before any image is read
+            smooth.certify_sequential_many((read.append(i) or i for i in images), args.pop("alpha"),
+                                           args.pop("max_n"), 50, n0=10, **args)
+    assert read == []
+
+
+class MeanAbove(nn.Module):
+    """Class 1 iff the image's mean exceeds 1/2."""
+
+    def forward(self, x):
+        z = x.flatten(1).mean(1) - 0.5
+        return torch.stack([-z, z], dim=1)
+
+
+def test_pooled_keys_may_repeat_and_radii_may_be_an_iterator():
+    # image 1 (all ones) stops long before image 0 (mean 0.58), both sharing each pass (batch 1000): it leaves
+    # the pool first, found by identity although both keys are None (an equality search would compare the image
+    # tensors and raise); radii given as an iterator are read once, not used up by the argument check
+    smooth = Smooth(MeanAbove(), 2, sigma=0.25)
+    xs = [torch.full((1, 4, 4), 0.58), torch.ones(1, 4, 4)]
+    alone = [smooth.certify_sequential(x, 0.001, 2000, 1000, radii=iter([0.25, 0.5]), n0=10,
+                                       generator=torch.Generator().manual_seed(i)) for i, x in enumerate(xs)]
+    assert alone == [smooth.certify_sequential(x, 0.001, 2000, 1000, radii=[0.25, 0.5], n0=10,
+                                               generator=torch.Generator().manual_seed(i)) for i, x in enumerate(xs)]
+    assert alone[1].radius == 0.5 and alone[1].num_samples < alone[0].num_samples
+    pooled = list(smooth.certify_sequential_many(((None, x, torch.Generator().manual_seed(i))
+                                                  for i, x in enumerate(xs)), 0.001, 2000, 1000,
+                                                 radii=iter([0.25, 0.5]), n0=10))
+    assert [key for key, _ in pooled] == [None, None]
+    assert [c for _, c in pooled] == [alone[1], alone[0]]  # in the order they finished

@@ -244,6 +244,7 @@ class Smooth:
             A :class:`Certificate` ``(label, radius, num_samples)``; ``(ABSTAIN, 0.0, ...)`` when nothing is
             certified.
         """
+        radii = None if radii is None else list(radii)  # an iterator is read once, here
         x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
         check_sequential_args(n0, max_n, radii, radius_tol, futility)
         if radii is not None:
@@ -279,23 +280,32 @@ class Smooth:
 
         Yields:
             ``(key, Certificate)`` as each image finishes (not necessarily in input order).
+
+        Bad arguments raise :class:`~diffaug.InputError` here, when called, before any image is read.
         """
         if radii is None:
             raise InputError("certify_sequential_many certifies on a grid: pass radii (e.g. (0.0, 0.25, 0.5)), or "
                              "use certify_sequential for a continuous radius")
+        radii = list(radii)  # an iterator is read once, here
         check_sampling_args(batch_size, alpha, n0=n0, max_n=max_n)
         check_sequential_args(n0, max_n, radii, None, futility)
         grid = sorted({0.0, *map(float, radii)})  # radius 0 (a certified label) always sits on the grid
+        return self._pooled_certificates(images, alpha, max_n, batch_size, n0, grid, futility)
+
+    def _pooled_certificates(self, images, alpha: float, max_n: int, batch_size: int, n0: int, grid: list[float],
+                             futility: float):
+        """The loop of :meth:`certify_sequential_many` (arguments checked), a generator of ``(key, Certificate)``."""
         looks = look_schedule(max_n, batch_size)
-        source, active, shape = iter(images), [], None
+        source, active, layout = iter(images), [], None
         while True:
             while sum(a[4] for a in active) < batch_size and (item := next(source, None)) is not None:
                 key, x, generator = item
                 x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
-                if shape is not None and x.shape != shape:
-                    raise InputError(f"images certified together must share one shape: {tuple(x.shape)} after "
-                                     f"{tuple(shape)}; resize them to one size first")
-                shape = x.shape
+                if layout is not None and (x.shape, x.dtype, x.device) != layout:
+                    raise InputError(f"images certified together must share one shape, dtype and device: "
+                                     f"{tuple(x.shape)} {x.dtype} {x.device} after {tuple(layout[0])} {layout[1]} "
+                                     f"{layout[2]}; bring them to one size, dtype and device first")
+                layout = (x.shape, x.dtype, x.device)
                 steps = self._grid_certificate(n0, batch_size, grid, alpha, looks, futility)
                 active.append([key, x, generator, steps, next(steps)])
             if not active:
@@ -313,7 +323,7 @@ class Smooth:
                 try:
                     a[4] = a[3].send(part)
                 except StopIteration as stop:
-                    active.remove(a)
+                    active = [b for b in active if b is not a]  # by identity: keys may repeat, images are tensors
                     yield a[0], stop.value
 
     def _grid_certificate(self, n0: int, batch_size: int, grid: list[float], alpha: float, looks, futility: float):
