@@ -212,10 +212,13 @@ def bench_digits(args) -> dict:
 
     den = diffaug.load_denoiser("digits")
     test = load_digits("test")
+    if not 0 <= args.start <= args.start + args.images <= len(test.labels):
+        raise SystemExit(f"--start {args.start} --images {args.images} runs past the {len(test.labels)} test digits; "
+                         "pass a smaller --start or --images")
     classifiers = {name: load_classifier(folder) for name, folder in digits_classifiers(args).items()}
     heads = list(classifiers.values())
     groups = {f"{name} sigma={s:g}": [] for name in classifiers for s in args.sigmas}
-    for i in range(args.images):
+    for i in range(args.start, args.start + args.images):
         x, label = test.images[i], int(test.labels[i])
         for s in args.sigmas:
             smooth = diffaug.Smooth(heads[0], 10, s, denoiser=den)
@@ -231,7 +234,8 @@ def bench_digits(args) -> dict:
                       f"({row['seq'][3]} evaluations)", flush=True)
         if args.record:
             save_votes(args.record, groups, args)
-    return summarize(f"digits DDS, {args.images} test digits, sigma {', '.join(map(str, args.sigmas))}", groups, 5.0)
+    sigmas = ", ".join(map(str, args.sigmas))
+    return summarize(f"digits DDS, {args.images} test digits from #{args.start}, sigma {sigmas}", groups, 5.0)
 
 
 # ---------------------------------------------------------------------- the study's certify stage (--stage)
@@ -303,6 +307,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--images", type=int, default=100, help="test digits (digits DDS setting)")
+    p.add_argument("--start", type=int, default=0, help="(digits) the first test digit (e.g. 100 for a second, "
+                   "held-out set of cases to choose a rule's settings on)")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--linear-cases", type=int, default=200)
     p.add_argument("--classifiers", nargs=2, metavar=("PLAIN", "DIFFAUG"),
