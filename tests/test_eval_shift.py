@@ -155,7 +155,7 @@ def test_torchrun_shards_conditions_and_matches_one_process(tmp_path, clfs):
     args = ["eval-shift", "--classifier", clfs[0], "--modes", "default,de", "--corruptions", "fog,snow,contrast",
             "--severities", "5", "--limit", "10", "--no-analyses", "--quiet", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffaug.cli", *args, "--out", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -234,7 +234,7 @@ def test_torchrun_shards_streamed_conditions_and_images_and_matches_one_process(
             str(world["den"]), "--modes", "default,de", "--corruptions", "fog", "--severities", "5", "--batch", "2",
             "--workers", "0", "--no-analyses", "--quiet", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffaug.cli", *args, "--out", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -413,7 +413,7 @@ def test_certify_shards_across_two_ranks(tmp_path, trained):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     common = ["certify", "--classifier", str(trained), "--sigma", "0.25", "--n0", "10", "--num-samples", "100",
               "--batch", "100", "--skip", "40", "--limit", "6", "--quiet", "--device", "cpu"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffaug.cli", *common, "--out", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -96,7 +96,7 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, den_dir, how):
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path, den_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffaug.cli", "train", "--recipe", "diffaug", "--denoiser", str(den_dir), "--steps", "6",
            "--batch-size", "32", "--checkpoint-every", "3", "--out", str(tmp_path / "ddp"), "--quiet",
            "--device", "cpu"]
@@ -193,9 +193,9 @@ def test_ddp_gradients_are_laid_out_as_the_buckets(tmp_path):
     script.write_text(DDP_LAYOUT_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     stderr = {}
-    for mode, port in (("plain", "29541"), ("fixed", "29542")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               str(script), mode]
+    for mode in ("plain", "fixed"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               mode]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         stderr[mode] = done.stderr
