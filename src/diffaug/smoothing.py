@@ -245,11 +245,12 @@ class Smooth:
             certified.
         """
         radii = None if radii is None else list(radii)  # an iterator is read once, here
-        x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
-        check_sequential_args(n0, max_n, radii, radius_tol, futility)
-        if radii is not None:
+        check_sampling_args(batch_size, alpha, n0=n0, max_n=max_n)
+        check_sequential_args(n0, max_n, radii, radius_tol, futility)  # radius_tol too, which the grid ignores
+        if radii is not None:  # certify_sequential_many checks x before any draw
             return next(self.certify_sequential_many([(None, x, generator)], alpha, max_n, batch_size, radii=radii,
                                                      n0=n0, futility=futility))[1]
+        x = self._check(x, batch_size, alpha, n0=n0, max_n=max_n)
         c_hat = int(self.sample_counts(x, n0, batch_size, generator).argmax())
         looks = look_schedule(max_n, batch_size)
 
