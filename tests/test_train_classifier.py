@@ -162,8 +162,8 @@ def test_errors_before_any_output(tmp_path, den_dir, capsys):
 DDP_LAYOUT_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch import nn
-from diffaug.utils.distributed import data_parallel
-dist.init_process_group("gloo")
+from diffaug.utils.distributed import data_parallel, exit_process, init_distributed
+init_distributed(torch.device("cpu"))
 conv = nn.Conv2d(1, 4, 3)
 # a [4, 1, 3, 3] weight whose size-1 dim has another stride than the kernel's gradient gives it (what oneDNN does
 # to a 1-channel first convolution on some CPUs, made explicit here so it happens on every CPU)
@@ -181,7 +181,7 @@ for _ in range(3):
 w = [torch.zeros_like(conv.weight) for _ in range(2)]
 dist.all_gather(w, conv.weight.detach().contiguous())
 assert torch.equal(w[0], w[1])  # the ranks stayed in step
-dist.destroy_process_group()
+exit_process(0)
 """
 
 

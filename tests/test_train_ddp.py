@@ -53,8 +53,7 @@ print("rank", info.rank, "world", info.world, "initialized:", dist.is_initialize
 
 
 def test_a_joined_process_group_is_left_at_exit(tmp_path):
-    # A gloo group left to the interpreter's teardown can abort a rank with "terminate called without an active
-    # exception" (SIGABRT): the failure a CI run of the torchrun test hit. init_distributed leaves it at exit.
+    # init_distributed leaves the group it joined at exit (exit_process runs the exit handlers before os._exit).
     import socket
 
     with socket.socket() as s:
@@ -66,6 +65,48 @@ def test_a_joined_process_group_is_left_at_exit(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["rank 0 world 1 initialized: True", "initialized at exit: False"]
+
+
+_EXIT_PROCESS = """
+import atexit, sys, threading, time
+import torch
+from diffaug.utils import distributed
+
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran")  # runs when the interpreter's teardown clears this module
+
+
+keep = Teardown()
+atexit.register(lambda: print("exit handlers ran; group up:", torch.distributed.is_initialized()))
+if sys.argv[1] == "joined":
+    distributed.world_size = lambda: 2  # a one-rank group, joined as under torchrun
+    distributed.init_distributed(torch.device("cpu"))
+threading.Thread(target=lambda: (time.sleep(0.2), print("thread done"))).start()  # not a daemon: joined first
+print("buffered", end=" ")  # neither a newline nor a flush: must still reach the pipe
+distributed.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["joined", "alone"])
+def test_a_process_that_joined_a_group_ends_without_the_teardown(tmp_path, mode):
+    # Under load a gloo worker thread can release a finished collective's tensors after Python's teardown has
+    # begun, and the rank aborts (SIGABRT) after its work is done: the failure two CI runs hit. exit_process ends
+    # a rank that joined a group as the teardown would begin (threads joined, exit handlers run, streams flushed),
+    # then with os._exit; a process that joined none exits normally.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _EXIT_PROCESS, mode], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    lines = ["buffered thread done", "exit handlers ran; group up: False"]
+    assert done.stdout.splitlines() == (lines if mode == "joined" else [*lines, "teardown ran"]), done.stderr
 
 
 @pytest.mark.slow

@@ -90,4 +90,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from diffaug.utils.distributed import exit_process
+
+    exit_process(main())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, NoReturn
 
 from .errors import InputError, StorageError
 from .utils.checkpoint import write_text
@@ -558,5 +558,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The ``diffaug`` command: :func:`main`, ending the process through :func:`~diffaug.utils.distributed.exit_process`
+    (a rank under torchrun ends without the interpreter's teardown, which can abort it after its work is done)."""
+    from .utils.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
+import threading
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -37,17 +40,21 @@ def main_process() -> bool:
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone.
 
-    A group joined here is also left at exit (:func:`leave_distributed`, registered with :mod:`atexit`): one left
-    to the interpreter's teardown can abort the process ("terminate called without an active exception", SIGABRT)
-    when a gloo worker thread still holds a tensor as Python shuts down (pytorch/pytorch#190489)."""
+    A group joined here is also left at exit (:func:`leave_distributed`, registered with :mod:`atexit`); end such
+    a process with :func:`exit_process` (the CLI does) so that the interpreter's teardown cannot abort it."""
     if world_size() == 1:
         return Dist()
     import torch.distributed as dist
 
+    global _joined
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(leave_distributed)
+        _joined = True
     return Dist(dist.get_rank(), dist.get_world_size())
+
+
+_joined = False  # whether this process ever joined a process group through init_distributed
 
 
 def leave_distributed() -> None:
@@ -56,6 +63,33 @@ def leave_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with exit status ``code``: as ``sys.exit`` does, except in a process that has joined a
+    process group, which ends without the interpreter's teardown.
+
+    A gloo worker thread releases the tensors of a collective only after the caller has seen it complete. When
+    that release comes after Python has begun its teardown, freeing a tensor that Python also refers to waits for
+    the GIL, Python ends the thread there, and the unwinding through a C++ destructor aborts the process
+    ("terminate called without an active exception", SIGABRT, after all its work has succeeded). It is a race a
+    loaded machine loses now and then (pytorch/pytorch#179291 tried to fix it). Destroying the group does not stop
+    those threads while a ``DistributedDataParallel`` still refers to it, so nothing can wait for them. Such a
+    process therefore does here, while Python is whole, what the teardown would do first: it joins its Python
+    threads and runs its exit handlers (which leave the group), flushes its standard streams, then ends with
+    ``os._exit``."""
+    import torch.distributed as dist
+
+    if not (_joined or (dist.is_available() and dist.is_initialized())):
+        sys.exit(code)
+    threading._shutdown()  # what the interpreter's teardown does first: join the non-daemon threads
+    atexit._run_exitfuncs()  # then the exit handlers, leave_distributed among them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # no stream, a closed pipe or file: nothing left to write to
+            pass
+    os._exit(code)
 
 
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
