@@ -40,6 +40,17 @@ def test_rank_shares_cover_the_global_batch_once_in_order(world, n):
     assert rank_share(indices, Dist()) is indices
 
 
+def _one_rank_env() -> dict:
+    """The environment torchrun gives a one-rank group, on a free port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                OMP_NUM_THREADS="1")
+
+
 _LEAVE_AT_EXIT = """
 import atexit, sys
 import torch, torch.distributed as dist
@@ -54,13 +65,7 @@ print("rank", info.rank, "world", info.world, "initialized:", dist.is_initialize
 
 def test_a_joined_process_group_is_left_at_exit(tmp_path):
     # init_distributed leaves the group it joined at exit (exit_process runs the exit handlers before os._exit).
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-               OMP_NUM_THREADS="1")
+    env = _one_rank_env()
     done = subprocess.run([sys.executable, "-c", _LEAVE_AT_EXIT], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -95,13 +100,7 @@ def test_a_process_that_joined_a_group_ends_without_the_teardown(tmp_path, mode)
     # begun, and the rank aborts (SIGABRT) after its work is done: the failure two CI runs hit. exit_process ends
     # a rank that joined a group as the teardown would begin (threads joined, exit handlers run, streams flushed),
     # then with os._exit; a process that joined none exits normally.
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-               OMP_NUM_THREADS="1")
+    env = _one_rank_env()
     done = subprocess.run([sys.executable, "-c", _EXIT_PROCESS, mode], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 3, done.stderr[-2000:]

@@ -37,6 +37,9 @@ def main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+_joined = False  # whether this process ever joined a process group through init_distributed
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone.
 
@@ -52,9 +55,6 @@ def init_distributed(device: torch.device) -> Dist:
         atexit.register(leave_distributed)
         _joined = True
     return Dist(dist.get_rank(), dist.get_world_size())
-
-
-_joined = False  # whether this process ever joined a process group through init_distributed
 
 
 def leave_distributed() -> None:
