@@ -127,22 +127,44 @@ def clairvoyant_draws(votes: np.ndarray, p0: float, alpha: float) -> int:
     return int(passing[0]) + 1 if len(passing) else len(votes)
 
 
-def certify_votes(c_hat: int, votes: np.ndarray, label: int, sigma: float, seconds: float, args) -> dict:
+def certify_votes(c_hat: int, votes: np.ndarray, label: int, sigma: float, seconds: float, args,
+                  floor: bool = True) -> dict:
     """Both rules on one case's votes (1 = the draw's label is the selected class ``c_hat``), in draw order, and the
     clairvoyant floor: n0 + :func:`clairvoyant_draws` for CERTIFY's grid radius when CERTIFY certifies the true
-    class, n0 alone otherwise (nothing that counts to certify)."""
+    class, n0 alone otherwise (nothing that counts to certify); ``floor=False`` skips it (0)."""
     pred, radius = cohen_radius(c_hat, int(votes.sum()), args.n, args.alpha, sigma)
     thresholds = [float(norm.cdf(r / sigma)) for r in GRID]
     passed, trials = grid_test(recorded(votes), thresholds, args.alpha, look_schedule(args.n, args.batch))
     seq_pred, seq_radius = (c_hat, GRID[passed]) if passed >= 0 else (ABSTAIN, 0.0)
-    floor = 100
-    if pred == label:
+    floor = 100 if floor else 0
+    if pred == label and floor:
         grid_index = max(k for k, r in enumerate(GRID) if r <= radius)
         floor += clairvoyant_draws(votes, thresholds[grid_index], args.alpha)
     return {"fixed": [str(pred), f"{radius}", str(int(pred == label)), str(100 + args.n)],
             "seq": [str(seq_pred), f"{seq_radius}", str(int(seq_pred == label)), str(100 + trials)],
             "floor": floor, "seconds": (seconds, seconds * (100 + trials) / (100 + args.n)),
             "record": (c_hat, label, sigma, votes)}
+
+
+def accuracies(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Certified accuracy in % at each grid radius of both rules over one group's rows."""
+    # certified_accuracy reads rows as [idx, label, predict, radius, correct]
+    return {k: 100 * certified_accuracy([["", "", r[k][0], r[k][1], r[k][2]] for r in rows], GRID)
+            for k in ("fixed", "seq")}
+
+
+def figures(groups: dict[str, list[dict]]) -> dict:
+    """The setting's figures: evaluations CERTIFY / sequential, and the worst (over groups) absolute mean gap and
+    largest single-radius gap in certified accuracy, in points."""
+    fixed_evals = sum(int(r["fixed"][3]) for rows in groups.values() for r in rows)
+    seq_evals = sum(int(r["seq"][3]) for rows in groups.values() for r in rows)
+    gaps = [acc["fixed"] - acc["seq"] for acc in map(accuracies, groups.values())]
+    return {"ratio": fixed_evals / seq_evals, "worst_mean_gap": max(abs(d.mean()) for d in gaps),
+            "worst_gap": max(np.abs(d).max() for d in gaps)}
+
+
+def accuracy_met(fig: dict) -> bool:
+    return fig["worst_mean_gap"] <= 1.0 and fig["worst_gap"] <= 2.0
 
 
 def summarize(name: str, groups: dict[str, list[dict]], target: float) -> dict:
@@ -159,13 +181,9 @@ def summarize(name: str, groups: dict[str, list[dict]], target: float) -> dict:
     print(f"clairvoyant floor {floor} evaluations: CERTIFY / floor {fixed_evals / floor:.2f}x, sequential / floor "
           f"{seq_evals / floor:.2f}x (each case stopped at the first draw where one full-alpha Clopper-Pearson look "
           f"passes CERTIFY's grid radius; no draw spent ruling out the next radius)")
-    worst_mean = worst_max = 0.0
     for group, rows in groups.items():
-        # certified_accuracy reads rows as [idx, label, predict, radius, correct]
-        acc = {k: 100 * certified_accuracy([["", "", r[k][0], r[k][1], r[k][2]] for r in rows], GRID)
-               for k in ("fixed", "seq")}
+        acc = accuracies(rows)
         diff = acc["fixed"] - acc["seq"]
-        worst_mean, worst_max = max(worst_mean, abs(diff.mean())), max(worst_max, np.abs(diff).max())
         group_ratio = sum(int(r["fixed"][3]) for r in rows) / sum(int(r["seq"][3]) for r in rows)
         group_floor = sum(int(r["fixed"][3]) for r in rows) / sum(r["floor"] for r in rows)
         print(f"  {group}: evaluations CERTIFY / sequential {group_ratio:.2f}x (CERTIFY / floor {group_floor:.2f}x); "
@@ -174,10 +192,10 @@ def summarize(name: str, groups: dict[str, list[dict]], target: float) -> dict:
         print("    CERTIFY    " + " ".join(f"{a:6.1f}" for a in acc["fixed"]))
         print("    sequential " + " ".join(f"{a:6.1f}" for a in acc["seq"]))
         print(f"    gap: mean {diff.mean():+.2f} points, largest {np.abs(diff).max():.2f} points")
-    ok = worst_mean <= 1.0 and worst_max <= 2.0
-    print(f"accuracy: worst mean gap {worst_mean:.2f} points (target <= 1), worst gap at a radius {worst_max:.2f} "
-          f"points (target <= 2) {'MET' if ok else 'MISSED'}")
-    return {"ratio": ratio, "worst_mean_gap": worst_mean, "worst_gap": worst_max}
+    fig = figures(groups)
+    print(f"accuracy: worst mean gap {fig['worst_mean_gap']:.2f} points (target <= 1), worst gap at a radius "
+          f"{fig['worst_gap']:.2f} points (target <= 2) {'MET' if accuracy_met(fig) else 'MISSED'}")
+    return fig
 
 
 def bench_linear(args) -> dict:
@@ -283,18 +301,52 @@ def save_votes(path: Path, groups: dict[str, list[dict]], args) -> None:
     tmp.replace(path)
 
 
-def bench_replay(args) -> dict:
-    """Both rules on the votes of a ``--record`` file, with no model: re-measures a rule change on the same draws."""
+def load_votes(args) -> dict[str, list[tuple]]:
+    """The cases of a ``--record`` file, ``{group: [(c_hat, label, sigma, votes), ...]}``; sets ``args.n``,
+    ``args.alpha`` and ``args.batch`` from it."""
     data = np.load(args.replay)
     args.n, args.alpha, args.batch = int(data["n"]), float(data["alpha"]), int(data["batch"])
-    groups = {}
+    cases = {}
     for g, name in enumerate(data["groups"]):
-        meta, packed = data[f"g{g}_meta"], data[f"g{g}_votes"]
-        votes = np.unpackbits(packed, axis=1, count=args.n)
-        groups[str(name)] = [certify_votes(int(c), v, int(lab), float(sigma), 0.0, args)
-                             for (c, lab, sigma), v in zip(meta, votes)]
+        votes = np.unpackbits(data[f"g{g}_votes"], axis=1, count=args.n)
+        cases[str(name)] = [(int(c), int(lab), float(sigma), v) for (c, lab, sigma), v in zip(data[f"g{g}_meta"], votes)]
+    return cases
+
+
+def bench_replay(args) -> dict:
+    """Both rules on the votes of a ``--record`` file, with no model: re-measures a rule change on the same draws."""
+    cases = load_votes(args)
+    groups = {name: [certify_votes(c, v, lab, sigma, 0.0, args) for c, lab, sigma, v in rows]
+              for name, rows in cases.items()}
     images = len(next(iter(groups.values()))) if groups else 0
     return summarize(f"replay of {args.replay}: {images} cases per group", groups, 5.0)
+
+
+def bench_simulate(args) -> list[dict]:
+    """How the figures of one run spread: ``--simulate R`` fresh runs of both rules on the cases of a ``--record``
+    file (a parametric bootstrap). Each case keeps its selected class and label; its ``n`` votes are drawn anew,
+    Bernoulli at its recorded rate ``(S + 1/2) / (n + 1)`` (the votes of one case are i.i.d., so this is the law of
+    a rerun with other noise, up to the error of that rate). Prints the ratio's mean and range and how often each
+    target is met."""
+    cases = load_votes(args)
+    rng = np.random.default_rng(args.seed)
+    runs = []
+    for _ in range(args.simulate):
+        groups = {name: [certify_votes(c, rng.random(args.n) < (v.sum() + 0.5) / (args.n + 1), lab, sigma, 0.0,
+                                       args, floor=False) for c, lab, sigma, v in rows]
+                  for name, rows in cases.items()}
+        runs.append(figures(groups))
+    ratio = np.array([f["ratio"] for f in runs])
+    met = np.array([accuracy_met(f) for f in runs])
+    print(f"simulated reruns of {args.replay}: {args.simulate} (seed {args.seed}), "
+          f"{sum(map(len, cases.values()))} cases each")
+    print(f"evaluations CERTIFY / sequential: mean {ratio.mean():.2f}x, 5-95 % {np.percentile(ratio, 5):.2f}-"
+          f"{np.percentile(ratio, 95):.2f}x, range {ratio.min():.2f}-{ratio.max():.2f}x; >= 5x in {(ratio >= 5).mean():.0%}")
+    print(f"accuracy targets (mean gap <= 1, every radius <= 2 points) met in {met.mean():.0%} of runs; worst mean "
+          f"gap {np.mean([f['worst_mean_gap'] for f in runs]):.2f}, worst single gap "
+          f"{np.mean([f['worst_gap'] for f in runs]):.2f} points on average; both targets in "
+          f"{(met & (ratio >= 5)).mean():.0%}")
+    return runs
 
 
 def main(argv=None) -> None:
@@ -319,6 +371,8 @@ def main(argv=None) -> None:
     p.add_argument("--record", type=Path, help="(digits) save every case's votes to this .npz, image by image")
     p.add_argument("--replay", type=Path, help="instead of sampling, run both rules on the votes of a --record file "
                    "(alpha, n and batch are read from it)")
+    p.add_argument("--simulate", type=int, metavar="R", help="with --replay: R simulated reruns of the recorded cases "
+                   "(fresh votes at each case's recorded rate); prints how the figures spread")
     p.add_argument("--repeats", type=int, default=5, help="(--sampling, --stage) timing repeats")
     p.add_argument("--sigma", type=float, default=0.5, help="(--sampling) noise level")
     args = p.parse_args(argv)
@@ -329,21 +383,24 @@ def main(argv=None) -> None:
     if args.stage:
         bench_stage(args)
         return
+    if args.replay and args.simulate:
+        bench_simulate(args)
+        return
     if args.replay:
-        figures = {"replay": bench_replay(args)}
-        print(f"\nsummary: replay: {figures['replay']['ratio']:.2f}x fewer evaluations")
+        replayed = bench_replay(args)
+        print(f"\nsummary: replay: {replayed['ratio']:.2f}x fewer evaluations")
         return
     args.n = args.n or 10000
     print(f"alpha={args.alpha} n0=100 n=max_n={args.n} grid radii {GRID} batch={args.batch} "
           f"threads={torch.get_num_threads()}", flush=True)
-    figures = {}
+    results = {}
     if args.only in (None, "linear"):
-        figures["linear"] = bench_linear(args)
+        results["linear"] = bench_linear(args)
     if args.only in (None, "digits"):
-        figures["digits"] = bench_digits(args)
+        results["digits"] = bench_digits(args)
     print("\nsummary: " + "; ".join(f"{k}: {v['ratio']:.2f}x fewer evaluations, accuracy gap mean <= "
                                     f"{v['worst_mean_gap']:.2f} / max {v['worst_gap']:.2f} points"
-                                    for k, v in figures.items()))
+                                    for k, v in results.items()))
     sys.stdout.flush()
 
 

@@ -1,4 +1,5 @@
 import functools
+import itertools
 import math
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from scipy.stats import binomtest, norm
+from scipy.stats import binom, binomtest, norm
 from torch import nn
 
 from diffaug import ABSTAIN, InputError, Smooth
@@ -164,12 +165,42 @@ def test_confidence_sequence_is_the_interval_the_martingale_defines(successes, t
     assert lo <= lower_confidence_bound(successes, trials, 0.001)
 
 
-def test_look_schedule_is_geometric_capped_by_the_batch_and_ends_at_max_n():
-    looks = look_schedule(10_000, 1000)
+@pytest.mark.parametrize("batch", [1000, 100])
+def test_look_schedule_is_geometric_capped_by_the_batch_and_ends_at_max_n(batch):
+    looks = look_schedule(10_000, batch)
     assert looks[0] == sequential.FIRST_LOOK and looks[-1] == 10_000
+    cap = min(batch, sequential.LOOK_MAX_STEP)
     steps = [b - a for a, b in zip(looks, looks[1:])]
-    assert all(0 < d <= min(1000, math.ceil(a * sequential.LOOK_GROWTH) - a) for a, d in zip(looks, steps[:-1]))
-    assert max(steps) == 1000 and look_schedule(5, 10) == (5,) and look_schedule(33, 10) == (32, 33)
+    assert all(0 < d <= min(cap, math.ceil(a * sequential.LOOK_GROWTH) - a) for a, d in zip(looks, steps[:-1]))
+    assert max(steps) == cap and look_schedule(5, 10) == (5,) and look_schedule(33, 10) == (32, 33)
+    old = look_schedule(10_000, 1000, growth=1.25, max_step=1000)  # the schedule of earlier versions
+    assert max(b - a for a, b in zip(old, old[1:])) == 1000 and len(old) < len(look_schedule(10_000, 1000))
+
+
+def reference_boundaries(p0, looks, alpha, power):
+    """The critical values of ``rejection_boundaries`` computed the plain way: the whole sub-density, 0..t, carried
+    forward at every look (no trimming of negligible tails)."""
+    alive, spent, previous, critical = np.ones(1), 0.0, 0, []
+    for t in looks:
+        alive = np.convolve(alive, binom.pmf(np.arange(t - previous + 1), t - previous, p0))
+        tail = np.cumsum(alive[::-1])[::-1]
+        ok = np.flatnonzero(tail <= alpha * (t / looks[-1]) ** power * (1 - 1e-9) - spent)
+        c = int(ok[0]) if len(ok) else t + 1
+        if c <= t:
+            spent += float(tail[c])
+            alive[c:] = 0.0
+        critical.append(c)
+        previous = t
+    return tuple(critical)
+
+
+@pytest.mark.parametrize("max_n, batch, growth", [(300, 1000, 1.25), (10_000, 1000, 1.1), (5000, 100, 1.05)])
+def test_trimmed_boundaries_equal_the_whole_law_computation(max_n, batch, growth):
+    looks = look_schedule(max_n, batch, growth=growth)
+    for p0, alpha, power in itertools.product((0.3, 0.5, 0.8413, 0.97725, 0.99865, 0.99997), (0.001, 0.05, 0.9),
+                                              (0.5, 3.0, 8.0)):
+        assert rejection_boundaries(p0, looks, alpha, power) == reference_boundaries(p0, looks, alpha, power), \
+            (p0, alpha, power)
 
 
 def crossing_rate(critical, looks, p, paths: int, seed: int) -> float:
@@ -215,9 +246,9 @@ def test_each_threshold_spends_as_early_as_its_last_look_allows():
         for earlier in sequential.SPENDING_POWERS[:sequential.SPENDING_POWERS.index(power)]:
             tolerated = 10_000 - rejection_boundaries(p0, looks, alpha, earlier)[-1]
             assert tolerated < sequential.FINAL_ALLOWANCE * (10_000 - fixed)
-    # Phi(3) (r = 0.75 at sigma 0.25): CERTIFY passes it with at most 3 wrong votes in 10,000, so only the cubic
-    # spending keeps all 3; Phi(2) (r = 0.5): CERTIFY tolerates 182, the earliest spending keeps >= 95 % of them
-    assert sequential.spending_power(0.99865, looks, alpha) == 3.0
+    # Phi(3) (r = 0.75 at sigma 0.25): CERTIFY passes it with at most 3 wrong votes in 10,000, so only a late
+    # spending (power 4) keeps all 3; Phi(2) (r = 0.5): CERTIFY tolerates 182, the earliest spending keeps >= 95 %
+    assert sequential.spending_power(0.99865, looks, alpha) == 4.0
     assert sequential.spending_power(0.97725, looks, alpha) == 0.5
     assert 10_000 - sequential.fixed_n_critical(0.99865, 10_000, alpha) == 3
 
@@ -230,6 +261,20 @@ def test_futility_is_the_beta_binomial_predictive_probability():
     # 60 of 100 so far, 50 more needed in the last 100 draws: likely; 90 more needed: not
     assert not futile(60, 100, 110, 200, 0.01) and futile(60, 100, 150, 200, 0.01)
     assert futile(60, 100, 130, 200, 0.5) == (betabinom.sf(69, 100, 60.5, 40.5) < 0.5)
+    # the cached threshold in successes gives the direct computation's answer at every count
+    rng = np.random.default_rng(0)
+    for max_n in (40, 300, 10_000):
+        for _ in range(25):
+            trials = int(rng.integers(1, max_n + 1))
+            critical = int(rng.integers(0, max_n + 2))
+            for level in (0.0, 0.01, 0.2):
+                least = sequential.least_hopeful_successes(trials, critical, max_n, level)
+                every = range(0, trials + 1, max(1, trials // 60))
+                for successes in {*every, least - 1, least} & set(range(trials + 1)):  # and both sides of it
+                    need, left = critical - successes, max_n - trials
+                    direct = need > left or (need > 0 and betabinom.sf(need - 1, left, successes + 0.5,
+                                                                       trials - successes + 0.5) < level)
+                    assert futile(successes, trials, critical, max_n, level) == direct
 
 
 def test_grid_test_certifies_in_order_and_stops_at_the_last_radius():

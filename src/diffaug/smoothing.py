@@ -211,8 +211,8 @@ class Smooth:
         """CERTIFY with adaptive sampling: the same guarantee, usually with far fewer draws.
 
         ``n0`` draws select the top class ``c`` as in :meth:`certify`. Fresh draws then arrive on a schedule fixed
-        in advance (:func:`~diffaug.sequential.look_schedule`: 32 draws, then 25 % more per look, at most
-        ``batch_size`` more) and after each look the rule of :mod:`diffaug.sequential` decides:
+        in advance (:func:`~diffaug.sequential.look_schedule`: 32 draws, then 10 % more per look, at most 250 and
+        at most ``batch_size`` more) and after each look the rule of :mod:`diffaug.sequential` decides:
 
         * with ``radii`` (a grid; radius 0 is always on it): exact group-sequential tests of
           ``pA <= Phi(r / sigma)`` with alpha spending, one per grid radius, tested in order
