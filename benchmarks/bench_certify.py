@@ -3,6 +3,7 @@
     python benchmarks/bench_certify.py [--images 100] [--n 10000] [--classifiers PLAIN_DIR DIFFAUG_DIR]
     python benchmarks/bench_certify.py --only digits --record votes.npz ...   # also save every case's votes
     python benchmarks/bench_certify.py --replay votes.npz     # both rules again on saved votes, no model
+    python benchmarks/bench_certify.py --replay votes.npz --simulate 100   # how one run's figures spread
     python benchmarks/bench_certify.py --stage --images 30 --classifiers ...   # the study's certify stage, timed
     python benchmarks/bench_certify.py --sampling [--n 20000] [--batch 1000]   # the sampling-loop section
 
@@ -376,6 +377,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="(--sampling, --stage) timing repeats")
     p.add_argument("--sigma", type=float, default=0.5, help="(--sampling) noise level")
     args = p.parse_args(argv)
+    if args.simulate is not None and (args.simulate < 1 or not args.replay):
+        p.error("--simulate R needs R >= 1 and --replay votes.npz (the recorded cases it reruns)")
     if args.sampling:
         args.n = args.n or 20000
         bench_sampling(args)
