@@ -3,7 +3,7 @@
     python benchmarks/bench_certify.py [--images 100] [--n 10000] [--classifiers PLAIN_DIR DIFFAUG_DIR]
     python benchmarks/bench_certify.py --only digits --record votes.npz ...   # also save every case's votes
     python benchmarks/bench_certify.py --replay votes.npz     # both rules again on saved votes, no model
-    python benchmarks/bench_certify.py --replay votes.npz --simulate 100   # how one run's figures spread
+    python benchmarks/bench_certify.py --replay votes.npz --simulate 100 [--futility 0.05]   # how one run's figures spread
     python benchmarks/bench_certify.py --stage --images 30 --classifiers ...   # the study's certify stage, timed
     python benchmarks/bench_certify.py --sampling [--n 20000] [--batch 1000]   # the sampling-loop section
 
@@ -47,7 +47,7 @@ from torch import nn
 import diffaug
 from diffaug.evaluate.certify import certified_accuracy
 from diffaug.data import load_digits
-from diffaug.sequential import grid_test, look_schedule, recorded
+from diffaug.sequential import FUTILITY, grid_test, look_schedule, recorded
 from diffaug.smoothing import ABSTAIN, cohen_radius
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -135,7 +135,8 @@ def certify_votes(c_hat: int, votes: np.ndarray, label: int, sigma: float, secon
     class, n0 alone otherwise (nothing that counts to certify); ``floor=False`` skips it (0)."""
     pred, radius = cohen_radius(c_hat, int(votes.sum()), args.n, args.alpha, sigma)
     thresholds = [float(norm.cdf(r / sigma)) for r in GRID]
-    passed, trials = grid_test(recorded(votes), thresholds, args.alpha, look_schedule(args.n, args.batch))
+    passed, trials = grid_test(recorded(votes), thresholds, args.alpha, look_schedule(args.n, args.batch),
+                               getattr(args, "futility", FUTILITY))
     seq_pred, seq_radius = (c_hat, GRID[passed]) if passed >= 0 else (ABSTAIN, 0.0)
     floor = 100 if floor else 0
     if pred == label and floor:
@@ -339,7 +340,7 @@ def bench_simulate(args) -> list[dict]:
         runs.append(figures(groups))
     ratio = np.array([f["ratio"] for f in runs])
     met = np.array([accuracy_met(f) for f in runs])
-    print(f"simulated reruns of {args.replay}: {args.simulate} (seed {args.seed}), "
+    print(f"simulated reruns of {args.replay}: {args.simulate} (seed {args.seed}), futility {args.futility}, "
           f"{sum(map(len, cases.values()))} cases each")
     print(f"evaluations CERTIFY / sequential: mean {ratio.mean():.2f}x, 5-95 % {np.percentile(ratio, 5):.2f}-"
           f"{np.percentile(ratio, 95):.2f}x, range {ratio.min():.2f}-{ratio.max():.2f}x; >= 5x in {(ratio >= 5).mean():.0%}")
@@ -374,9 +375,13 @@ def main(argv=None) -> None:
                    "(alpha, n and batch are read from it)")
     p.add_argument("--simulate", type=int, metavar="R", help="with --replay: R simulated reruns of the recorded cases "
                    "(fresh votes at each case's recorded rate); prints how the figures spread")
+    p.add_argument("--futility", type=float, default=FUTILITY, help="the sequential rule's futility level (default "
+                   "%(default)s; Smooth.certify_sequential's futility=): what a bolder level buys and costs")
     p.add_argument("--repeats", type=int, default=5, help="(--sampling, --stage) timing repeats")
     p.add_argument("--sigma", type=float, default=0.5, help="(--sampling) noise level")
     args = p.parse_args(argv)
+    if not 0 <= args.futility < 1:
+        p.error(f"--futility must lie in [0, 1) (0 never gives a radius up early), got {args.futility}")
     if args.simulate is not None and (args.simulate < 1 or not args.replay):
         p.error("--simulate R needs R >= 1 and --replay votes.npz (the recorded cases it reruns)")
     if args.sampling:

@@ -44,7 +44,8 @@ def test_simulated_reruns_are_seeded_and_vary(bench, tmp_path, capsys):
     synthetic_record(bench, tmp_path / "votes.npz")
 
     def runs(seed):
-        return bench.bench_simulate(argparse.Namespace(replay=tmp_path / "votes.npz", simulate=4, seed=seed))
+        return bench.bench_simulate(argparse.Namespace(replay=tmp_path / "votes.npz", simulate=4, seed=seed,
+                                                    futility=0.01))
 
     a, b, c = runs(0), runs(0), runs(1)
     assert len(a) == 4 and a == b
@@ -57,3 +58,21 @@ def test_simulate_needs_a_record(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--simulate", "3"])
     assert "--simulate R needs R >= 1 and --replay" in capsys.readouterr().err
+
+
+def test_a_bolder_futility_level_stops_sooner(bench, tmp_path):
+    groups = synthetic_record(bench, tmp_path / "votes.npz")
+    cases = [r["record"] for rows in groups.values() for r in rows]
+    args = argparse.Namespace(n=600, alpha=0.001, batch=100)
+
+    def draws(futility):
+        args.futility = futility
+        return sum(int(bench.certify_votes(c, v, lab, s, 0.0, args, floor=False)["seq"][3]) for c, lab, s, v in cases)
+
+    assert draws(0.0) > draws(0.01) >= draws(0.3)
+
+
+def test_bad_futility_is_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--futility", "1.5", "--only", "linear"])
+    assert "--futility must lie in [0, 1)" in capsys.readouterr().err
