@@ -155,11 +155,15 @@ def accuracies(rows: list[dict]) -> dict[str, np.ndarray]:
             for k in ("fixed", "seq")}
 
 
+def evaluations(rows: list[dict]) -> tuple[int, int]:
+    """Total model evaluations of CERTIFY and of the sequential rule over some rows."""
+    return sum(int(r["fixed"][3]) for r in rows), sum(int(r["seq"][3]) for r in rows)
+
+
 def figures(groups: dict[str, list[dict]]) -> dict:
     """The setting's figures: evaluations CERTIFY / sequential, and the worst (over groups) absolute mean gap and
     largest single-radius gap in certified accuracy, in points."""
-    fixed_evals = sum(int(r["fixed"][3]) for rows in groups.values() for r in rows)
-    seq_evals = sum(int(r["seq"][3]) for rows in groups.values() for r in rows)
+    fixed_evals, seq_evals = evaluations([r for rows in groups.values() for r in rows])
     gaps = [acc["fixed"] - acc["seq"] for acc in map(accuracies, groups.values())]
     return {"ratio": fixed_evals / seq_evals, "worst_mean_gap": max(abs(d.mean()) for d in gaps),
             "worst_gap": max(np.abs(d).max() for d in gaps)}
@@ -171,8 +175,7 @@ def accuracy_met(fig: dict) -> bool:
 
 def summarize(name: str, groups: dict[str, list[dict]], target: float) -> dict:
     """Print the evaluation ratio and the certified-accuracy comparison of one setting; return its figures."""
-    fixed_evals = sum(int(r["fixed"][3]) for rows in groups.values() for r in rows)
-    seq_evals = sum(int(r["seq"][3]) for rows in groups.values() for r in rows)
+    fixed_evals, seq_evals = evaluations([r for rows in groups.values() for r in rows])
     ratio = fixed_evals / seq_evals
     secs = [sum(r["seconds"][k] for rows in groups.values() for r in rows) for k in (0, 1)]
     print(f"\n== {name}: {sum(map(len, groups.values()))} cases")
@@ -186,8 +189,8 @@ def summarize(name: str, groups: dict[str, list[dict]], target: float) -> dict:
     for group, rows in groups.items():
         acc = accuracies(rows)
         diff = acc["fixed"] - acc["seq"]
-        group_ratio = sum(int(r["fixed"][3]) for r in rows) / sum(int(r["seq"][3]) for r in rows)
-        group_floor = sum(int(r["fixed"][3]) for r in rows) / sum(r["floor"] for r in rows)
+        group_fixed, group_seq = evaluations(rows)
+        group_ratio, group_floor = group_fixed / group_seq, group_fixed / sum(r["floor"] for r in rows)
         print(f"  {group}: evaluations CERTIFY / sequential {group_ratio:.2f}x (CERTIFY / floor {group_floor:.2f}x); "
               f"certified accuracy % at r = "
               f"{', '.join(f'{r:g}' for r in GRID)}")
