@@ -4,6 +4,7 @@
     python benchmarks/bench_certify.py --only digits --record votes.npz ...   # also save every case's votes
     python benchmarks/bench_certify.py --replay votes.npz     # both rules again on saved votes, no model
     python benchmarks/bench_certify.py --replay votes.npz --simulate 100 [--futility 0.05]   # how one run's figures spread
+    python benchmarks/bench_certify.py --replay votes.npz --simulate 100 --oracle   # what any futility rule could save
     python benchmarks/bench_certify.py --stage --images 30 --classifiers ...   # the study's certify stage, timed
     python benchmarks/bench_certify.py --sampling [--n 20000] [--batch 1000]   # the sampling-loop section
 
@@ -26,6 +27,9 @@ Settings:
   trained with the project's recipe (8 epochs, seed 0; or reused from a study run with ``--classifiers``), the first
   ``--images`` test digits, sigma 0.25 and 0.5.
 
+``--simulate R --oracle`` gives the rule a futility test that knows each simulated case's true rate (``oracle_futile``):
+no real rule knows it, so its figures bound what any futility rule could buy with the same critical values.
+
 ``--sampling`` instead runs the older comparison of ``Smooth.sample_counts`` with a straightforward reference loop
 (same counts, speed ratio target >= 1.0).
 """
@@ -33,6 +37,7 @@ Settings:
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -41,13 +46,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import beta, norm
+from scipy.stats import beta, binom, norm
 from torch import nn
 
 import diffaug
 from diffaug.evaluate.certify import certified_accuracy
 from diffaug.data import load_digits
-from diffaug.sequential import FUTILITY, grid_test, look_schedule, recorded
+from diffaug.sequential import FUTILITY, futile, grid_test, look_schedule, recorded
 from diffaug.smoothing import ABSTAIN, cohen_radius
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -128,15 +133,33 @@ def clairvoyant_draws(votes: np.ndarray, p0: float, alpha: float) -> int:
     return int(passing[0]) + 1 if len(passing) else len(votes)
 
 
+def oracle_futile(rate: float):
+    """A futility rule for ``grid_test(is_futile=)`` that knows the case's true vote rate: it gives the next radius up
+    when the chance that the remaining votes, Binomial(max_n - trials, rate), reach its last critical value is below
+    the futility level (the shipped rule must use the posterior of a rate it does not know)."""
+    return functools.partial(futile, chance=oracle_chance(rate))
+
+
+@functools.lru_cache(maxsize=None)
+def oracle_chance(rate: float):
+    """``chance(successes, trials, final_critical, max_n)`` for :func:`diffaug.sequential.futile`: the probability that
+    Binomial(max_n - trials, rate) more votes bring the successes to ``final_critical`` (one function per rate, so
+    the cached thresholds of ``least_hopeful_successes`` are shared by the cases of a rate)."""
+    def chance(successes: int, trials: int, final_critical: int, max_n: int) -> float:
+        return float(binom.sf(final_critical - successes - 1, max_n - trials, rate))
+    return chance
+
+
 def certify_votes(c_hat: int, votes: np.ndarray, label: int, sigma: float, seconds: float, args,
-                  floor: bool = True) -> dict:
+                  floor: bool = True, rate: float | None = None) -> dict:
     """Both rules on one case's votes (1 = the draw's label is the selected class ``c_hat``), in draw order, and the
     clairvoyant floor: n0 + :func:`clairvoyant_draws` for CERTIFY's grid radius when CERTIFY certifies the true
-    class, n0 alone otherwise (nothing that counts to certify); ``floor=False`` skips it (0)."""
+    class, n0 alone otherwise (nothing that counts to certify); ``floor=False`` skips it (0). With the case's true
+    vote ``rate`` the sequential rule uses :func:`oracle_futile` instead of its own futility test."""
     pred, radius = cohen_radius(c_hat, int(votes.sum()), args.n, args.alpha, sigma)
     thresholds = [float(norm.cdf(r / sigma)) for r in GRID]
     passed, trials = grid_test(recorded(votes), thresholds, args.alpha, look_schedule(args.n, args.batch),
-                               getattr(args, "futility", FUTILITY))
+                               getattr(args, "futility", FUTILITY), futile if rate is None else oracle_futile(rate))
     seq_pred, seq_radius = (c_hat, GRID[passed]) if passed >= 0 else (ABSTAIN, 0.0)
     floor = 100 if floor else 0
     if pred == label and floor:
@@ -332,18 +355,22 @@ def bench_simulate(args) -> list[dict]:
     file (a parametric bootstrap). Each case keeps its selected class and label; its ``n`` votes are drawn anew,
     Bernoulli at its recorded rate ``(S + 1/2) / (n + 1)`` (the votes of one case are i.i.d., so this is the law of
     a rerun with other noise, up to the error of that rate). Prints the ratio's mean and range and how often each
-    target is met."""
+    target is met. With ``args.oracle`` the futility test knows that rate (:func:`oracle_futile`)."""
     cases = load_votes(args)
     rng = np.random.default_rng(args.seed)
     runs = []
     for _ in range(args.simulate):
-        groups = {name: [certify_votes(c, rng.random(args.n) < (v.sum() + 0.5) / (args.n + 1), lab, sigma, 0.0,
-                                       args, floor=False) for c, lab, sigma, v in rows]
-                  for name, rows in cases.items()}
+        groups = {}
+        for name, rows in cases.items():
+            rates = [float((v.sum() + 0.5) / (args.n + 1)) for *_, v in rows]
+            groups[name] = [certify_votes(c, rng.random(args.n) < rate, lab, sigma, 0.0, args, floor=False,
+                                          rate=rate if getattr(args, "oracle", False) else None)
+                            for (c, lab, sigma, _), rate in zip(rows, rates)]
         runs.append(figures(groups))
     ratio = np.array([f["ratio"] for f in runs])
     met = np.array([accuracy_met(f) for f in runs])
-    print(f"simulated reruns of {args.replay}: {args.simulate} (seed {args.seed}), futility {args.futility}, "
+    oracle = " (oracle: the futility test knows each case's true rate)" if getattr(args, "oracle", False) else ""
+    print(f"simulated reruns of {args.replay}: {args.simulate} (seed {args.seed}), futility {args.futility}{oracle}, "
           f"{sum(map(len, cases.values()))} cases each")
     print(f"evaluations CERTIFY / sequential: mean {ratio.mean():.2f}x, 5-95 % {np.percentile(ratio, 5):.2f}-"
           f"{np.percentile(ratio, 95):.2f}x, range {ratio.min():.2f}-{ratio.max():.2f}x; >= 5x in {(ratio >= 5).mean():.0%}")
@@ -380,6 +407,8 @@ def main(argv=None) -> None:
                    "(fresh votes at each case's recorded rate); prints how the figures spread")
     p.add_argument("--futility", type=float, default=FUTILITY, help="the sequential rule's futility level (default "
                    "%(default)s; Smooth.certify_sequential's futility=): what a bolder level buys and costs")
+    p.add_argument("--oracle", action="store_true", help="with --simulate: the futility test knows each case's true "
+                   "rate (no real rule does): an upper bound on what any futility rule could save")
     p.add_argument("--repeats", type=int, default=5, help="(--sampling, --stage) timing repeats")
     p.add_argument("--sigma", type=float, default=0.5, help="(--sampling) noise level")
     args = p.parse_args(argv)
@@ -387,6 +416,8 @@ def main(argv=None) -> None:
         p.error(f"--futility must lie in [0, 1) (0 never gives a radius up early), got {args.futility}")
     if args.simulate is not None and (args.simulate < 1 or not args.replay):
         p.error("--simulate R needs R >= 1 and --replay votes.npz (the recorded cases it reruns)")
+    if args.oracle and not args.simulate:
+        p.error("--oracle needs --simulate R (only a simulated rerun knows each case's true rate)")
     if args.sampling:
         args.n = args.n or 20000
         bench_sampling(args)

@@ -72,6 +72,39 @@ def test_a_bolder_futility_level_stops_sooner(bench, tmp_path):
     assert draws(0.0) > draws(0.01) >= draws(0.3)
 
 
+def test_oracle_futility_matches_a_direct_binomial_scan(bench):
+    from scipy.stats import binom
+
+    for trials, critical, max_n, level, rate in [(100, 590, 600, 0.01, 0.98), (300, 560, 600, 0.05, 0.9),
+                                                 (50, 20, 600, 0.2, 0.01), (500, 599, 600, 0.01, 0.999)]:
+        chances = [binom.sf(critical - s - 1, max_n - trials, rate) for s in range(trials + 1)]
+        futile = bench.oracle_futile(rate)
+        assert [futile(s, trials, critical, max_n, level) for s in range(trials + 1)] == [c < level for c in chances]
+
+
+def test_oracle_reruns_give_up_hopeless_radii_sooner(bench, tmp_path, capsys):
+    # rates 0.8 and 0.96 at sigma 0.25 pass Phi(1) = 0.84 resp. Phi(0) but not the next threshold; the shipped rule
+    # must learn that from the votes, the oracle knows it from the start
+    rng = np.random.default_rng(0)
+    args = argparse.Namespace(n=2000, alpha=0.001, batch=100)
+    rows = [bench.certify_votes(3, rng.random(2000) < rate, 3, 0.25, 0.0, args) for rate in (0.8, 0.96) * 6]
+    bench.save_votes(tmp_path / "votes.npz", {"toy": rows}, args)
+
+    def runs(oracle):
+        return bench.bench_simulate(argparse.Namespace(replay=tmp_path / "votes.npz", simulate=3, seed=0,
+                                                    futility=0.01, oracle=oracle))
+
+    shipped, oracle = runs(False), runs(True)
+    assert all(o["ratio"] > 1.2 * s["ratio"] for o, s in zip(oracle, shipped))
+    assert "oracle: the futility test knows each case's true rate" in capsys.readouterr().out
+
+
+def test_oracle_needs_simulate(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--oracle", "--only", "linear"])
+    assert "--oracle needs --simulate R" in capsys.readouterr().err
+
+
 def test_bad_futility_is_refused(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--futility", "1.5", "--only", "linear"])

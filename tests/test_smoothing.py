@@ -290,6 +290,28 @@ def test_grid_test_certifies_in_order_and_stops_at_the_last_radius():
     assert passed == 1 and trials < 2000
 
 
+def test_grid_test_asks_the_given_futility_rule_about_the_next_radius():
+    thresholds, alpha = [0.5, 0.69, 0.84], 0.001
+    looks = look_schedule(2000, 1000)
+    votes = (np.random.default_rng(1).random(2000) < 0.75).astype(int)
+    asked = []
+
+    def never(successes, trials, final_critical, max_n, futility):
+        asked.append((successes, trials, final_critical, max_n, futility))
+        return False
+
+    passed, trials = grid_test(recorded(votes), thresholds, alpha, looks, 0.05, is_futile=never)
+    assert passed == 1 and trials == 2000  # pA = 0.75 never passes 0.84, and nothing gives it up early
+    finals = [sequential.grid_boundaries(p, looks, alpha)[-1] for p in thresholds]
+    assert [a[1] for a in asked] == list(looks)
+    assert all(a[0] == votes[:a[1]].sum() and a[3] == 2000 and a[4] == 0.05 for a in asked)
+    assert {a[2] for a in asked} <= set(finals) and asked[-1][2] == finals[2]  # the next radius's last critical value
+    # the default rule is sequential.futile: the same answer as passing it explicitly
+    assert grid_test(recorded(votes), thresholds, alpha, looks) == grid_test(recorded(votes), thresholds, alpha,
+                                                                             looks, is_futile=futile)
+    assert grid_test(recorded(votes), thresholds, alpha, looks)[1] < 2000
+
+
 class LinearMargin(nn.Module):
     """Two classes, ``w . x`` with ``w = (1, 1, 1, 1) / 2`` (unit norm) on 1x2x2 images: the smoothed classifier's
     ``pA`` is ``Phi(w . x / sigma)`` and its true L2 radius is ``w . x`` (Cohen et al., linear case)."""

@@ -150,11 +150,13 @@ def _binomial_pmf(m: int, p: float) -> np.ndarray:
     return binom.pmf(np.arange(m + 1), m, p)
 
 
-def futile(successes: int, trials: int, final_critical: int, max_n: int, futility: float) -> bool:
-    """Whether the votes up to ``max_n`` will reach ``final_critical`` with predictive probability below
-    ``futility``: the remaining votes are beta-binomial under the Jeffreys posterior ``Beta(S + 1/2, F + 1/2)``.
-    That chance grows with the successes, so this reads the cached :func:`least_hopeful_successes`."""
-    return successes < least_hopeful_successes(trials, final_critical, max_n, futility)
+def futile(successes: int, trials: int, final_critical: int, max_n: int, futility: float,
+           chance=None) -> bool:
+    """Whether the votes up to ``max_n`` will reach ``final_critical`` with probability below ``futility``: by
+    default the predictive probability (:func:`predictive_chance`: the remaining votes are beta-binomial under the
+    Jeffreys posterior ``Beta(S + 1/2, F + 1/2)``), or ``chance(successes, trials, final_critical, max_n)``, any
+    such probability that grows with the successes. This reads the cached :func:`least_hopeful_successes`."""
+    return successes < least_hopeful_successes(trials, final_critical, max_n, futility, chance or predictive_chance)
 
 
 def predictive_chance(successes: int, trials: int, final_critical: int, max_n: int) -> float:
@@ -168,20 +170,22 @@ def predictive_chance(successes: int, trials: int, final_critical: int, max_n: i
 
 
 @functools.lru_cache(maxsize=65536)
-def least_hopeful_successes(trials: int, final_critical: int, max_n: int, futility: float) -> int:
-    """The fewest successes in ``trials`` draws whose :func:`predictive_chance` is at least ``futility`` (found by
-    bisection: the chance grows with the successes); ``trials + 1`` when no count qualifies."""
+def least_hopeful_successes(trials: int, final_critical: int, max_n: int, futility: float,
+                            chance=predictive_chance) -> int:
+    """The fewest successes in ``trials`` draws whose ``chance`` (:func:`predictive_chance`) is at least ``futility``
+    (found by bisection: the chance grows with the successes); ``trials + 1`` when no count qualifies."""
     low = max(0, final_critical - (max_n - trials))  # fewer cannot reach final_critical at all
     high = min(final_critical, trials + 1)  # final_critical is already there; trials + 1: not reachable now
     if low >= high:
         return low if low <= trials else trials + 1
     while low < high:
         mid = (low + high) // 2
-        low, high = (mid + 1, high) if predictive_chance(mid, trials, final_critical, max_n) < futility else (low, mid)
+        low, high = (mid + 1, high) if chance(mid, trials, final_critical, max_n) < futility else (low, mid)
     return low
 
 
-def grid_steps(thresholds: list[float], alpha: float, looks: tuple[int, ...], futility: float = FUTILITY):
+def grid_steps(thresholds: list[float], alpha: float, looks: tuple[int, ...], futility: float = FUTILITY,
+               is_futile=futile):
     """The grid rule as a coroutine: yields how many new draws it wants, is sent how many of them voted for the
     selected class, and returns ``(k, trials)`` (see :func:`grid_test`). Several images can then share forward
     passes (:meth:`diffaug.Smooth.certify_sequential_many`), each running its own copy of the rule."""
@@ -192,14 +196,14 @@ def grid_steps(thresholds: list[float], alpha: float, looks: tuple[int, ...], fu
         trials = t
         while passed + 1 < len(thresholds) and successes >= critical[passed + 1][j]:
             passed += 1  # fixed-sequence: radius k is tested only once k - 1 is certified
-        if passed + 1 == len(thresholds) or futile(successes, trials, critical[passed + 1][-1], looks[-1],
-                                                   futility):
+        if passed + 1 == len(thresholds) or is_futile(successes, trials, critical[passed + 1][-1], looks[-1],
+                                                      futility):
             break
     return passed, trials
 
 
 def grid_test(draw, thresholds: list[float], alpha: float, looks: tuple[int, ...],
-              futility: float = FUTILITY) -> tuple[int, int]:
+              futility: float = FUTILITY, is_futile=futile) -> tuple[int, int]:
     """Run the grid rule on a stream of votes; returns ``(k, trials)``: the index of the largest threshold passed
     (-1: none, abstain) and the draws it took.
 
@@ -209,8 +213,11 @@ def grid_test(draw, thresholds: list[float], alpha: float, looks: tuple[int, ...
         alpha: failure probability of the certificate.
         looks: :func:`look_schedule`.
         futility: see :func:`futile`.
+        is_futile: the futility rule, called as :func:`futile` (its default). Giving up a radius early never
+            weakens the certificate, so any rule keeps the guarantee: ``benchmarks/bench_certify.py --oracle``
+            passes one that knows each simulated case's true rate, to measure how much any futility rule could save.
     """
-    steps = grid_steps(thresholds, alpha, looks, futility)
+    steps = grid_steps(thresholds, alpha, looks, futility, is_futile)
     wanted = next(steps)
     while True:
         try:
