@@ -2,7 +2,7 @@
 
     python benchmarks/bench_certify.py [--images 100] [--n 10000] [--classifiers PLAIN_DIR DIFFAUG_DIR]
     python benchmarks/bench_certify.py --only digits --record votes.npz ...   # also save every case's votes
-    python benchmarks/bench_certify.py --replay votes.npz     # both rules again on saved votes, no model
+    python benchmarks/bench_certify.py --replay votes.npz [more.npz ...]    # both rules again on saved votes, no model
     python benchmarks/bench_certify.py --replay votes.npz --simulate 100 [--futility 0.05]   # how one run's figures spread
     python benchmarks/bench_certify.py --replay votes.npz --simulate 100 --oracle   # what any futility rule could save
     python benchmarks/bench_certify.py --stage --images 30 --classifiers ...   # the study's certify stage, timed
@@ -330,15 +330,30 @@ def save_votes(path: Path, groups: dict[str, list[dict]], args) -> None:
 
 
 def load_votes(args) -> dict[str, list[tuple]]:
-    """The cases of a ``--record`` file, ``{group: [(c_hat, label, sigma, votes), ...]}``; sets ``args.n``,
-    ``args.alpha`` and ``args.batch`` from it."""
-    data = np.load(args.replay)
-    args.n, args.alpha, args.batch = int(data["n"]), float(data["alpha"]), int(data["batch"])
-    cases = {}
-    for g, name in enumerate(data["groups"]):
-        votes = np.unpackbits(data[f"g{g}_votes"], axis=1, count=args.n)
-        cases[str(name)] = [(int(c), int(lab), float(sigma), v) for (c, lab, sigma), v in zip(data[f"g{g}_meta"], votes)]
+    """The cases of one or more ``--record`` files (e.g. runs on other ``--start`` digits, recorded side by side),
+    ``{group: [(c_hat, label, sigma, votes), ...]}``, each group's cases in file order; sets ``args.n``,
+    ``args.alpha`` and ``args.batch`` from them (files that differ in these are refused)."""
+    paths = args.replay if isinstance(args.replay, (list, tuple)) else [args.replay]
+    cases, settings = {}, None
+    for path in paths:
+        data = np.load(path)
+        found = int(data["n"]), float(data["alpha"]), int(data["batch"])
+        if settings not in (None, found):
+            sys.exit(f"bench_certify.py: error: {path} was recorded with n, alpha, batch = {found}, {paths[0]} with "
+                     f"{settings}: replay together only recordings made with the same settings")
+        settings = found
+        for g, name in enumerate(data["groups"]):
+            votes = np.unpackbits(data[f"g{g}_votes"], axis=1, count=found[0])
+            cases.setdefault(str(name), []).extend(
+                (int(c), int(lab), float(sigma), v) for (c, lab, sigma), v in zip(data[f"g{g}_meta"], votes))
+    args.n, args.alpha, args.batch = settings
     return cases
+
+
+def replayed(args) -> str:
+    """The ``--replay`` file names, for the printed headings."""
+    paths = args.replay if isinstance(args.replay, (list, tuple)) else [args.replay]
+    return " + ".join(map(str, paths))
 
 
 def bench_replay(args) -> dict:
@@ -347,7 +362,7 @@ def bench_replay(args) -> dict:
     groups = {name: [certify_votes(c, v, lab, sigma, 0.0, args) for c, lab, sigma, v in rows]
               for name, rows in cases.items()}
     images = len(next(iter(groups.values()))) if groups else 0
-    return summarize(f"replay of {args.replay}: {images} cases per group", groups, 5.0)
+    return summarize(f"replay of {replayed(args)}: {images} cases per group", groups, 5.0)
 
 
 def bench_simulate(args) -> list[dict]:
@@ -370,7 +385,7 @@ def bench_simulate(args) -> list[dict]:
     ratio = np.array([f["ratio"] for f in runs])
     met = np.array([accuracy_met(f) for f in runs])
     oracle = " (oracle: the futility test knows each case's true rate)" if getattr(args, "oracle", False) else ""
-    print(f"simulated reruns of {args.replay}: {args.simulate} (seed {args.seed}), futility {args.futility}{oracle}, "
+    print(f"simulated reruns of {replayed(args)}: {args.simulate} (seed {args.seed}), futility {args.futility}{oracle}, "
           f"{sum(map(len, cases.values()))} cases each")
     print(f"evaluations CERTIFY / sequential: mean {ratio.mean():.2f}x, 5-95 % {np.percentile(ratio, 5):.2f}-"
           f"{np.percentile(ratio, 95):.2f}x, range {ratio.min():.2f}-{ratio.max():.2f}x; >= 5x in {(ratio >= 5).mean():.0%}")
@@ -401,8 +416,9 @@ def main(argv=None) -> None:
     p.add_argument("--only", choices=("linear", "digits"), help="run one setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--record", type=Path, help="(digits) save every case's votes to this .npz, image by image")
-    p.add_argument("--replay", type=Path, help="instead of sampling, run both rules on the votes of a --record file "
-                   "(alpha, n and batch are read from it)")
+    p.add_argument("--replay", type=Path, nargs="+", help="instead of sampling, run both rules on the votes of "
+                   "--record files (several: their cases together, e.g. two runs on other --start digits; alpha, n and "
+                   "batch are read from them)")
     p.add_argument("--simulate", type=int, metavar="R", help="with --replay: R simulated reruns of the recorded cases "
                    "(fresh votes at each case's recorded rate); prints how the figures spread")
     p.add_argument("--futility", type=float, default=FUTILITY, help="the sequential rule's futility level (default "

@@ -40,6 +40,20 @@ def test_replay_gives_the_recorded_runs_figures(bench, tmp_path, capsys):
     assert "sequential" in capsys.readouterr().out
 
 
+def test_recordings_replay_together_as_one(bench, tmp_path, capsys):
+    groups = synthetic_record(bench, tmp_path / "votes.npz")
+    args = argparse.Namespace(n=600, alpha=0.001, batch=100)
+    halves = [{name: rows[:2] for name, rows in groups.items()}, {name: rows[2:] for name, rows in groups.items()}]
+    for k, half in enumerate(halves):
+        bench.save_votes(tmp_path / f"half{k}.npz", half, args)
+    together = bench.bench_replay(argparse.Namespace(replay=[tmp_path / "half0.npz", tmp_path / "half1.npz"]))
+    assert together == pytest.approx(bench.figures(groups))
+    assert "half0.npz + " in capsys.readouterr().out
+    bench.save_votes(tmp_path / "other_n.npz", halves[0], argparse.Namespace(n=600, alpha=0.01, batch=100))
+    with pytest.raises(SystemExit, match="replay together only recordings made with the same settings"):
+        bench.load_votes(argparse.Namespace(replay=[tmp_path / "half0.npz", tmp_path / "other_n.npz"]))
+
+
 def test_simulated_reruns_are_seeded_and_vary(bench, tmp_path, capsys):
     synthetic_record(bench, tmp_path / "votes.npz")
 
