@@ -333,7 +333,7 @@ def load_votes(args) -> dict[str, list[tuple]]:
     """The cases of one or more ``--record`` files (e.g. runs on other ``--start`` digits, recorded side by side),
     ``{group: [(c_hat, label, sigma, votes), ...]}``, each group's cases in file order; sets ``args.n``,
     ``args.alpha`` and ``args.batch`` from them (files that differ in these are refused)."""
-    paths = args.replay if isinstance(args.replay, (list, tuple)) else [args.replay]
+    paths = replay_paths(args)
     cases, settings = {}, None
     for path in paths:
         data = np.load(path)
@@ -350,10 +350,14 @@ def load_votes(args) -> dict[str, list[tuple]]:
     return cases
 
 
+def replay_paths(args) -> list[Path]:
+    """The ``--replay`` files (one path or a list of them)."""
+    return list(args.replay) if isinstance(args.replay, (list, tuple)) else [args.replay]
+
+
 def replayed(args) -> str:
     """The ``--replay`` file names, for the printed headings."""
-    paths = args.replay if isinstance(args.replay, (list, tuple)) else [args.replay]
-    return " + ".join(map(str, paths))
+    return " + ".join(map(str, replay_paths(args)))
 
 
 def bench_replay(args) -> dict:
