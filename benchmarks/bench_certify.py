@@ -377,19 +377,20 @@ def bench_simulate(args) -> list[dict]:
     target is met. With ``args.oracle`` the futility test knows that rate (:func:`oracle_futile`)."""
     cases = load_votes(args)
     rng = np.random.default_rng(args.seed)
+    oracle = getattr(args, "oracle", False)
     runs = []
     for _ in range(args.simulate):
         groups = {}
         for name, rows in cases.items():
             rates = [float((v.sum() + 0.5) / (args.n + 1)) for *_, v in rows]
             groups[name] = [certify_votes(c, rng.random(args.n) < rate, lab, sigma, 0.0, args, floor=False,
-                                          rate=rate if getattr(args, "oracle", False) else None)
+                                          rate=rate if oracle else None)
                             for (c, lab, sigma, _), rate in zip(rows, rates)]
         runs.append(figures(groups))
     ratio = np.array([f["ratio"] for f in runs])
     met = np.array([accuracy_met(f) for f in runs])
-    oracle = " (oracle: the futility test knows each case's true rate)" if getattr(args, "oracle", False) else ""
-    print(f"simulated reruns of {replayed(args)}: {args.simulate} (seed {args.seed}), futility {args.futility}{oracle}, "
+    told = " (oracle: the futility test knows each case's true rate)" if oracle else ""
+    print(f"simulated reruns of {replayed(args)}: {args.simulate} (seed {args.seed}), futility {args.futility}{told}, "
           f"{sum(map(len, cases.values()))} cases each")
     print(f"evaluations CERTIFY / sequential: mean {ratio.mean():.2f}x, 5-95 % {np.percentile(ratio, 5):.2f}-"
           f"{np.percentile(ratio, 95):.2f}x, range {ratio.min():.2f}-{ratio.max():.2f}x; >= 5x in {(ratio >= 5).mean():.0%}")
@@ -449,8 +450,8 @@ def main(argv=None) -> None:
         bench_simulate(args)
         return
     if args.replay:
-        replayed = bench_replay(args)
-        print(f"\nsummary: replay: {replayed['ratio']:.2f}x fewer evaluations")
+        replay_figures = bench_replay(args)
+        print(f"\nsummary: replay: {replay_figures['ratio']:.2f}x fewer evaluations")
         return
     args.n = args.n or 10000
     print(f"alpha={args.alpha} n0=100 n=max_n={args.n} grid radii {GRID} batch={args.batch} "

@@ -150,15 +150,6 @@ def _binomial_pmf(m: int, p: float) -> np.ndarray:
     return binom.pmf(np.arange(m + 1), m, p)
 
 
-def futile(successes: int, trials: int, final_critical: int, max_n: int, futility: float,
-           chance=None) -> bool:
-    """Whether the votes up to ``max_n`` will reach ``final_critical`` with probability below ``futility``: by
-    default the predictive probability (:func:`predictive_chance`: the remaining votes are beta-binomial under the
-    Jeffreys posterior ``Beta(S + 1/2, F + 1/2)``), or ``chance(successes, trials, final_critical, max_n)``, any
-    such probability that grows with the successes. This reads the cached :func:`least_hopeful_successes`."""
-    return successes < least_hopeful_successes(trials, final_critical, max_n, futility, chance or predictive_chance)
-
-
 def predictive_chance(successes: int, trials: int, final_critical: int, max_n: int) -> float:
     """The predictive probability of :func:`futile` (0 when even all remaining votes fall short; 1 when reached)."""
     need, remaining = final_critical - successes, max_n - trials
@@ -182,6 +173,15 @@ def least_hopeful_successes(trials: int, final_critical: int, max_n: int, futili
         mid = (low + high) // 2
         low, high = (mid + 1, high) if chance(mid, trials, final_critical, max_n) < futility else (low, mid)
     return low
+
+
+def futile(successes: int, trials: int, final_critical: int, max_n: int, futility: float,
+           chance=predictive_chance) -> bool:
+    """Whether the votes up to ``max_n`` will reach ``final_critical`` with probability below ``futility``: by
+    default the predictive probability (:func:`predictive_chance`: the remaining votes are beta-binomial under the
+    Jeffreys posterior ``Beta(S + 1/2, F + 1/2)``), or ``chance(successes, trials, final_critical, max_n)``, any
+    such probability that grows with the successes. This reads the cached :func:`least_hopeful_successes`."""
+    return successes < least_hopeful_successes(trials, final_critical, max_n, futility, chance)
 
 
 def grid_steps(thresholds: list[float], alpha: float, looks: tuple[int, ...], futility: float = FUTILITY,
