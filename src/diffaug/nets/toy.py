@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .time_conditioned import timestep_embedding
+from .embedding import timestep_embedding
 
 
 class PointEpsModel(nn.Module):
