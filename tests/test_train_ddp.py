@@ -12,9 +12,10 @@ import torch
 
 from diffaug import load_denoiser
 from diffaug.cli import main
+from diffaug.errors import InputError
 from diffaug.guidance import GuidanceClassifier
 from diffaug.utils.checkpoint import load_safetensors
-from diffaug.utils.distributed import Dist, rank_share
+from diffaug.utils.distributed import Dist, local_device, rank_share
 
 PLAN = Path(__file__).with_name("torchrun_plan.py")
 
@@ -38,6 +39,24 @@ def test_rank_shares_cover_the_global_batch_once_in_order(world, n):
     if n % world == 0:
         assert {len(s) for s in shares} == {n // world}
     assert rank_share(indices, Dist()) is indices
+
+
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """torchrun --nproc_per_node K: a bare ``cuda`` is ``cuda:LOCAL_RANK`` and made current (no GPU needed here:
+    torch.cuda's device count and set_device are stood in for)."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert local_device("cuda") == torch.device("cuda") and not current  # alone: as given
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device("cpu") == torch.device("cpu") and not current
+    assert local_device("cuda") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert local_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(InputError, match=r"local rank 2 .* 2 CUDA device\(s\); use --nproc_per_node 2 or fewer"):
+        local_device("cuda")
 
 
 def _one_rank_env() -> dict:

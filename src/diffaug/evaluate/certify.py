@@ -286,10 +286,10 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     test split, any other class folder is used whole) at the classifiers' input size (``image_size``, default
     their ``model.json``'s), classes matched by name, and ``limit`` takes a seeded, class-stratified sample;
     ``workers`` DataLoader processes decode the next images while one is certified."""
-    from ..utils.distributed import init_distributed
+    from ..utils.distributed import init_distributed, local_device
 
     out = Path(out)
-    device = torch.device(device)
+    device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
     n, radii = _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequential, max_n, workers)
     images, labels, in_memory, models, den, smooths = _load_certify(data, classifiers, denoiser, sigmas, device,
                                                                     speed, image_size, workers, progress)

@@ -583,10 +583,11 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     """
     from ..corruptions import check_frost_images
     from ..ensemble import ensemble_members
+    from ..utils.distributed import local_device
     from .sets import eval_size
 
     out = Path(out)
-    device = torch.device(device)
+    device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
     frost_images = check_frost_images(frost_images)
     modes, severities, layout, names, test, models, den = _check_inputs(
         data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed,

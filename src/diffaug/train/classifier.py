@@ -37,7 +37,8 @@ from ..data import (BAD_FILE_POLICIES, check_library, check_size, check_workers,
 from ..errors import InputError
 from ..recipes import RECIPES, check_settings, from_name
 from ..utils import accel, checkpoint as ckpt
-from ..utils.distributed import Dist, check_batch_split, data_parallel, gather_objects, init_distributed
+from ..utils.distributed import (Dist, check_batch_split, data_parallel, gather_objects, init_distributed,
+                                 local_device)
 from . import harness
 
 DEFAULT_MODELS = {"digits": "small_cnn"}
@@ -229,7 +230,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     cfg = cfg.resolved()
     cfg.validate()
     out = Path(out_dir)
-    device = torch.device(device)
+    device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
     # --- every check before any work or output
     den = load_denoiser(cfg.denoiser) if "diffaug" in cfg.recipe else None
     data = _ClassifierData(cfg, den, progress)

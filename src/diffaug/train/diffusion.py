@@ -21,8 +21,8 @@ from ..data import ImageDataset, check_size, check_workers, is_in_memory, load_d
 from ..denoiser import Denoiser
 from ..errors import InputError
 from ..utils import accel
-from ..utils.distributed import (Dist, check_batch_split, data_parallel, init_distributed, main_process,
-                                 rank_share, world_size)
+from ..utils.distributed import (Dist, check_batch_split, data_parallel, init_distributed, local_device,
+                                 main_process, rank_share, world_size)
 from ..utils.seeding import private_seed
 from . import harness
 
@@ -129,7 +129,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     folder.check(resume, force)
     check_batch_split(cfg.batch_size, world_size())
 
-    device = torch.device(device)
+    device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
     dist_info = init_distributed(device)
     num_classes = data.num_classes if cfg.conditional else None
     unet, scheduler = build_diffusion_model(cfg, H, C, num_classes)

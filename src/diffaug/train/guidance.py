@@ -29,8 +29,8 @@ from ..denoiser import Denoiser, load_denoiser
 from ..errors import InputError
 from ..guidance import (KINDS, SPEC, WEIGHTS, GuidanceClassifier, accuracy_over_t, build_guidance, noisy_batch, save_guidance)
 from ..utils import accel, checkpoint as ckpt
-from ..utils.distributed import (Dist, check_batch_split, data_parallel, init_distributed, main_process,
-                                 rank_share, world_size)
+from ..utils.distributed import (Dist, check_batch_split, data_parallel, init_distributed, local_device,
+                                 main_process, rank_share, world_size)
 from . import harness
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -117,7 +117,7 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
                                checkpoint_file=CHECKPOINT)
     folder.check(resume, force)
     check_batch_split(cfg.batch_size, world_size())
-    device = torch.device(device)
+    device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
     den, train, test, streamed = _guidance_data(cfg, device, progress and main_process())
     labelled, unlabelled = labelled_split(train.labels, cfg.labelled_fraction, cfg.seed)
     _check_split_batches(cfg, len(labelled), len(unlabelled), world_size())

@@ -40,8 +40,27 @@ def main_process() -> bool:
 _joined = False  # whether this process ever joined a process group through init_distributed
 
 
+def local_device(device: str | torch.device) -> torch.device:
+    """This process's device: under torchrun (several processes), a bare ``cuda`` means ``cuda:LOCAL_RANK``, one
+    GPU per process as torchrun's ``--nproc_per_node`` intends, and becomes the current CUDA device (NCCL and
+    ``torch.cuda`` calls without an index use it). Alone, or given ``cpu`` or ``cuda:N``, it is ``device`` as
+    given (``cuda:N`` under torchrun is still made current)."""
+    device = torch.device(device)
+    if device.type != "cuda" or world_size() == 1:
+        return device
+    if device.index is None:
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= count:
+            raise InputError(f"torchrun started local rank {local_rank} but this machine has {count} CUDA "
+                             f"device(s); use --nproc_per_node {count} or fewer")
+        device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
 def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone.
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone. ``device`` is
+    this process's own (:func:`local_device`).
 
     A group joined here is also left at exit (:func:`leave_distributed`, registered with :mod:`atexit`); end such
     a process with :func:`exit_process` (the CLI does) so that the interpreter's teardown cannot abort it."""
@@ -142,6 +161,6 @@ def any_rank(flag: bool, dist_info: Dist) -> bool:
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([int(flag)], device=torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
