@@ -60,6 +60,16 @@ def _cases(ws, den_dir):
         (["train", "--recipe", "plain", "--pretrained", str(ws / "truncated" / "model.safetensors")], "damaged"),
         (["train", "--recipe", "diffaug", "--denoiser", d, "--t-min", "5", "--t-max", "2000"], "2000"),
         (["train", "--recipe", "plain", "--resume"], "--resume"),
+        (["train", "--recipe", "plain", "--steps", "0"], "got 0"),
+        (["train", "--recipe", "plain", "--epochs", "0"], "got None, 0"),
+        (["train", "--recipe", "plain", "--checkpoint-every", "0"], "--checkpoint-every"),
+        (["train-diffusion", "--checkpoint-every", "0"], "--checkpoint-every"),
+        (["train-diffusion", "--width", "40"], "width 40"),
+        (["train-diffusion", "--layers-per-block", "0"], "layers_per_block"),
+        (["train-guidance", "--kind", "da", "--denoiser", d, "--checkpoint-every", "0"], "--checkpoint-every"),
+        (["sample", "--denoiser", d, "--guidance", str(ws / "guid"), "--class", "1", "--steps", "0"], "steps"),
+        (["eval-guidance", "--guidance", str(ws / "guid"), "--denoiser", d, "--steps", "0"], "steps"),
+        (["eval-guidance", "--guidance", str(ws / "guid"), "--denoiser", d, "--scale", "nan"], "nan"),
         (["certify", "--classifier", clf, "--sigma", "-0.5"], "-0.5"),
         (["certify", "--classifier", clf, "--sigma", "0.5", "--alpha", "2"], "alpha"),
         (["certify", "--classifier", clf, "--sigma", "0.5", "--n", "0"], "n"),
@@ -180,6 +190,19 @@ def test_classifier_names_a_channels_last_batch():
         clf(torch.rand(2, 8, 8, 3, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(InputError, match="convert the images"):
         clf(torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+
+def test_diffuse_denoise_names_noise_of_another_shape(den):
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match=r"noise \(1, 1, 8, 8\) must have the shape of x \(2, 1, 8, 8\)"):
+        diffaug.diffuse_denoise(den, x, 100, torch.zeros(1, 1, 8, 8))
+
+
+def test_look_schedule_refuses_an_empty_batch_instead_of_looping():
+    from diffaug.sequential import look_schedule
+
+    with pytest.raises(InputError, match="batch_size"):
+        look_schedule(1000, 0)
 
 
 def test_empty_batches_pass_through(den):

@@ -90,6 +90,9 @@ def diffuse_denoise(den: Denoiser, x: torch.Tensor, t: torch.Tensor | int, noise
     """
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if noise.shape != x.shape:  # shapes are host metadata: no sync
+        raise InputError(f"noise {tuple(noise.shape)} must have the shape of x {tuple(x.shape)}; draw it with "
+                         "torch.randn_like(x)")
     t = den._timesteps(t, x.shape[0], x.device, validate)
     cond_weight = cond_weight if den.is_conditional else None
     if den.is_conditional and cond_weight > 0 and y is None:

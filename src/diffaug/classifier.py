@@ -336,6 +336,9 @@ def fit_classifier(model: nn.Module, data: ImageDataset, *, epochs: int = 30, ba
                    lr: float = 1e-3, weight_decay: float = 5e-4, generator: torch.Generator | None = None,
                    device: str | torch.device = "cpu") -> nn.Module:
     """Plain cross-entropy training (AdamW, cosine LR); used for reference classifiers that judge quality."""
+    if epochs < 1 or batch_size < 1 or len(data) == 0:
+        raise InputError(f"fit_classifier needs epochs and batch_size >= 1 and some images, got {epochs}, "
+                         f"{batch_size} and {len(data)} images")
     device = torch.device(device)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -102,7 +102,7 @@ def dda_adapt(
     if guidance_scale < 0:
         raise InputError(f"guidance_scale must be >= 0, got {guidance_scale}")
     n, c, h, w = x.shape
-    factor = downsample or default_downsample(min(h, w))
+    factor = default_downsample(min(h, w)) if downsample is None else downsample
     if not 1 <= factor <= min(h, w):
         raise InputError(f"downsample factor D={factor} must lie in [1, {min(h, w)}] for {h}x{w} images")
     times = dda_timesteps(t_start, steps)

@@ -68,6 +68,8 @@ def ensemble_views(
 
 def ensemble_probs(classifier: nn.Module, views: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Softmax of ``classifier`` on views ``[M, N, C, H, W]`` -> ``[M, N, K]`` float32 (mean over M: DE)."""
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     flat = views.flatten(0, 1)
     chunk = batch_size or max(1, flat.shape[0])
     logits = torch.cat([classifier(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])

@@ -224,6 +224,18 @@ def load_guidance(folder: str | os.PathLike, denoiser: Denoiser, *,
     return GuidanceClassifier.from_pretrained(folder, denoiser, speed=speed)
 
 
+def guided_timesteps(denoiser: Denoiser, *, steps: int, scale: float, sampler: str) -> list[int]:
+    """The timesteps :func:`guided_sample` visits, after a one-line :class:`InputError` for an unknown sampler,
+    a scale that is not finite or ``steps`` outside ``[1, T]`` (so callers can check before any work)."""
+    from .sampling import sampling_timesteps
+
+    if sampler not in ("ddpm", "ddim"):
+        raise InputError(f"unknown sampler {sampler!r}; use ddpm or ddim")
+    if not math.isfinite(scale):
+        raise InputError(f"guidance scale must be a finite number, got {scale}")
+    return sampling_timesteps(denoiser.num_timesteps, steps)
+
+
 def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Tensor, *, steps: int = 100,
                   scale: float = 1.0, sampler: str = "ddpm", generator: torch.Generator | None = None) -> torch.Tensor:
     """Classifier-guided samples of classes ``y`` ``[N]`` from the denoiser used unconditionally.
@@ -234,12 +246,9 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
 
     ``steps`` evenly spaced timesteps from ``T - 1`` to 0. Returns images ``[N, C, H, W]`` in [0, 1].
     """
-    from .sampling import ddim_step, noise_sampler, sampling_timesteps, timestep_pairs
+    from .sampling import ddim_step, noise_sampler, timestep_pairs
 
-    if sampler not in ("ddpm", "ddim"):
-        raise InputError(f"unknown sampler {sampler!r}; use ddpm or ddim")
-    if not math.isfinite(scale):
-        raise InputError(f"guidance scale must be a finite number, got {scale}")
+    timesteps = guided_timesteps(denoiser, steps=steps, scale=scale, sampler=sampler)
     num_classes = getattr(guidance.net, "num_classes", None) or (
         guidance.net.head.out_features if hasattr(guidance.net, "head") else None)
     if num_classes is not None and ((y < 0) | (y >= num_classes)).any():
@@ -251,8 +260,7 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
     randn = noise_sampler((n, denoiser.channels, H, W), generator, device)
     uncond = 0 if denoiser.is_conditional else None
     x = randn()
-    for t, a_t, a_prev in timestep_pairs(denoiser.alpha_bar.to(device),
-                                         sampling_timesteps(denoiser.num_timesteps, steps)):
+    for t, a_t, a_prev in timestep_pairs(denoiser.alpha_bar.to(device), timesteps):
         tt = torch.full((n,), t, device=device)
         grad = guidance.grad_log_prob(x, tt, y) if scale else torch.zeros_like(x)
         with torch.no_grad():
@@ -286,6 +294,8 @@ def accuracy_over_t(model, images: torch.Tensor | None, labels: torch.Tensor | N
     ``batches`` (instead of ``images`` and ``labels``): a function returning an iterable of ``(images, labels)``
     batches on the model's device, called once per repeat (e.g. over a streamed folder's loader).
     """
+    if bins < 1 or repeats < 1 or batch_size < 1:
+        raise InputError(f"bins, repeats and batch_size must be >= 1, got {bins}, {repeats} and {batch_size}")
     den = model.denoiser
     T = den.num_timesteps
     hits = torch.zeros(bins)

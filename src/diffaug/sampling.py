@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .denoiser import Denoiser
+from .errors import InputError
 
 
 def noise_sampler(shape, generator: torch.Generator | None, device) -> Callable[[], torch.Tensor]:
@@ -46,7 +47,7 @@ def input_gradient(fn: Callable, x: torch.Tensor):
 def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """``steps`` integer timesteps from ``T - 1`` down to 0, evenly spaced, without repeats."""
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
+        raise InputError(f"sampling steps must lie in [1, {num_timesteps}] (the model's timesteps), got {steps}")
     ts = torch.linspace(num_timesteps - 1, 0, steps).round().long().tolist()
     return sorted(set(ts), reverse=True)
 

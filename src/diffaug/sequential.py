@@ -40,6 +40,8 @@ from scipy.optimize import brentq
 from scipy.special import betaln
 from scipy.stats import beta, betabinom, binom
 
+from .errors import InputError
+
 CS_PRIOR = (1.0, 0.1)  # Beta(1, 0.1): mass near p = 1, where certification is hardest (see cs_side)
 FIRST_LOOK = 32  # draws before the first look
 LOOK_GROWTH = 1.1  # each look after 10 % more draws ...
@@ -62,6 +64,9 @@ def look_schedule(max_n: int, batch_size: int, first: int = FIRST_LOOK, growth: 
     ``min(max_step, batch_size)`` more, up to ``max_n`` (always the last look). Fixed before any draw, as the tests
     need. Looks every few hundred draws cost little: the boundaries are computed once per threshold and cached,
     and :meth:`diffaug.Smooth.certify_sequential_many` packs several images' small requests into full passes."""
+    if max_n < 1 or batch_size < 1 or first < 1 or max_step < 1:
+        raise InputError(f"max_n, batch_size, first and max_step must be >= 1, got {max_n}, {batch_size}, {first} "
+                         f"and {max_step}")
     looks = []
     t = min(first, max_n)
     while t < max_n:

@@ -162,6 +162,10 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     if per_class < 2:
         raise InputError(f"--per-class must be >= 2 (covariances need two samples), got {per_class}")
     s = _load_guidance(guidance, denoiser, data, clean_classifier, device, speed, workers)
+    if generation:
+        from ..guidance import guided_timesteps
+
+        guided_timesteps(s.den, steps=steps, scale=scale, sampler=sampler)  # bad settings: refused before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     acc = _accuracy_rows(s, clean_classifier, seed, device)

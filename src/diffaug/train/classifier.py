@@ -107,8 +107,10 @@ class TrainConfig:
             raise InputError(f"recipe {self.recipe} needs --denoiser (a folder from `diffaug train-diffusion`)")
         if (self.steps is None) == (self.epochs is None):
             raise InputError("give exactly one of --steps or --epochs")
-        if (self.steps or 1) < 1 or (self.epochs or 1) < 1 or self.batch_size < 1:
-            raise InputError("steps, epochs and batch size must be >= 1")
+        if any(v is not None and v < 1 for v in (self.steps, self.epochs, self.batch_size)):
+            raise InputError(f"steps, epochs and batch size must be >= 1, got {self.steps}, {self.epochs} and "
+                             f"{self.batch_size}")
+        harness.check_checkpointing(self.checkpoint_every, self.keep_checkpoints)
         if self.optimizer not in ("adamw", "sgd"):
             raise InputError(f"unknown optimizer {self.optimizer!r}; use adamw or sgd")
         if self.lr_schedule not in ("cosine", "constant", "step"):

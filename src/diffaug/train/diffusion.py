@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..data import ImageDataset, check_size, check_workers, is_in_memory, load_dataset
 from ..denoiser import Denoiser
 from ..errors import InputError
+from ..nets.unet import check_unet_size
 from ..utils import accel
 from ..utils.distributed import (Dist, check_batch_split, data_parallel, init_distributed, local_device,
                                  main_process, rank_share, world_size)
@@ -79,6 +80,18 @@ class DiffusionTrainConfig:
         accel.autocast_dtype(self.precision)
         if self.beta_schedule not in ("linear", "squaredcos_cap_v2"):
             raise InputError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'squaredcos_cap_v2'")
+        if not (self.lr > 0 and self.warmup_steps >= 0 and self.weight_decay >= 0 and self.grad_clip > 0
+                and 0 <= self.ema_decay < 1):
+            raise InputError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0, grad_clip > 0 and ema_decay in "
+                             f"[0, 1); got {self.lr}, {self.warmup_steps}, {self.weight_decay}, {self.grad_clip} and "
+                             f"{self.ema_decay}")
+        if self.num_timesteps < 2:
+            raise InputError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
+        if self.sample_grid and not 1 <= self.sample_steps <= self.num_timesteps:
+            raise InputError(f"sample_steps must lie in [1, num_timesteps = {self.num_timesteps}], got "
+                             f"{self.sample_steps}; lower it or skip the grid (--no-sample-grid)")
+        check_unet_size(self.width, self.layers_per_block)
+        harness.check_checkpointing(self.checkpoint_every)
 
 
 def build_diffusion_model(cfg: DiffusionTrainConfig, image_size: int, channels: int, num_classes: int | None):

@@ -77,6 +77,7 @@ class GuidanceTrainConfig:
                              f"{self.width}")
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
+        harness.check_checkpointing(self.checkpoint_every)
 
 
 def labelled_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,6 +97,15 @@ class RunFolder:
                 old.unlink(missing_ok=True)
 
 
+def check_checkpointing(checkpoint_every: int, keep: int = 1) -> None:
+    """One-line :class:`InputError` unless a run saves every ``checkpoint_every >= 1`` steps and keeps ``keep >= 1``
+    checkpoints (a config's ``validate``, before any work)."""
+    if checkpoint_every < 1:
+        raise InputError(f"--checkpoint-every must be >= 1 (steps between checkpoints), got {checkpoint_every}")
+    if keep < 1:
+        raise InputError(f"keep_checkpoints must be >= 1 (the resume point), got {keep}")
+
+
 # ---------------------------------------------------------------------- the checkpoint
 @dataclass
 class Checkpoint:
