@@ -40,7 +40,9 @@ def test_each_preset_round_trips_through_a_pt_state_dict(tmp_path, name):
     cfg, preset = adm_config(name, **flags)
     net = _randomised(ADMUNet(cfg))
     torch.save(net.state_dict(), tmp_path / "model.pt")
+    rng = torch.get_rng_state()
     den = diffaug.Denoiser.from_guided_diffusion(tmp_path / "model.pt", name, **flags)
+    assert torch.equal(torch.get_rng_state(), rng)  # loading leaves the caller's global RNG alone
     assert den.num_timesteps == preset.diffusion_steps and den.channels == 3
     assert den.is_conditional == cfg.class_cond
     s = cfg.image_size

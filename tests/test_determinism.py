@@ -49,3 +49,14 @@ def test_evaluations_repeat_bitwise(tmp_path, den_dir):
     tsv = "clf/sigma_0.5/certify.tsv"
     assert _rows(tmp_path / "cert-a" / tsv) == _rows(tmp_path / "cert-b" / tsv)
     assert _rows(tmp_path / "ood-a" / "results.csv") == _rows(tmp_path / "ood-b" / "results.csv")
+
+
+def test_loading_models_leaves_the_global_rng_alone(tmp_path, den_dir):
+    """Loaders build each network before its weights arrive; that initialisation must not draw from (and so shift)
+    the caller's global RNG."""
+    save_classifier(create_classifier("small_cnn", 10, 1, seed=0), tmp_path / "clf")
+    rng = torch.get_rng_state()
+    diffaug.load_denoiser(den_dir)
+    diffaug.load_classifier(tmp_path / "clf")
+    assert torch.equal(torch.get_rng_state(), rng)
+

@@ -84,7 +84,8 @@ class Classifier(nn.Module):
                 raise InputError(f"{folder} is not a trained classifier: missing {p.name}; train one with `diffaug train`")
         spec = json.loads(cfg_path.read_text())
         clf = create_classifier(spec["name"], spec["num_classes"], spec["channels"], mean=spec["mean"],
-                                std=spec["std"], width=spec.get("width", 32), image_size=spec.get("image_size"))
+                                std=spec["std"], width=spec.get("width", 32), image_size=spec.get("image_size"),
+                                seed=0)  # the initial weights are overwritten; the caller's global RNG is untouched
         load_weights(clf, weights)
         clf.spec.update({k: v for k, v in spec.items() if k not in clf.spec})
         clf.eval()

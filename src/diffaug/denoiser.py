@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import InputError, channels_hint
 from .utils import accel
+from .utils.seeding import private_seed
 from . import schedule
 
 SHIPPED = {"digits": Path(__file__).resolve().parent / "weights" / "digits"}
@@ -377,7 +378,8 @@ class Denoiser(nn.Module):
         unet_cfg = _read_json(unet_cfg_path)
         if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
             raise InputError(f"{unet_cfg_path} describes a {unet_cfg['_class_name']}; diffaug loads UNet2DModel folders")
-        unet = UNet2DModel.from_config(unet_cfg)
+        with private_seed(0):  # the initial weights are overwritten; the caller's global RNG is left as it was
+            unet = UNet2DModel.from_config(unet_cfg)
         load_state(unet, read_safetensors(weights_path), weights_path)
         unet.eval()
         scheduler = _scheduler_from_config(_read_json(sched_path), sched_path)
@@ -421,7 +423,8 @@ class Denoiser(nn.Module):
         if noise_schedule not in ("linear", "cosine"):
             raise InputError(f"unknown noise_schedule {noise_schedule!r}; use linear or cosine")
         state = read_adm_state(path)
-        net = ADMUNet(config, time_scale=1000.0 / steps if rescale else 1.0)
+        with private_seed(0):  # as in load_denoiser: the caller's global RNG is untouched
+            net = ADMUNet(config, time_scale=1000.0 / steps if rescale else 1.0)
         check_adm_state(state, net, path)
         net.load_state_dict(state)
         alpha_bar = (schedule.cosine_alpha_bar if noise_schedule == "cosine" else schedule.linear_alpha_bar)(steps)

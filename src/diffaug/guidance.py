@@ -31,6 +31,7 @@ from .denoiser import Denoiser
 from .errors import InputError
 from .nets.time_conditioned import TimeConditionedCNN
 from .utils import accel, checkpoint as ckpt
+from .utils.seeding import private_seed
 
 KINDS = ("noisy", "da")
 WEIGHTS, SPEC = "guidance.safetensors", "guidance.json"
@@ -94,7 +95,8 @@ class GuidanceClassifier(nn.Module):
                 raise InputError(f"{preset or 'the classifier'} was trained on a {noise_schedule} schedule of {steps} "
                                  "steps but the denoiser's schedule differs; guide the model it was trained with")
         state = read_adm_state(path)
-        net = ADMClassifier(config, pool)
+        with private_seed(0):  # the initial weights are overwritten; the caller's global RNG is untouched
+            net = ADMClassifier(config, pool)
         check_adm_state(state, net, path)
         net.load_state_dict(state)
         return cls("noisy", net.eval(), denoiser)
@@ -186,8 +188,6 @@ class GuidanceClassifier(nn.Module):
 
 
 def build_guidance(kind: str, denoiser: Denoiser, num_classes: int, width: int = 32, seed: int = 0):
-    from .utils.seeding import private_seed
-
     with private_seed(seed):
         net = TimeConditionedCNN(denoiser.channels * (2 if kind == "da" else 1), num_classes, width=width)
     return GuidanceClassifier(kind, net, denoiser)

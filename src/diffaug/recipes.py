@@ -52,11 +52,11 @@ class AugMixViews:
         self.augmix = TorchvisionAugMix(all_ops=False)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))  # a CUDA one too
         u8 = (x.detach().cpu() * 255).round().to(torch.uint8)
         with private_seed(seed):  # torchvision draws from the global RNG: give it a private, replayable one
             views = [torch.stack([self.augmix(img) for img in u8]) for _ in range(2)]
-        return tuple(v.to(x.device, torch.float32) / 255 for v in views)
+        return tuple(v.to(x.device, x.dtype) / 255 for v in views)
 
 
 class Recipe(nn.Module):
