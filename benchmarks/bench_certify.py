@@ -46,13 +46,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import beta, binom, norm
+from scipy.stats import binom, norm
 from torch import nn
 
 import diffaug
 from diffaug.evaluate.certify import certified_accuracy
 from diffaug.data import load_digits
-from diffaug.sequential import FUTILITY, futile, grid_test, look_schedule, recorded
+from diffaug.sequential import FUTILITY, futile, grid_test, look_schedule, lower_confidence_bound, recorded
 from diffaug.smoothing import ABSTAIN, cohen_radius
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -128,8 +128,7 @@ def clairvoyant_draws(votes: np.ndarray, p0: float, alpha: float) -> int:
     rule told the answer in advance could stop, spending all of alpha on that one look (``len(votes)`` when none)."""
     successes = np.cumsum(votes)
     trials = np.arange(1, len(votes) + 1)
-    lower = np.where(successes > 0, beta.ppf(alpha, np.maximum(successes, 1), trials - successes + 1), 0.0)
-    passing = np.flatnonzero(lower > p0)
+    passing = np.flatnonzero(lower_confidence_bound(successes, trials, alpha) > p0)
     return int(passing[0]) + 1 if len(passing) else len(votes)
 
 

@@ -420,14 +420,12 @@ class Denoiser(nn.Module):
         rescale = (parse_flag("rescale_timesteps", rescale_timesteps) if rescale_timesteps is not None
                    else (base.rescale_timesteps if base else False))
         prediction_type = "sample" if parse_flag("predict_xstart", predict_xstart) else "epsilon"
-        if noise_schedule not in ("linear", "cosine"):
-            raise InputError(f"unknown noise_schedule {noise_schedule!r}; use linear or cosine")
+        alpha_bar = schedule.named_alpha_bar(noise_schedule, steps)
         state = read_adm_state(path)
         with private_seed(0):  # as in load_denoiser: the caller's global RNG is untouched
             net = ADMUNet(config, time_scale=1000.0 / steps if rescale else 1.0)
         check_adm_state(state, net, path)
         net.load_state_dict(state)
-        alpha_bar = (schedule.cosine_alpha_bar if noise_schedule == "cosine" else schedule.linear_alpha_bar)(steps)
         return cls(net.eval(), alpha_bar, prediction_type, image_size=(config.image_size, config.image_size),
                    channels=config.in_channels, num_classes=config.num_classes if config.class_cond else None)
 

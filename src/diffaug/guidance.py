@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import schedule
 from .denoiser import Denoiser
 from .errors import InputError
 from .nets.time_conditioned import TimeConditionedCNN
@@ -76,7 +77,6 @@ class GuidanceClassifier(nn.Module):
                 flags such as ``classifier_use_fp16`` are ignored).
         """
         from .nets.adm import ADMClassifier, adm_classifier_config, check_adm_state, read_adm_state
-        from . import schedule
 
         trained_on = {k: flags.pop(k) for k in ("noise_schedule", "diffusion_steps") if k in flags}
         config, pool, base = adm_classifier_config(preset, **flags)
@@ -86,10 +86,7 @@ class GuidanceClassifier(nn.Module):
         noise_schedule = trained_on.get("noise_schedule", base.noise_schedule if base else None)
         steps = int(trained_on.get("diffusion_steps", base.diffusion_steps if base else 1000))
         if noise_schedule is not None:
-            if noise_schedule not in ("linear", "cosine"):
-                raise InputError(f"unknown noise_schedule {noise_schedule!r}; use linear or cosine")
-            make = schedule.cosine_alpha_bar if noise_schedule == "cosine" else schedule.linear_alpha_bar
-            expected = make(steps)
+            expected = schedule.named_alpha_bar(noise_schedule, steps)
             if expected.shape != denoiser.alpha_bar.shape or not torch.allclose(
                     expected, denoiser.alpha_bar.cpu().float(), atol=1e-5):
                 raise InputError(f"{preset or 'the classifier'} was trained on a {noise_schedule} schedule of {steps} "
@@ -267,11 +264,11 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
             eps = denoiser.predict_eps(x, tt, cond_weight=uncond)
             if sampler == "ddim":
                 eps = eps - (1 - a_t).sqrt() * scale * grad
-                x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+                x0 = schedule.x0_from_model_output(eps, x, a_t, "epsilon").clamp(-1, 1)
                 x = ddim_step(x, x0, a_t, a_prev, 0.0, torch.zeros_like(x))
             else:
-                x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-                var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+                x0 = schedule.x0_from_model_output(eps, x, a_t, "epsilon").clamp(-1, 1)
+                var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # the DDPM posterior ("fixed small") variance
                 mean = ddim_step(x, x0, a_t, a_prev, 1.0, torch.zeros_like(x)) + scale * var * grad
                 x = mean + var.clamp(min=0).sqrt() * randn()
     return denoiser.decode(x).clamp(0, 1)

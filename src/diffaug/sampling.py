@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from . import schedule
 from .denoiser import Denoiser
 from .errors import InputError
 
@@ -58,7 +59,7 @@ def ddim_step(x_t, x0_hat, a_t, a_prev, eta: float, noise: torch.Tensor) -> torc
     ``eta = 1`` is the DDPM ancestral step with the posterior ("fixed small") variance, ``eta = 0`` deterministic
     DDIM; ``a_prev = 1`` returns ``x0_hat``.
     """
-    eps = (x_t - a_t.sqrt() * x0_hat) / (1 - a_t).sqrt()
+    eps = schedule.eps_from_x0(x0_hat, x_t, a_t)
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
     return a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
 

@@ -46,6 +46,17 @@ def cosine_alpha_bar(num_timesteps: int = 1000, s: float = 0.008, max_beta: floa
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+NAMED_SCHEDULES = ("linear", "cosine")  # OpenAI's guided- / improved-diffusion's noise_schedule flag
+
+
+def named_alpha_bar(name: str, num_timesteps: int) -> torch.Tensor:
+    """``alpha_bar`` of OpenAI's ``noise_schedule`` flag: ``linear`` (:func:`linear_alpha_bar`) or ``cosine``
+    (:func:`cosine_alpha_bar`); a one-line :class:`InputError` for any other name."""
+    if name not in NAMED_SCHEDULES:
+        raise InputError(f"unknown noise_schedule {name!r}; use linear or cosine")
+    return (cosine_alpha_bar if name == "cosine" else linear_alpha_bar)(num_timesteps)
+
+
 def alpha_bar_from_scheduler(scheduler) -> torch.Tensor:
     """The ``alphas_cumprod`` of a diffusers DDPM-family scheduler, copied into a float32 tensor of our own."""
     alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)

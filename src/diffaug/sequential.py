@@ -51,11 +51,12 @@ FINAL_ALLOWANCE = 0.95  # the last look tolerates at least this share of the wro
 FUTILITY = 0.01  # stop testing a radius when the chance of still certifying it by max_n is below this
 
 
-def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion."""
-    if successes <= 0:
-        return 0.0
-    return float(beta.ppf(alpha, successes, trials - successes + 1))
+def lower_confidence_bound(successes, trials, alpha: float):
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion: a float for counts given as
+    numbers, an array (elementwise) for arrays of counts."""
+    successes, trials = np.asarray(successes), np.asarray(trials)
+    lower = np.where(successes > 0, beta.ppf(alpha, np.maximum(successes, 1), trials - successes + 1), 0.0)
+    return float(lower) if lower.ndim == 0 else lower
 
 
 def look_schedule(max_n: int, batch_size: int, first: int = FIRST_LOOK, growth: float = LOOK_GROWTH,
