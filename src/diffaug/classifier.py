@@ -21,7 +21,7 @@ from torch import nn
 from .errors import InputError, channels_hint
 from .nets.small import small_backbone
 from .utils import accel
-from .utils.checkpoint import load_state, read_safetensors, save_safetensors, write_json
+from .utils.checkpoint import load_state, read_state_dict, save_safetensors, write_json
 from .utils.seeding import private_seed
 
 if TYPE_CHECKING:
@@ -276,18 +276,7 @@ def load_weights(clf: Classifier, path: str | os.PathLike) -> None:
     Keys may be the wrapper's own or the bare backbone's (e.g. a timm / torchvision state dict).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        state = read_safetensors(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise InputError(f"{path} is not a plain state dict ({type(e).__name__}); it was not unpickled") from None
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise InputError(f"{path} does not hold a state dict")
+    state = read_state_dict(path)
     own = set(clf.state_dict())
     if not own & set(state):  # a bare backbone: map its keys onto features / head
         state = _map_backbone_keys(clf, state)

@@ -460,22 +460,9 @@ def adm_config(preset: str | None = None, **flags) -> tuple[ADMConfig, ADMPreset
 def read_adm_state(path) -> dict[str, torch.Tensor]:
     """The state dict of an OpenAI checkpoint: a ``.pt`` read with ``torch.load(..., weights_only=True)`` (pickled
     objects are refused, never run) or a ``.safetensors`` file with the same keys."""
-    from pathlib import Path
+    from ..utils.checkpoint import read_state_dict
 
-    from ..utils.checkpoint import read_safetensors
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"{path} is not a plain state dict ({type(e).__name__}); it was not unpickled") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path} does not hold a state dict of tensors")
-    return state
+    return read_state_dict(path, "checkpoint")
 
 
 def check_adm_state(state: dict, net: nn.Module, source) -> None:

@@ -193,6 +193,27 @@ def _read_safetensors(path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
                          "again") from None
 
 
+def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, or from a ``.pt`` / ``.pth`` read with
+    ``torch.load(..., weights_only=True)`` (pickled objects are refused, never run; a training checkpoint's
+    ``state_dict`` or ``model`` entry is taken). One-line :class:`InputError` for a missing file, a file that is
+    not a plain state dict, or one whose values are not all tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, what)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path} is not a plain state dict ({type(e).__name__}); it was not unpickled") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
+        state = state.get("state_dict", state.get("model"))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a file written by :func:`save_safetensors`: ``(tensors, metadata)``."""
     tensors, header = _read_safetensors(path, "checkpoint")
