@@ -442,6 +442,27 @@ def test_certify_cli_writes_rows_table_plot_and_resumes(tmp_path, trained):
     assert after == before
 
 
+
+def test_certify_cli_refuses_other_settings_in_the_same_out_and_reports_only_its_selection(tmp_path, trained, capsys):
+    args = ["certify", "--classifier", str(trained), "--sigma", "0.25", "--n0", "10", "--n", "100", "--batch", "100",
+            "--skip", "30", "--limit", "3", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    folder = tmp_path / "plain" / "sigma_0.25"
+    shard = (folder / "certify.rank0.tsv").read_text()
+    capsys.readouterr()
+    for change, said in ((["--n", "200"], "n 100 there, 200 now"), (["--sequential"], "sequential False there"),
+                         (["--seed", "1"], "seed 0 there, 1 now")):
+        assert main([*args, *change]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0] and "another --out" in err[0]
+        assert (folder / "certify.rank0.tsv").read_text() == shard  # refused before any work
+    assert main([*args, "--limit", "2"]) == 0  # the same settings on fewer images: their rows, not all on disk
+    rows = (folder / "certify.tsv").read_text().splitlines()[1:]
+    assert [r.split("\t")[0] for r in rows] == ["0", "30"]
+    assert "| plain | 0.25 | 2 |" in capsys.readouterr().out
+    assert (folder / "certify.rank0.tsv").read_text() == shard  # the third image's row is kept for later
+
+
 def test_certify_cli_sequential_counts_samples_and_reads_older_tsvs(tmp_path, trained, capsys):
     args = ["certify", "--classifier", str(trained), "--sigma", "0.25", "--n0", "10", "--sequential", "--max-n",
             "300", "--batch", "100", "--skip", "40", "--limit", "3", "--out", str(tmp_path), "--quiet"]

@@ -10,6 +10,7 @@ with ``sequential``); rows of TSVs written before that column existed are read w
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..errors import InputError
 from ..smoothing import Smooth, check_sampling_args, check_sequential_args
 from ..tables import JobResult, markdown_table
 from ..utils import accel
-from ..utils.checkpoint import append_text, write_text
+from ..utils.checkpoint import append_text, write_json, write_text
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "num_samples")
 HEADER = "\t".join(COLUMNS) + "\n"
@@ -99,12 +100,15 @@ def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, 
                     f"{time.perf_counter() - started.pop(i):.4f}\t{used}\n")
 
 
-def merge_shards(folder: Path) -> list[list[str]]:
-    """Merge ``certify.rank*.tsv`` into ``certify.tsv`` sorted by index; returns the rows."""
+def merge_shards(folder: Path, indices=None) -> list[list[str]]:
+    """Merge ``certify.rank*.tsv`` into ``certify.tsv`` sorted by index (only the rows of ``indices`` when given:
+    the run's selection, not every image an earlier run of other ``--limit`` / ``--skip`` left); returns the rows."""
+    keep = None if indices is None else {int(i) for i in indices}
     rows = {}
     for part in sorted(folder.glob("certify.rank*.tsv")):
         for r in _read_rows(part):
-            rows[int(r[0])] = r
+            if keep is None or int(r[0]) in keep:
+                rows[int(r[0])] = r
     merged = [rows[k] for k in sorted(rows)]
     write_text(folder / "certify.tsv", HEADER + "".join("\t".join(r) + "\n" for r in merged))
     return merged
@@ -213,6 +217,31 @@ def best_sigma_curves(rows: list[dict]) -> dict[str, np.ndarray]:
     return {name: np.max(np.stack([np.array(v) for v in per.values()]), axis=0) for name, per in curves.items()}
 
 
+SETTINGS_FILE = "certify.json"  # beside each classifier x sigma's TSVs: the settings its rows were made with
+
+
+def _path_setting(value):
+    """A data / model argument as recorded: an existing path resolved (so ./a and a agree), a name as given."""
+    return None if value is None else str(Path(value).resolve()) if Path(value).exists() else str(value)
+
+
+def check_resumable(folder: Path, settings: dict) -> None:
+    """One-line :class:`InputError` when ``folder`` holds rows made with other ``settings`` (a rerun into the same
+    ``--out`` would otherwise report them as its own); nothing is written here."""
+    path = folder / SETTINGS_FILE
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{path} is unreadable; certify into another --out or remove {folder}") from None
+    changed = [f"{k} {before.get(k)!r} there, {settings.get(k)!r} now" for k in sorted(set(before) | set(settings))
+               if before.get(k) != settings.get(k)]
+    if changed:
+        raise InputError(f"{folder} holds certify results made with other settings ({'; '.join(changed)}); certify "
+                         f"into another --out, or remove {folder} to start over")
+
+
 def _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequential, max_n, workers):
     """Check the sampling settings before any work; returns ``(n, radii)`` (``n``: ``max_n`` when sequential)."""
     from ..data import check_workers
@@ -293,6 +322,13 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     n, radii = _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequential, max_n, workers)
     images, labels, in_memory, models, den, smooths = _load_certify(data, classifiers, denoiser, sigmas, device,
                                                                     speed, image_size, workers, progress)
+    common = {"data": _path_setting(data), "denoiser": _path_setting(denoiser), "n0": n0, "n": n, "alpha": alpha,
+              "batch_size": batch_size, "seed": seed, "sequential": sequential, "image_size": image_size,
+              "radii": [float(r) for r in radii] if sequential else None}
+    settings = {(key, s): {**common, "classifier": _path_setting(c), "sigma": s}
+                for key, c in zip(models, classifiers) for s in sigmas}
+    for (name, s), values in settings.items():  # every folder before any work
+        check_resumable(out / name / f"sigma_{s:g}", values)
     dist_info = init_distributed(device)
     indices = certify_indices(labels.numpy(), skip, limit, seed, stratified=not in_memory)
     mine = indices[dist_info.rank :: dist_info.world]
@@ -300,6 +336,8 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
         images = accel.to_device(images, device)
     for (name, s), smooth in smooths.items():
         folder = out / name / f"sigma_{s:g}"
+        if dist_info.main:
+            write_json(folder / SETTINGS_FILE, settings[name, s])
         certify_images(smooth, images, labels, folder / f"certify.rank{dist_info.rank}.tsv", n0=n0, n=n,
                        alpha=alpha, batch_size=batch_size, seed=seed, indices=mine,
                        progress=progress and dist_info.main, sequential_radii=radii if sequential else None)
@@ -309,7 +347,7 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
         dist.barrier()
     if not dist_info.main:
         return JobResult("", [])
-    results = {name: {s: merge_shards(out / name / f"sigma_{s:g}") for s in sigmas} for name in models}
+    results = {name: {s: merge_shards(out / name / f"sigma_{s:g}", indices) for s in sigmas} for name in models}
     table = write_report(out, results, sequential)
     if den is not None:
         first = next(iter(models))
