@@ -163,6 +163,36 @@ def test_every_cli_command_rejects_bad_input_in_one_line(ws, den_dir, tmp_path, 
     assert not failures, "\n".join(failures)
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(ws, tmp_path, capsys):
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("keep me")
+    clf = str(ws / "clf")
+    cases = [(["train", "--recipe", "plain", "--steps", "1"], a_file, "is a file"),
+             (["certify", "--classifier", clf, "--sigma", "0.5"], a_file, "is a file"),
+             (["eval-shift", "--classifier", clf], a_file / "deeper", "is a file"),
+             (["study", "--quick"], a_file, "is a file"),
+             (["toy"], a_file / "t.png", "is a file"),
+             (["denoiser-quality"], a_file / "q.json", "is a file"),
+             (["show-augmentations"], tmp_path, "is a folder")]
+    for argv, out, said in cases:
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0] and "Traceback" not in err[0], (argv, err)
+    assert a_file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt"]
+
+
+def test_ctrl_c_ends_a_command_in_one_line(ws, tmp_path, capsys, monkeypatch):
+    import diffaug.evaluate.certify
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffaug.evaluate.certify, "run_certify", interrupted)
+    assert main(["certify", "--classifier", str(ws / "clf"), "--sigma", "0.5", "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["diffaug certify: interrupted; finished work is kept: run the same command again to continue"]
+
+
 # ---------------------------------------------------------------------- Python entry points
 @pytest.mark.parametrize("bad, message", [
     (torch.ones(2, 1, 8, 8, dtype=torch.int64), "float"),

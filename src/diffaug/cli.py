@@ -496,6 +496,24 @@ class Command(NamedTuple):
     shared: tuple[str, ...]
     shared_help: dict | None = None
 
+    @property
+    def writes_a_file(self) -> bool:
+        """Whether ``--out`` names a file (a PNG or JSON) rather than a folder."""
+        return self.out_help is not None and " file " in f" {self.out_help} "
+
+
+def check_out(out: str | Path, is_file: bool) -> None:
+    """One-line :class:`InputError`, before any work, when ``--out`` cannot be written: a folder output that is an
+    existing file, a file output that is an existing folder, or a path below an existing file."""
+    path = Path(out)
+    if is_file and path.is_dir():
+        raise InputError(f"--out {out} is a folder; name the file to write in it, e.g. {path / 'out.png'}")
+    for place in (path.parents if is_file else (path, *path.parents)):
+        if place.exists():
+            if not place.is_dir():
+                raise InputError(f"--out {out}: {place} is a file, not a folder; give another --out")
+            return
+
 
 _PNG = "PNG file to write"
 _TRAINING = ("seed", "resume", "device", "quiet", "speed")
@@ -548,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out", None) is not None:
+            check_out(args.out, COMMANDS[args.command].writes_a_file)
         args.func(args)
     except InputError as e:
         print(f"diffaug {args.command}: error: {e}", file=sys.stderr)
@@ -555,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"diffaug {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the training loops save and exit on SIGINT themselves; the other commands land here
+        resumes = args.command in ("certify", "study")  # finished rows / stages are on disk
+        print(f"diffaug {args.command}: interrupted" + ("; finished work is kept: run the same command again to "
+                                                          "continue" if resumes else ""), file=sys.stderr)
+        return 130
     return 0
 
 
