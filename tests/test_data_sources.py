@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,15 @@ def test_bad_input_is_one_line_before_any_work(tree, tmp_path):
         d.unlink()
     (other / "val" / WNIDS[2]).rmdir()
     one_line(f"different class sets \\(val lacks {WNIDS[2]}\\)", open_splits, other)
+    # an incomplete split layout is not a dataset of classes "train" (or "val" and "test")
+    only_train = make_tree(tmp_path / "only_train", {"train": 1, "val": 1}, odd_files=False)
+    shutil.rmtree(only_train / "val")
+    one_line(r"holds train/ but not a split layout .* give .*only_train/train as one folder", open_splits, only_train)
+    no_train = make_tree(tmp_path / "no_train", {"train": 1, "val": 1}, odd_files=False)
+    shutil.copytree(no_train / "val", no_train / "test")
+    shutil.rmtree(no_train / "train")
+    one_line(r"holds test/, val/ but not a split layout", open_splits, no_train)
+    one_line(r"too few to split .*\(no val images\)", open_splits, only_train / "train")  # one image per class
     one_line("channels must be 1 or 3", open_folder, tree / "train", channels=2)
     one_line("on_bad_file must be one of error, skip", open_folder, tree / "train", on_bad_file="ignore")
 

@@ -119,6 +119,9 @@ def test_precision_recall_and_is_on_known_cases():
     half = torch.cat([real[:150], far[:150]])  # half the fakes are on the manifold
     p, r = precision_recall(real, half)
     assert abs(p - 0.5) < 0.05
+    assert precision_recall(real[:4], real[:4]) == (1.0, 1.0)  # k = 3 neighbours: four points are enough
+    with pytest.raises(InputError, match="more than 3 real and generated images, got 3 and 300"):
+        precision_recall(real[:3], real)
     assert inception_style_score(torch.eye(10)) == pytest.approx(10.0)
     assert inception_style_score(torch.full((5, 10), 0.1)) == pytest.approx(1.0)
 

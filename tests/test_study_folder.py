@@ -30,7 +30,7 @@ def _rows(path, delimiter=","):
 
 def _config(tmp_path, den, **changes):
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({**TINY, "denoiser": str(den), **changes}))
+    cfg.write_text(json.dumps({**TINY, "denoiser": str(den), **changes}))  # changes may name another denoiser
     return cfg
 
 
@@ -95,7 +95,8 @@ def test_bad_study_input_on_a_folder_stops_in_one_line_before_any_stage(tmp_path
              (two, {}, "has 2 classes; the study's near-OOD stage"),
              (tree, {"ood_id_classes": [2]}, "must name at least two in-distribution classes"),
              (tmp_path / "nowhere", {}, "data folder"),
-             (tree, {"workers": -1}, "workers must be a whole number >= 0"))
+             (tree, {"workers": -1}, "workers must be a whole number >= 0"),
+             (tree, {"denoiser": "digits"}, "needs an RGB denoiser trained on it; digits takes 1-channel images"))
     for data, changes, message in cases:
         out = tmp_path / "out"
         assert main(["study", "--data", str(data), "--config", str(_config(tmp_path, den, **changes)),

@@ -381,8 +381,8 @@ def _certify_flags(p: argparse.ArgumentParser) -> None:
                    "takes --n for one of its options)")
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--sequential", action="store_true",
-                   help="adaptive sampling with an anytime-valid confidence sequence: the same guarantee, stops as "
-                   "soon as the certified radius on the table's grid is decided")
+                   help="adaptive sampling with exact group-sequential tests on the table's radius grid: the same "
+                   "guarantee as CERTIFY, stops as soon as the certified radius is decided")
     p.add_argument("--max-n", type=int, help="most estimation draws per image with --sequential (default: --n)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=1, help="certify every K-th test image")

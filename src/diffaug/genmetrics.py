@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import InputError
+
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID between feature sets ``[N, D]`` and ``[M, D]``."""
@@ -38,7 +40,11 @@ def inception_style_score(probs: torch.Tensor) -> float:
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al.) of feature sets ``[N, D]``, ``[M, D]``."""
+    """Improved precision and recall (Kynkaanniemi et al.) of feature sets ``[N, D]``, ``[M, D]``; each set needs
+    more than ``k`` points (a point's radius is the distance to its k-th neighbour)."""
+    if min(len(real), len(fake)) <= k:
+        raise InputError(f"precision / recall with k = {k} neighbours need more than {k} real and generated images, "
+                         f"got {len(real)} and {len(fake)}; use more test images or a larger --per-class")
 
     def radii(x):
         d = torch.cdist(x, x)

@@ -66,8 +66,8 @@ def decode_image(path: str | os.PathLike, channels: int = 3):
                                        .clip(0, 255).astype(np.uint8), "L")
             return im.convert("L" if channels == 1 else "RGB")
     except _DECODE_ERRORS as e:
-        raise BadImageError(f"cannot read image {path}: {e}; remove or replace the file "
-                            "(or pass on_bad_file='skip' / --on-bad-file skip)") from None
+        raise BadImageError(f"cannot read image {path}: {e}; remove or replace the file (`diffaug train "
+                            "--on-bad-file skip` and the Python loaders' on_bad_file='skip' skip such files)") from None
 
 
 def _pil_to_uint8(im) -> torch.Tensor:
@@ -214,6 +214,10 @@ def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
         loose = [p.name for p in root.iterdir() if p.is_file() and is_image(p)][:1]
         hint = (f" (it holds loose images such as {loose[0]}: an OOD set? use open_unlabelled)" if loose else "")
         raise InputError(f"data folder {root} has no class sub-folders{hint}; lay it out as {root}/<class>/<image>")
+    if set(found) <= set(SPLITS):  # train/ alone, or val/ + test/: an incomplete split layout, not classes
+        have = ", ".join(f"{c}/" for c in found)
+        raise InputError(f"{root} holds {have} but not a split layout (train/ plus val/ or test/, each with class "
+                         f"folders); add the missing split, or give {root / found[0]} as one folder to split")
     if classes is None:
         classes = found
     else:
@@ -311,6 +315,10 @@ def open_splits(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
     else:
         whole = open_folder(root, channels=channels, on_bad_file=on_bad_file)
         idx = split_indices(whole.labels.numpy(), fractions, seed)
+        empty = [s for s in SPLITS if len(idx[s]) == 0]
+        if empty:
+            raise InputError(f"{root}: its {len(whole)} images are too few to split {fractions} (no {empty[0]} "
+                             "images); add images, or lay it out as train/ + val/ (+ test/)")
         sets = {s: whole.subset(idx[s]) for s in SPLITS}
     if verbose:
         sizes = ", ".join(f"{s} {len(sets[s])}" for s in SPLITS)

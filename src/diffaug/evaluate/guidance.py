@@ -29,6 +29,7 @@ from ..utils.figures import save_figure
 # a streamed folder's bounded samples for the generation metrics (class-stratified, seeded)
 REFERENCE_IMAGES = 2000  # real test images the generated ones are compared with
 JUDGE_IMAGES = 2000  # train images the judge (feature network) is fitted on
+PR_NEIGHBOURS = 3  # k of improved precision / recall (Kynkaanniemi et al.)
 
 
 def _load_guidance(guidance, denoiser, data, clean_classifier, device, speed, workers) -> SimpleNamespace:
@@ -115,7 +116,7 @@ def _generation_rows(s: SimpleNamespace, data, per_class, steps, scale, sampler,
     for name, g in tqdm(s.models.items(), disable=not progress, desc="guided sampling"):
         samples = guided_sample(s.den, g, y, steps=steps, scale=scale, sampler=sampler,
                                 generator=torch.Generator(device=device).manual_seed(seed))
-        gen_rows[name] = {"kind": _label(g), **generation_metrics(judge, real_images, samples, y)}
+        gen_rows[name] = {"kind": _label(g), **generation_metrics(judge, real_images, samples, y, PR_NEIGHBOURS)}
         _save_grid(samples, y, out / f"samples_{g.kind}_{Path(name).name}.png")
     return gen_rows, real_set
 
@@ -166,6 +167,10 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
         from ..guidance import guided_timesteps
 
         guided_timesteps(s.den, steps=steps, scale=scale, sampler=sampler)  # bad settings: refused before any work
+        real = len(s.real_images) if s.real_images is not None else min(len(s.splits["test"]), REFERENCE_IMAGES)
+        if real <= PR_NEIGHBOURS:
+            raise InputError(f"{data} has {real} test images; the generation metrics need more than {PR_NEIGHBOURS} "
+                             "(precision / recall neighbours): add test images or pass --no-generation")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     acc = _accuracy_rows(s, clean_classifier, seed, device)

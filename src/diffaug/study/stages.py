@@ -294,6 +294,10 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
         raise InputError(f"data folder {cfg.data} does not exist; give `digits`, a CIFAR-10 folder or an image folder "
                          "(ROOT/train/<class>/ + ROOT/val/<class>/, or ROOT/<class>/)")
     den = load_denoiser(cfg.denoiser)
+    if den.channels != 3:  # plain classifiers read a folder as RGB, DiffAug ones at the denoiser's channels
+        raise InputError(f"a study on the image folder {cfg.data} needs an RGB denoiser trained on it; "
+                         f"{cfg.denoiser} takes {den.channels}-channel images: set \"denoiser\" in --config to a "
+                         f"folder from `diffaug train-diffusion --data {cfg.data}`")
     size = check_size(cfg.image_size) if cfg.image_size is not None else (den.image_size or (None,))[0]
     if size is None:
         raise InputError(f"denoiser {cfg.denoiser} has no fixed image size; set image_size in the study config")
