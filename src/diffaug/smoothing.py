@@ -103,6 +103,12 @@ class Certificate:
     num_samples: int
 
 
+def check_sigma(sigma: float) -> None:
+    """One-line :class:`InputError` unless ``sigma`` (the smoothing noise level) is a positive finite number."""
+    if not sigma > 0 or not math.isfinite(sigma):
+        raise InputError(f"sigma must be a positive number, got {sigma}")
+
+
 class Smooth:
     """A smoothed classifier.
 
@@ -114,8 +120,7 @@ class Smooth:
     """
 
     def __init__(self, classifier: nn.Module, num_classes: int, sigma: float, denoiser=None):
-        if not sigma > 0 or not math.isfinite(sigma):
-            raise InputError(f"sigma must be a positive number, got {sigma}")
+        check_sigma(sigma)
         if num_classes < 2:
             raise InputError(f"num_classes must be >= 2, got {num_classes}")
         self.classifier = classifier

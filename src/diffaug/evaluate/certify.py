@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..smoothing import Smooth, check_sampling_args, check_sequential_args
+from ..smoothing import Smooth, check_sampling_args, check_sequential_args, check_sigma
 from ..tables import JobResult, markdown_table
 from ..utils import accel
 from ..utils.checkpoint import append_text, write_json, write_text
@@ -246,6 +246,8 @@ def _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequentia
     """Check the sampling settings before any work; returns ``(n, radii)`` (``n``: ``max_n`` when sequential)."""
     from ..data import check_workers
 
+    for sigma in sigmas:
+        check_sigma(sigma)
     if max_n is not None and not sequential:
         raise InputError("--max-n applies to --sequential only; use --n for fixed-n CERTIFY or add --sequential")
     radii = table_radii(sigmas)
