@@ -46,6 +46,16 @@ def test_a_torchvision_resnet18_trains_at_64px_on_the_tree(tree, tmp_path, capsy
     assert clf(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))).shape == (2, 3)
 
 
+def test_a_class_subset_prints_the_sizes_it_trains_on(tree, tmp_path, capsys):
+    cfg = TrainConfig(data=str(tree), recipe="plain", model="small_cnn", image_size=16, workers=0, steps=1,
+                      batch_size=4, checkpoint_every=1, classes=[0, 2])
+    train_classifier(cfg, tmp_path / "run", progress=True)
+    sizes = json.loads((tmp_path / "run" / "model.json").read_text())["split_sizes"]
+    assert sizes["train"] < 40  # two of the three classes
+    line = f"data: classes [0, 2] kept: train {sizes['train']}, val {sizes['val']}, test {sizes['test']} images"
+    assert line in capsys.readouterr().out
+
+
 def test_training_on_a_streamed_folder_learns_above_chance(tree, tmp_path):
     cfg = TrainConfig(data=str(tree), recipe="plain", model="small_cnn", image_size=16, workers=0, steps=30,
                       batch_size=10, lr=3e-3, checkpoint_every=30)

@@ -344,6 +344,9 @@ class _ClassifierData:
                     print(f"data: {cfg.extra_data} added: {len(splits['train'])} training images")
             if cfg.classes is not None:
                 splits = {k: d.with_classes(list(cfg.classes)) for k, d in splits.items()}
+                if main:  # the sizes printed above were of every class
+                    print(f"data: classes {list(cfg.classes)} kept: "
+                          + ", ".join(f"{k} {len(d)}" for k, d in splits.items()) + " images")
             self.first = SeededView(splits["val"], eval_transform(cfg.image_size))[0][0][None]
         else:
             splits = {s: load_dataset(cfg.data, s) for s in ("train", "val", "test")}
