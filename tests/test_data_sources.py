@@ -136,6 +136,8 @@ def test_bad_input_is_one_line_before_any_work(tree, tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     one_line("holds no images", open_splits, tmp_path / "empty")
     one_line("does not exist", open_splits, tmp_path / "nowhere")
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    one_line("data folder .*a_file.txt is a file, not a folder", open_splits, tmp_path / "a_file.txt")
     # train and val with different class sets
     other = make_tree(tmp_path / "mismatch", {"train": 1, "val": 1}, odd_files=False)
     for d in (other / "val" / WNIDS[2]).iterdir():

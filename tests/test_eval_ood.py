@@ -68,7 +68,7 @@ def test_percentile_search_uses_validation_sets_only(tmp_path, subset_clf):
 def test_eval_ood_errors(tmp_path, subset_clf, capsys):
     cases = [
         (["--ood", "imagenet-o"], "unknown OOD set 'imagenet-o'"),
-        (["--ood", str(tmp_path / "missing")], "unknown OOD set"),
+        (["--ood", str(tmp_path / "missing")], "OOD folder " + str(tmp_path / "missing") + " does not exist"),
     ]
     for extra, match in cases:
         assert main(["eval-ood", "--classifier", str(subset_clf), "--out", str(tmp_path / "o"), *extra]) == 2

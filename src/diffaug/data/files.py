@@ -208,7 +208,8 @@ def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
 
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"data folder {root} does not exist; pass a folder laid out as {root}/<class>/<image>")
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise InputError(f"data folder {root} {state}; pass a folder laid out as {root}/<class>/<image>")
     found = class_folders(root)
     if not found:
         loose = [p.name for p in root.iterdir() if p.is_file() and is_image(p)][:1]

@@ -87,8 +87,9 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
                 root = Path(image_root) if image_root else path.parent
                 sets[key] = (group, ImageList(path, root, channels=channels))
             elif not path.exists():
-                raise InputError(f"unknown OOD set {name!r}: use holdout, {', '.join(FAR_OOD_SETS)}, a folder or an "
-                                 "image list file")
+                what = (f"OOD folder {path} does not exist" if len(path.parts) > 1 or name.startswith("near=")
+                        else f"unknown OOD set {name!r}")  # a path-like name is a missing folder, not a set name
+                raise InputError(f"{what}: use holdout, {', '.join(FAR_OOD_SETS)}, a folder or an image list file")
             elif lazy_test is not None:  # streamed: a flat folder, images/<class>/, or class folders
                 sets[key] = (group, open_unlabelled(path, channels=channels))
             else:

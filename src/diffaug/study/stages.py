@@ -291,7 +291,8 @@ def _resolved(cfg: StudyConfig) -> StudyConfig:
     if is_in_memory(cfg.data):
         return cfg
     if not Path(cfg.data).is_dir():
-        raise InputError(f"data folder {cfg.data} does not exist; give `digits`, a CIFAR-10 folder or an image folder "
+        state = "is a file, not a folder" if Path(cfg.data).exists() else "does not exist"
+        raise InputError(f"data folder {cfg.data} {state}; give `digits`, a CIFAR-10 folder or an image folder "
                          "(ROOT/train/<class>/ + ROOT/val/<class>/, or ROOT/<class>/)")
     den = load_denoiser(cfg.denoiser)
     if den.channels != 3:  # plain classifiers read a folder as RGB, DiffAug ones at the denoiser's channels
