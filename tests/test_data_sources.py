@@ -153,6 +153,9 @@ def test_bad_input_is_one_line_before_any_work(tree, tmp_path):
     shutil.rmtree(no_train / "train")
     one_line(r"holds test/, val/ but not a split layout", open_splits, no_train)
     one_line(r"too few to split .*\(no val images\)", open_splits, only_train / "train")  # one image per class
+    one_line(r"split fractions \(0.8, 0.0, 0.2\) leave no val images", open_splits, tree / "train",
+             fractions=(0.8, 0.0, 0.2))
+    one_line("holds split folders .* open_splits", open_folder, tree)
     one_line("channels must be 1 or 3", open_folder, tree / "train", channels=2)
     one_line("on_bad_file must be one of error, skip", open_folder, tree / "train", on_bad_file="ignore")
 

@@ -51,12 +51,14 @@ def test_evaluations_repeat_bitwise(tmp_path, den_dir):
     assert _rows(tmp_path / "ood-a" / "results.csv") == _rows(tmp_path / "ood-b" / "results.csv")
 
 
-def test_loading_models_leaves_the_global_rng_alone(tmp_path, den_dir):
+def test_loading_models_leaves_the_global_rng_alone(tmp_path, den_dir, monkeypatch):
     """Loaders build each network before its weights arrive; that initialisation must not draw from (and so shift)
-    the caller's global RNG."""
+    the caller's global RNG, nor reseed the GPUs' (torch.manual_seed would: stood in for here, no GPU needed)."""
     save_classifier(create_classifier("small_cnn", 10, 1, seed=0), tmp_path / "clf")
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
     rng = torch.get_rng_state()
     diffaug.load_denoiser(den_dir)
     diffaug.load_classifier(tmp_path / "clf")
-    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.get_rng_state(), rng) and not reseeded
 

@@ -90,3 +90,9 @@ def test_bad_recipes_are_refused_in_one_line(make, message):
     with pytest.raises(diffaug.InputError, match=message) as err:
         make(_model())
     assert "\n" not in str(err.value)
+
+
+def test_augmix_without_a_generator_draws_from_the_global_rng():
+    model, (x, y) = _model(), _batch()
+    loss, logits = AugMix(model)(x, y)  # generator=None: the global RNG, as documented
+    assert torch.isfinite(loss) and logits.shape == (3 * len(x), 4)

@@ -57,6 +57,11 @@ def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(InputError, match=r"local rank 2 .* 2 CUDA device\(s\); use --nproc_per_node 2 or fewer"):
         local_device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each process sees its own GPU only (SLURM)
+    assert local_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(InputError, match="sees no CUDA device; use --device cpu"):
+        local_device("cuda")
 
 
 def _one_rank_env() -> dict:

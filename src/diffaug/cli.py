@@ -502,12 +502,12 @@ class Command(NamedTuple):
         return self.out_help is not None and " file " in f" {self.out_help} "
 
 
-def check_out(out: str | Path, is_file: bool) -> None:
+def check_out(out: str | Path, is_file: bool, example: str = "out.png") -> None:
     """One-line :class:`InputError`, before any work, when ``--out`` cannot be written: a folder output that is an
     existing file, a file output that is an existing folder, or a path below an existing file."""
     path = Path(out)
     if is_file and path.is_dir():
-        raise InputError(f"--out {out} is a folder; name the file to write in it, e.g. {path / 'out.png'}")
+        raise InputError(f"--out {out} is a folder; name the file to write in it, e.g. {path / example}")
     for place in (path.parents if is_file else (path, *path.parents)):
         if place.exists():
             if not place.is_dir():
@@ -567,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "out", None) is not None:
-            check_out(args.out, COMMANDS[args.command].writes_a_file)
+            command = COMMANDS[args.command]
+            check_out(args.out, command.writes_a_file, "out.json" if "JSON" in (command.out_help or "") else "out.png")
         args.func(args)
     except InputError as e:
         print(f"diffaug {args.command}: error: {e}", file=sys.stderr)

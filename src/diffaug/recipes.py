@@ -52,7 +52,8 @@ class AugMixViews:
         self.augmix = TorchvisionAugMix(all_ops=False)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))  # a CUDA one too
+        device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its device
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         u8 = (x.detach().cpu() * 255).round().to(torch.uint8)
         with private_seed(seed):  # torchvision draws from the global RNG: give it a private, replayable one
             views = [torch.stack([self.augmix(img) for img in u8]) for _ in range(2)]

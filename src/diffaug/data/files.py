@@ -215,6 +215,9 @@ def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
         loose = [p.name for p in root.iterdir() if p.is_file() and is_image(p)][:1]
         hint = (f" (it holds loose images such as {loose[0]}: an OOD set? use open_unlabelled)" if loose else "")
         raise InputError(f"data folder {root} has no class sub-folders{hint}; lay it out as {root}/<class>/<image>")
+    if split_layout(root) == "splits":
+        raise InputError(f"{root} holds split folders (train/, val/ ...); open it with open_splits, or give "
+                         f"{root / 'train'} as a class folder")
     if set(found) <= set(SPLITS):  # train/ alone, or val/ + test/: an incomplete split layout, not classes
         have = ", ".join(f"{c}/" for c in found)
         raise InputError(f"{root} holds {have} but not a split layout (train/ plus val/ or test/, each with class "
@@ -317,6 +320,9 @@ def open_splits(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
         whole = open_folder(root, channels=channels, on_bad_file=on_bad_file)
         idx = split_indices(whole.labels.numpy(), fractions, seed)
         empty = [s for s in SPLITS if len(idx[s]) == 0]
+        if empty and fractions[SPLITS.index(empty[0])] <= 0:
+            raise InputError(f"split fractions {fractions} leave no {empty[0]} images; give every split a positive "
+                             "fraction")
         if empty:
             raise InputError(f"{root}: its {len(whole)} images are too few to split {fractions} (no {empty[0]} "
                              "images); add images, or lay it out as train/ + val/ (+ test/)")

@@ -326,7 +326,9 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
                                                                     speed, image_size, workers, progress)
     common = {"data": _path_setting(data), "denoiser": _path_setting(denoiser), "n0": n0, "n": n, "alpha": alpha,
               "batch_size": batch_size, "seed": seed, "sequential": sequential, "image_size": image_size,
-              "radii": [float(r) for r in radii] if sequential else None}
+              "radii": [float(r) for r in radii] if sequential else None,
+              "device": device.type,  # CUDA generators draw other noise than CPU ones
+              "precision": speed.precision if speed is not None else "fp32"}
     settings = {(key, s): {**common, "classifier": _path_setting(c), "sigma": s}
                 for key, c in zip(models, classifiers) for s in sigmas}
     for (name, s), values in settings.items():  # every folder before any work

@@ -80,9 +80,9 @@ class DiffusionTrainConfig:
         accel.autocast_dtype(self.precision)
         if self.beta_schedule not in ("linear", "squaredcos_cap_v2"):
             raise InputError(f"unknown beta_schedule {self.beta_schedule!r}; use 'linear' or 'squaredcos_cap_v2'")
-        if not (self.lr > 0 and self.warmup_steps >= 0 and self.weight_decay >= 0 and self.grad_clip > 0
+        if not (self.lr > 0 and self.warmup_steps >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0
                 and 0 <= self.ema_decay < 1):
-            raise InputError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0, grad_clip > 0 and ema_decay in "
+            raise InputError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0, grad_clip >= 0 (0: none) and ema_decay in "
                              f"[0, 1); got {self.lr}, {self.warmup_steps}, {self.weight_decay}, {self.grad_clip} and "
                              f"{self.ema_decay}")
         if self.num_timesteps < 2:

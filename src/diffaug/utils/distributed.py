@@ -42,7 +42,8 @@ _joined = False  # whether this process ever joined a process group through init
 
 def local_device(device: str | torch.device) -> torch.device:
     """This process's device: under torchrun (several processes), a bare ``cuda`` means ``cuda:LOCAL_RANK``, one
-    GPU per process as torchrun's ``--nproc_per_node`` intends, and becomes the current CUDA device (NCCL and
+    GPU per process as torchrun's ``--nproc_per_node`` intends (``cuda:0`` where each process sees one GPU only),
+    and becomes the current CUDA device (NCCL and
     ``torch.cuda`` calls without an index use it). Alone, or given ``cpu`` or ``cuda:N``, it is ``device`` as
     given (``cuda:N`` under torchrun is still made current)."""
     device = torch.device(device)
@@ -50,7 +51,11 @@ def local_device(device: str | torch.device) -> torch.device:
         return device
     if device.index is None:
         local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-        if local_rank >= count:
+        if count == 0:
+            raise InputError("--device cuda under torchrun, but this process sees no CUDA device; use --device cpu")
+        if count == 1:  # one GPU per process (CUDA_VISIBLE_DEVICES set per rank, e.g. by SLURM): it is this one
+            local_rank = 0
+        elif local_rank >= count:
             raise InputError(f"torchrun started local rank {local_rank} but this machine has {count} CUDA "
                              f"device(s); use --nproc_per_node {count} or fewer")
         device = torch.device("cuda", local_rank)

@@ -15,7 +15,7 @@ def private_seed(seed: int | None):
         yield
         return
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed would reseed CUDA too
         yield
 
 
