@@ -51,7 +51,8 @@ def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
 def dda_timesteps(t_start: int, steps: int) -> list[int]:
     """The model's times: ``steps`` evenly spaced integers from ``t_start`` down to ``t_start / steps``."""
     if not 1 <= steps <= t_start:
-        raise InputError(f"DDA needs 1 <= steps <= t_start, got steps={steps}, t_start={t_start}")
+        raise InputError(f"DDA needs 1 <= steps (--dda-steps) <= t_start (--dda-t), got steps={steps}, "
+                         f"t_start={t_start}")
     return [round(t_start * (steps - i) / steps) for i in range(steps)]
 
 

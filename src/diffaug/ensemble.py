@@ -20,7 +20,7 @@ DEFAULT_MEMBERS = tuple(range(0, 451, 50))  # the paper: t in {0, 50, ..., 450}
 def ensemble_members(step: int = 50, t_max: int = 450) -> tuple[int, ...]:
     """``(0, step, 2 step, ..., <= t_max)``: the paper's member sets (step 25, 50 or 75)."""
     if step < 1 or t_max < 0:
-        raise InputError(f"step must be >= 1 and t_max >= 0, got step={step}, t_max={t_max}")
+        raise InputError(f"DE member step must be >= 1 (--de-step) and t_max >= 0, got step={step}, t_max={t_max}")
     return tuple(range(0, t_max + 1, step))
 
 

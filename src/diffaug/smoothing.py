@@ -47,7 +47,7 @@ def check_sequential_args(n0: int, max_n: int, radii=None, radius_tol: float | N
     """One-line errors for ``certify_sequential``'s own settings (``max_n`` vs ``n0``, the radius grid, the
     tolerance, the futility level); ``check_sampling_args`` covers the rest."""
     if max_n < n0:
-        raise InputError(f"max_n must be >= n0 ({n0}), got {max_n}; raise max_n or lower n0")
+        raise InputError(f"max_n must be >= n0 ({n0}), got {max_n}; raise max_n (--max-n) or lower n0 (--n0)")
     if radii is not None:
         radii = list(radii)
         if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
