@@ -461,6 +461,9 @@ def test_certify_cli_refuses_other_settings_in_the_same_out_and_reports_only_its
     assert [r.split("\t")[0] for r in rows] == ["0", "30"]
     assert "| plain | 0.25 | 2 |" in capsys.readouterr().out
     assert (folder / "certify.rank0.tsv").read_text() == shard  # the third image's row is kept for later
+    (folder / "certify.json").unlink()  # a folder from before certify.json: adopted, and said so
+    assert main([*args, "--n", "200"]) == 0
+    assert "predates certify.json" in capsys.readouterr().out
 
 
 def test_certify_cli_sequential_counts_samples_and_reads_older_tsvs(tmp_path, trained, capsys):

@@ -230,6 +230,8 @@ def check_resumable(folder: Path, settings: dict) -> None:
     ``--out`` would otherwise report them as its own); nothing is written here."""
     path = folder / SETTINGS_FILE
     if not path.is_file():
+        if any(folder.glob("certify.rank*.tsv")) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"certify: {folder} predates {SETTINGS_FILE}; its rows are taken as made with this run's settings")
         return
     try:
         before = json.loads(path.read_text())
