@@ -65,3 +65,20 @@ def test_denoiser_quality_cli_writes_json(tmp_path, monkeypatch):
     assert calls == [0, 2]
     assert result["summary"]["sample_acc"]["mean"] == pytest.approx(0.6)
     assert result["summary"]["sample_acc"]["std"] == pytest.approx(0.1414, abs=1e-3)
+
+
+def test_denoiser_quality_reads_a_folder_of_mixed_sizes_at_the_denoisers_size(tmp_path):
+    from conftest import write_rgb_denoiser
+    from imagenet_tree import make_tree
+
+    from diffaug.evaluate.quality import quality_sets
+
+    tree = make_tree(tmp_path / "tree", {"train": 4, "val": 2}, odd_files=False)  # JPEGs of 24-72 px, mixed
+    den = load_denoiser(write_rgb_denoiser(tmp_path / "den", 16))
+    train, test = quality_sets(str(tree), den)
+    assert train.images.shape[1:] == (3, 16, 16) and test.images.shape[1:] == (3, 16, 16)
+    assert len(train) == 4 * train.num_classes and len(test) == 2 * train.num_classes
+    assert main(["denoiser-quality", "--denoiser", str(tmp_path / "den"), "--data", str(tree), "--seeds", "0",
+                 "--out", str(tmp_path / "q.json")]) == 0
+    per_seed = json.loads((tmp_path / "q.json").read_text())["per_seed"][0]
+    assert {"classifier_test_acc", "diffaug_t100_label_kept"} <= set(per_seed)

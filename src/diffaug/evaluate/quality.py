@@ -15,17 +15,37 @@ import torch
 
 from ..augment import DiffAug
 from ..classifier import create_classifier, fit_classifier, predict
-from ..data import load_dataset
+from ..data import is_in_memory, load_dataset
 from ..denoiser import Denoiser, load_denoiser
 from ..errors import InputError
 from ..sampling import ddim_sample
 from ..utils.checkpoint import write_json
 
 
+FOLDER_IMAGES = 2000  # a folder's train / test images read (class-stratified, seed 0) for the judge and the views
+
+
+def quality_sets(data: str, den: Denoiser):
+    """``(train, test)`` in memory: digits / CIFAR-10 as they are, an image folder's splits as a class-stratified
+    sample of at most :data:`FOLDER_IMAGES` each (seed 0), images of any size brought whole to the denoiser's
+    ``size`` x ``size`` (as ``train-diffusion`` saw them, no flip) and its ``channels``."""
+    if is_in_memory(data):
+        return load_dataset(data, "train"), load_dataset(data, "test")
+    from ..data import generative_transform, open_splits, read_sample
+
+    size = den.image_size[0] if den.image_size else None
+    if size is None:
+        raise InputError(f"the denoiser has no fixed image size; {data} cannot be brought to one")
+    splits = open_splits(data, channels=den.channels)
+    view = generative_transform(size, flip=False)
+    return tuple(read_sample(splits[s], view, FOLDER_IMAGES, seed=0, workers=0) for s in ("train", "test"))
+
+
 def measure_once(den: Denoiser, seed: int, *, data: str = "digits", per_class: int = 50, sample_steps: int = 100,
-                 times=(100, 300, 500, 700), device: str = "cpu") -> dict:
-    """One seed: train the reference classifier, then score samples and DiffAug views."""
-    train, test = load_dataset(data, "train"), load_dataset(data, "test")
+                 times=(100, 300, 500, 700), device: str = "cpu", sets=None) -> dict:
+    """One seed: train the reference classifier, then score samples and DiffAug views (``sets``: the
+    ``(train, test)`` of :func:`quality_sets`, read once for several seeds)."""
+    train, test = sets if sets is not None else quality_sets(data, den)
     gen = torch.Generator().manual_seed(seed)
     model = create_classifier("small_cnn", train.num_classes, train.images.shape[1], seed=seed)
     clf = fit_classifier(model, train, generator=gen, device=device)
@@ -52,7 +72,8 @@ def denoiser_quality(denoiser, out: str | Path, *, data: str = "digits", seeds=(
         raise InputError("give at least one seed")
     den = denoiser if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
     t0 = time.perf_counter()
-    rows = [measure_once(den, s, data=data, device=device) for s in seeds]
+    sets = quality_sets(data, den)  # before any work: a bad folder fails here
+    rows = [measure_once(den, s, data=data, device=device, sets=sets) for s in seeds]
     keys = [k for k, v in rows[0].items() if isinstance(v, float)]
     summary = {
         k: {"mean": statistics.fmean(r[k] for r in rows),
