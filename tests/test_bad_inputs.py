@@ -84,6 +84,7 @@ def _cases(ws, den_dir):
         (["eval-ood", "--classifier", clf, "--ood", "imagenet-o"], "imagenet-o"),
         (["eval-ood", "--classifier", clf, "--ood", "holdout"], "holdout"),
         (["eval-ood", "--classifier", str(ws / "clf_rgb")], "channels"),
+        (["eval-ood", "--classifier", str(ws / "clf4")], "has 4 classes, the ID data digits has 10; give --data"),
         (["eval-shift", "--classifier", clf, "--corruptions", "rain"], "rain"),
         (["eval-shift", "--classifier", clf, "--precision", "int8"], "int8"),
         (["certify", "--classifier", clf, "--sigma", "0.5", "--precision", "fp64"], "fp64"),

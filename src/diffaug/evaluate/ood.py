@@ -154,7 +154,8 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
                              "recorded); pass --image-size N to evaluate it on an image folder")
         H = size
     if model.spec["num_classes"] != num_classes:
-        raise InputError(f"classifier {folder} has {model.spec['num_classes']} classes, the ID data {num_classes}")
+        raise InputError(f"classifier {folder} has {model.spec['num_classes']} classes, the ID data {data} has "
+                         f"{num_classes}; give --data the data it was trained on (its model.json records them)")
     if model.spec.get("channels", C) != C:
         raise InputError(f"classifier {folder} takes {model.spec['channels']}-channel images, the ID data has {C} "
                          "channels")
