@@ -147,6 +147,20 @@ def test_bad_workers_and_size_fail_before_any_output(world, tmp_path, capsys, co
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command, way_out", [
+    (["certify", "--sigma", "0.25"], "or drop --denoiser"),
+    (["eval-shift", "--corruptions", "fog", "--modes", "default,de"], "or evaluate --modes default"),
+])
+def test_a_denoiser_of_other_channels_is_named_with_the_fix(world, tmp_path, capsys, command, way_out):
+    out = tmp_path / "o"
+    assert main([*command, "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--denoiser", "digits",
+                 "--workers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists(), err
+    assert "the denoiser takes 1-channel images but" in err and "has 3; pass --denoiser a model trained" in err
+    assert way_out in err
+
+
 def test_a_model_json_without_input_size_still_loads_and_asks_for_one_on_a_folder(world, tmp_path, capsys):
     old = tmp_path / "old"
     old.mkdir()

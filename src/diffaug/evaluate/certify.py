@@ -274,7 +274,8 @@ def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size
     from ..classifier import load_classifier
     from ..data import is_in_memory, load_dataset
     from ..denoiser import load_denoiser
-    from .sets import at_size, eval_size, eval_view, folder_keys, match_classes, open_eval_folder
+    from .sets import (at_size, check_denoiser_on, eval_size, eval_view, folder_keys, match_classes,
+                       open_eval_folder)
 
     in_memory = is_in_memory(data)
     test = load_dataset(data, "test") if in_memory else None
@@ -293,7 +294,7 @@ def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size
     den = load_denoiser(denoiser, device=device, speed=speed) if denoiser else None
     if den is not None:
         den = den.at_size(first.shape[-1]) if first.shape[-1] == first.shape[-2] else den  # conv. nets: any size
-        den.check_images(first, name=f"images of {data}")
+        check_denoiser_on(den, first, str(data), "or drop --denoiser (plain randomized smoothing)")
     models = {name: match_classes(m, None if in_memory else classes, len(classes), name, str(data))
               for name, m in models.items()}  # in memory: matched by count, as before
     smooths = {(name, s): Smooth(m, m.spec["num_classes"], s, denoiser=den) for name, m in models.items()

@@ -121,6 +121,17 @@ def match_classes(model: nn.Module, classes: list[str] | None, num_classes: int,
     return ClassColumns(model, index)
 
 
+def check_denoiser_on(den, images: torch.Tensor, source: str, alternative: str = "") -> None:
+    """:meth:`~diffaug.Denoiser.check_images` on a probe batch of the evaluation set, except that a denoiser of
+    other channels (the digits default on RGB images, say) is named with the CLI's fix: a denoiser trained on this
+    data (``alternative``: another way out, e.g. evaluating without one)."""
+    if images.shape[1] != den.channels:
+        raise InputError(f"the denoiser takes {den.channels}-channel images but {source} has {images.shape[1]}; "
+                         f"pass --denoiser a model trained on this data (`diffaug train-diffusion --data DIR`)"
+                         + (f" {alternative}" if alternative else ""))
+    den.check_images(images, name=f"images of {source}")
+
+
 def as_float(image: torch.Tensor) -> torch.Tensor:
     """A decoded ``uint8`` image as float in [0, 1], at its own size (no classifier input size recorded)."""
     return image.float().div(255) if image.dtype == torch.uint8 else image

@@ -116,7 +116,7 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
 def _check_shapes(models, den, images: torch.Tensor, classes, num_classes: int, source: str) -> dict:
     """Check channels, classes and the denoiser on a probe batch at the evaluation size; returns the models, each
     scored on the set's classes (:func:`diffaug.evaluate.sets.match_classes`)."""
-    from .sets import match_classes
+    from .sets import check_denoiser_on, match_classes
 
     for name, model in models.items():
         if model.spec.get("channels", images.shape[1]) != images.shape[1]:
@@ -124,7 +124,7 @@ def _check_shapes(models, den, images: torch.Tensor, classes, num_classes: int, 
                              f"{images.shape[1]}")
     matched = {name: match_classes(model, classes, num_classes, name, source) for name, model in models.items()}
     if den is not None:
-        den.check_images(images[:1], name=f"images of {source}")
+        check_denoiser_on(den, images[:1], source, "or evaluate --modes default with --no-analyses")
     return matched
 
 
