@@ -137,7 +137,7 @@ def test_mismatched_classifier_denoiser_and_layout_fail_early(tmp_path, clfs, ca
     c = _cifar_c(tmp_path / "c10c")
     assert main(["eval-shift", "--data", str(c), "--classifier", str(tmp_path / "rgb"), "--modes", "de",
                  "--no-analyses", "--out", str(tmp_path / "o")]) == 2
-    assert "images of" in capsys.readouterr().err  # the digits denoiser is 8x8 gray, the data 32x32 RGB
+    assert "the denoiser takes 1-channel images but" in capsys.readouterr().err  # digits' is 8x8 gray, the data RGB
     broken = tmp_path / "broken"
     (broken / "fog").mkdir(parents=True)
     assert main(["eval-shift", "--data", str(broken), "--classifier", clfs[0], "--out", str(tmp_path / "o")]) == 2
