@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ..smoothing import Smooth, check_sampling_args, check_sequential_args, chec
 from ..tables import JobResult, markdown_table
 from ..utils import accel
 from ..utils.checkpoint import append_text, write_json, write_text
+from ..utils.distributed import main_process
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "num_samples")
 HEADER = "\t".join(COLUMNS) + "\n"
@@ -230,7 +230,7 @@ def check_resumable(folder: Path, settings: dict) -> None:
     ``--out`` would otherwise report them as its own); nothing is written here."""
     path = folder / SETTINGS_FILE
     if not path.is_file():
-        if any(folder.glob("certify.rank*.tsv")) and int(os.environ.get("RANK", "0")) == 0:
+        if any(folder.glob("certify.rank*.tsv")) and main_process():
             print(f"certify: {folder} predates {SETTINGS_FILE}; its rows are taken as made with this run's settings")
         return
     try:
@@ -288,7 +288,7 @@ def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size
     else:
         channels = next(iter(models.values())).spec.get("channels", 3)
         view = eval_view(open_eval_folder(data, models, channels=channels,
-                                          verbose=progress and int(os.environ.get("RANK", "0")) == 0), size)
+                                          verbose=progress and main_process()), size)
         images, labels, classes = StreamedImages(view, device, workers), view.labels, view.classes
         first = images[0][None]
     den = load_denoiser(denoiser, device=device, speed=speed) if denoiser else None
