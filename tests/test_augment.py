@@ -238,3 +238,68 @@ def test_public_api_names():
     for name in ("DiffAug", "Denoiser", "load_denoiser", "InputError"):
         assert hasattr(diffaug, name)
     assert math.isclose(float(diffaug.Denoiser.encode(torch.tensor(0.5))), 0.0)
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.to(torch.bfloat16), lambda m: m.half()])
+def test_module_dtype_conversion_keeps_the_schedule_in_float32(den, images, convert):
+    """``aug.to(bf16)`` / ``.half()`` convert the network, not alpha_bar (a bf16 alpha_bar[0] is 1.0 and an fp16
+    alpha_bar[-1] is 0.0, which moves every small-t view)."""
+    reference = den.alpha_bar.clone()
+    aug = DiffAug(tiny_denoiser(), t_range=(20, 20))
+    low = convert(aug)
+    assert low.denoiser.alpha_bar.dtype == torch.float32 and torch.equal(low.denoiser.alpha_bar, reference)
+    assert low.denoiser.dtype in (torch.bfloat16, torch.float16)
+    t, noise = aug.draw(images, torch.Generator().manual_seed(0))
+    net_only = DiffAug(tiny_denoiser(), t_range=(20, 20))
+    net_only.denoiser.net.to(low.denoiser.dtype)  # the README's way: only the network in low precision
+    torch.testing.assert_close(low.apply(images, t, noise), net_only.apply(images, t, noise), atol=0, rtol=0)
+
+
+def test_the_denoiser_is_held_not_a_submodule(den, images):
+    """A model holding a DiffAug saves none of the denoiser's weights, gives none to its optimizer, and cannot
+    unfreeze them with requires_grad_(True); .to() still moves the denoiser."""
+
+    class Model(nn.Module):
+        def __init__(self, aug):
+            super().__init__()
+            self.aug, self.head = aug, nn.Conv2d(1, 1, 1)
+
+    model = Model(DiffAug(den))
+    assert list(model.state_dict()) == ["head.weight", "head.bias"]
+    assert len(list(model.parameters())) == 2
+    model.requires_grad_(True)
+    assert not any(p.requires_grad for p in den.parameters())
+    model.double()
+    assert den.dtype == torch.float64 and den.alpha_bar.dtype == torch.float32
+    model.train()
+    assert not den.training
+
+
+def test_validate_false_still_checks_type_shape_size_and_labels(den, cond_den, images):
+    aug = DiffAug(den, validate=False)
+    with pytest.raises(InputError, match="float tensor"):
+        aug((images * 255).to(torch.uint8))
+    with pytest.raises(InputError, match="16x16 but the denoiser was built for 8x8"):
+        aug(torch.rand(2, 1, 16, 16))
+    with pytest.raises(InputError, match="3 channels"):
+        aug(torch.rand(2, 3, 8, 8))
+    with pytest.raises(InputError, match="is on meta but the denoiser is on cpu"):
+        aug(torch.empty(2, 1, 8, 8, device="meta"))
+    aug(images * 3)  # only the values go unchecked (the check that waits for a GPU)
+    with pytest.raises(InputError, match=r"class labels must lie in \[0, 10\)"):
+        DiffAug(cond_den, cond_weight=1.0)(images, torch.full((6,), 11))  # validate=True checks labels too
+
+
+def test_a_generator_passed_where_labels_go_is_named(den, cond_den, images):
+    for d in (den, cond_den):
+        with pytest.raises(InputError, match="generator=g"):
+            DiffAug(d)(images, torch.Generator().manual_seed(0))
+
+
+def test_sigma_range_beyond_the_schedule_is_refused(den):
+    top = float(den.sigma(den.num_timesteps - 1))
+    assert DiffAug(den, sigma_range=(0.1, top)).t_max == den.num_timesteps - 1
+    with pytest.raises(InputError, match="sigma_range must lie within"):
+        DiffAug(den, sigma_range=(0.1, 10 * top))
+    with pytest.raises(InputError, match="sigma_range must lie within"):
+        DiffAug(den, sigma_range=(-1.0, 1.0))

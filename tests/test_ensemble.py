@@ -73,3 +73,9 @@ def test_builds_a_graph_only_when_the_images_require_grad(setup):
     assert grad.shape == x.shape and grad.abs().sum() > 0
     with torch.no_grad():
         assert not diffaug.diffaug_ensemble(clf, den, x_req, members=(0, 100)).requires_grad
+
+
+def test_an_empty_batch_gives_empty_probabilities(setup):
+    den, clf, x = setup
+    probs = diffaug.diffaug_ensemble(clf, den, x[:0], generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (0, 10)

@@ -75,3 +75,24 @@ def test_eval_ood_errors(tmp_path, subset_clf, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_an_ood_set_identical_to_the_in_memory_id_set_is_not_told_apart(tmp_path, subset_clf):
+    """OOD folders next to digits / CIFAR-10 get the ID images' pre-processing (whole, at their own size; not the
+    Resize(size / 0.875) + CenterCrop zoom of streamed sets): the ID test images themselves, written as PNGs into a
+    texture-style images/<class>/ root, a flat folder and an image list, score as the ID set (AUROC 0.5 up to the 8-bit
+    rounding of the files)."""
+    test = subset_classes(load_digits("test"), [0, 1, 2, 3, 4, 5]).images
+    for i, image in enumerate(test):
+        pixels = (image[0] * 255).round().to(torch.uint8).numpy()
+        (tmp_path / "textures" / "images" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "textures" / "images" / f"c{i % 3}" / f"{i:04d}.png")
+        (tmp_path / "flat").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "flat" / f"{i:04d}.png")
+    (tmp_path / "list.txt").write_text("".join(f"flat/{i:04d}.png\n" for i in range(len(test))))  # OpenOOD's
+    assert main(["eval-ood", "--classifier", str(subset_clf), "--out", str(tmp_path / "o"),
+                 "--ood", str(tmp_path / "textures"), str(tmp_path / "flat"), str(tmp_path / "list.txt")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert {r["set"] for r in rows} == {"textures", "flat", "list"} and len(rows) == 3 * 7
+    for r in rows:
+        assert abs(float(r["auroc"]) - 0.5) < 0.03, r

@@ -108,13 +108,26 @@ def test_react_fits_threshold_on_id_val():
     clf = create_classifier("small_cnn", 10, 1, seed=0)
     val = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     scorer = OODScorer(clf, "react").fit(val)
-    feats, _ = split_model(clf)
+    assert clf.training  # scoring borrows eval mode and gives the model's modes back (a check mid-training)
+    feats, _ = split_model(clf.eval())  # the reference in eval mode, as the scorer reads features
     with torch.no_grad():
         ref = np.percentile(feats(val).flatten().numpy(), 90)
     assert scorer.react_threshold == pytest.approx(float(ref), rel=1e-5)
     assert scorer(val[:7]).shape == (7,)
     with pytest.raises(InputError, match="empty image set"):
         scorer(val[:0])
+
+
+def test_scoring_gives_each_submodule_its_mode_back():
+    clf = create_classifier("small_cnn", 10, 1, seed=0).train()
+    frozen = next(m for m in clf.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()  # a frozen BN
+    val = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = frozen.register_forward_hook(lambda m, *_: seen.append(m.training))
+    OODScorer(clf, "msp")(val)
+    hook.remove()
+    assert seen == [False]  # in eval mode while scoring
+    assert clf.training and not frozen.training  # and each module's own mode afterwards
 
 
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])

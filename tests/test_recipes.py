@@ -96,3 +96,39 @@ def test_augmix_without_a_generator_draws_from_the_global_rng():
     model, (x, y) = _model(), _batch()
     loss, logits = AugMix(model)(x, y)  # generator=None: the global RNG, as documented
     assert torch.isfinite(loss) and logits.shape == (3 * len(x), 4)
+
+
+def test_a_conditional_diffaug_gets_the_batch_labels():
+    from conftest import tiny_denoiser
+
+    den = tiny_denoiser(conditional=True, channels=3)
+    model, (x, y) = _model(), _batch()
+    aug = diffaug.DiffAug(den, t_range=(300, 300), cond_weight=1.0)
+    assert aug.needs_labels and not diffaug.DiffAug(den).needs_labels
+    _, logits = DiffAugRecipe(model, aug)(x, y, torch.Generator().manual_seed(3))
+    want = aug(x, y, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(logits[6:], model(want))
+
+
+def test_a_copy_of_the_recipe_shares_its_frozen_diffaug_and_copies_the_model():
+    import copy
+
+    model = _model()
+    aug = Shift()
+    recipe = AugMix(model) + DiffAugRecipe(model, aug)
+    twin = copy.deepcopy(recipe)
+    assert twin.diffaug is aug and twin.model is not model
+    assert type(twin) is type(recipe) and twin.name == recipe.name
+    x, y = _batch()
+    torch.testing.assert_close(twin(x, y, torch.Generator().manual_seed(4)),
+                               recipe(x, y, torch.Generator().manual_seed(4)))
+
+
+def test_augmix_refuses_images_outside_the_unit_range_and_passes_an_empty_batch():
+    model, (x, y) = _model(), _batch()
+    with pytest.raises(diffaug.InputError, match=r"must lie in \[0, 1\]"):
+        AugMix(model)(x * 255, y, torch.Generator())
+    with pytest.raises(diffaug.InputError, match="float tensor"):
+        AugMix(model)((x * 255).to(torch.uint8), y, torch.Generator())
+    a, b = AugMix(model).augmix_views(x[:0], torch.Generator())
+    assert a.shape == b.shape == (0, 3, 8, 8)

@@ -132,6 +132,18 @@ def test_errors_and_warning():
         assert smooth.certify(x, 10, 9, 0.001, 10) == (ABSTAIN, 0.0)
     label, radius = smooth.certify(x, 10, 10, 0.001, 10)
     assert label == 0 and 0 < radius < 0.01
+    with pytest.raises(InputError, match="num_classes=5"):
+        Smooth(model, 5, 0.25).certify(x, 10, 10, 0.001, 10)  # a 10-class classifier
+
+
+def test_denoised_smoothing_checks_the_image_against_the_denoiser():
+    smooth = Smooth(Constant(0), 10, 0.25, denoiser=tiny_denoiser())
+    with pytest.raises(InputError, match="16x16 but the denoiser was built for 8x8"):
+        smooth.certify(torch.rand(1, 16, 16), 10, 10, 0.001, 10)
+    with pytest.raises(InputError, match="3 channels but the denoiser was built for 1"):
+        smooth.predict(torch.rand(3, 8, 8), 10, 0.001, 10)
+    with pytest.raises(InputError, match=r"must lie in \[0, 1\]"):
+        smooth.certify(torch.rand(1, 8, 8) + 1, 10, 10, 0.001, 10)
 
 
 # ---------------------------------------------------------------------- sequential certification

@@ -83,13 +83,15 @@ def diffuse_denoise(den: Denoiser, x: torch.Tensor, t: torch.Tensor | int, noise
         sampler: the one-step sampler.
         cond_weight: weight of the conditional prediction of a conditional denoiser (0: unconditional).
         clip: clip the estimate to the data range.
-        validate: range-check a tensor ``t`` and ``y`` (host-device syncs on a GPU).
+        validate: check the values of ``x`` (range, NaN) and of a tensor ``t`` and ``y`` (host-device syncs on a
+            GPU); type, shape, channels, size and device are always checked.
 
     Returns:
         ``[N, C, H, W]`` in [0, 1] (with ``clip``), the dtype of ``x``; gradients flow to ``x``.
     """
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    den.check_images(x, values=validate)
     if noise.shape != x.shape:  # shapes are host metadata: no sync
         raise InputError(f"noise {tuple(noise.shape)} must have the shape of x {tuple(x.shape)}; draw it with "
                          "torch.randn_like(x)")
@@ -108,7 +110,7 @@ def diffuse_denoise(den: Denoiser, x: torch.Tensor, t: torch.Tensor | int, noise
 
 
 class DiffAug(nn.Module):
-    """The DiffAug augmentation as a ``torch.nn.Module`` with a frozen denoiser inside.
+    """The DiffAug augmentation as a ``torch.nn.Module`` that holds a frozen denoiser.
 
     For each image: draw ``t`` uniformly from ``t_range`` (inclusive), draw fresh Gaussian noise, form
     ``x_t``, denoise in one step, clip to the data range, return to [0, 1].
@@ -130,6 +132,11 @@ class DiffAug(nn.Module):
 
     Shapes: ``x`` is ``[N, C, H, W]`` float in [0, 1]; the output has the same shape and dtype.
     Gradients flow to ``x`` (not into the denoiser); under ``torch.no_grad()`` no graph is kept.
+
+    The denoiser is held as a tool, like a kornia augmentation's constants: ``.to(device)`` / ``.cuda()`` /
+    ``.half()`` move it (its schedule stays float32), but it is not among ``parameters()`` or ``state_dict()``.
+    So a model that holds a DiffAug neither saves the denoiser's weights in its checkpoints, nor hands them to an
+    optimizer, nor unfreezes them with ``requires_grad_(True)``, and DDP does not broadcast them.
     """
 
     def __init__(
@@ -156,7 +163,7 @@ class DiffAug(nn.Module):
         if cond_weight < 1 and denoiser.is_conditional and denoiser.null_class is None:
             raise InputError("this conditional denoiser has no null label, so it cannot run unconditionally; "
                              "set cond_weight=1")
-        self.denoiser = denoiser.requires_grad_(False).eval()
+        self.__dict__["denoiser"] = denoiser.requires_grad_(False).eval()  # not a submodule: see the docstring
         self.t_min, self.t_max = resolve_t_range(denoiser, t_range, fraction_range, sigma_range)
         self.sampler = sampler
         self.cond_weight = float(cond_weight)
@@ -167,6 +174,16 @@ class DiffAug(nn.Module):
         super().train(mode)
         self.denoiser.eval()  # the frozen denoiser never switches to training behaviour
         return self
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.denoiser._apply(fn, recurse)  # .to() / .cuda() / .half() move the denoiser it holds
+        return self
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether a call needs class labels ``y`` (conditional DiffAug: ``cond_weight > 0``)."""
+        return self.cond_weight > 0
 
     def extra_repr(self) -> str:
         return f"t_range=({self.t_min}, {self.t_max}), sampler={self.sampler!r}, cond_weight={self.cond_weight}"
@@ -194,14 +211,13 @@ class DiffAug(nn.Module):
             generator: source of randomness for t and the noise (None: the global RNG).
             return_t: also return the drawn timesteps ``[N]``.
         """
-        if self.validate:
-            self.denoiser.check_images(x)
-        if y is not None and not self.denoiser.is_conditional:
-            raise InputError("class labels y were given but the denoiser is unconditional; pass y=None")
+        self.denoiser.check_images(x, values=self.validate)
+        if y is not None:  # checked before any draw (the range check only with validate)
+            y = self.denoiser._labels(y, x.shape[0], x.device, self.validate)
         t, noise = self.draw(x, generator)
         out = x.clone() if x.shape[0] == 0 else diffuse_denoise(
             self.denoiser, x, t, noise, y, sampler=self.sampler, cond_weight=self.cond_weight, clip=self.clip,
-            validate=False)  # x was checked above; t was drawn in range
+            validate=False)  # x and y were checked above; t was drawn in range
         return (out, t) if return_t else out
 
 
@@ -217,6 +233,10 @@ class ResizedDiffAug(nn.Module):
     def __init__(self, diffaug: DiffAug, size: int):
         super().__init__()
         self.diffaug, self.size = diffaug, int(size)
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.diffaug.needs_labels
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None):
         from torchvision.transforms.v2.functional import resize
@@ -257,6 +277,9 @@ def resolve_t_range(den: Denoiser, t_range=None, fraction_range=None, sigma_rang
     elif fraction_range is not None:
         lo, hi = (int(den.t_from_fraction(f)) for f in rng)
     else:
+        top = float(den.sigma(T - 1))
+        if any(not 0 <= s <= top * 1.01 for s in rng):
+            raise InputError(f"sigma_range must lie within the schedule's noise levels [0, {top:.4g}], got {rng!r}")
         lo, hi = (int(den.t_from_sigma(s)) for s in rng)
     if not 0 <= lo <= hi < T:
         raise InputError(f"t_range must satisfy 0 <= low <= high < T = {T}, got ({lo}, {hi})")

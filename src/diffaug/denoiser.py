@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import InputError, channels_hint
+from .errors import InputError, channels_hint, check_image_batch, check_image_values
 from .utils import accel
 from .utils.seeding import private_seed
 from . import schedule
@@ -105,6 +105,21 @@ class Denoiser(nn.Module):
         p = next(iter(self.parameters()), None)
         return p.dtype if p is not None else torch.float32
 
+    @property
+    def device(self) -> torch.device | None:
+        """The network's device (of its first parameter); None for a network without parameters."""
+        p = next(iter(self.parameters()), None)
+        return p.device if p is not None else None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(dtype) / .half() convert the weights, not the schedule: a bf16 alpha_bar rounds alpha_bar[0] to 1
+        # (and fp16 the last one to 0), which moves every small-t view; the schedule keeps its float32 values and
+        # follows the device only
+        schedule_values = self.alpha_bar
+        super()._apply(fn, recurse)
+        self.alpha_bar = schedule_values.to(self.alpha_bar.device)
+        return self
+
     @staticmethod
     def encode(x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> model space [-1, 1]."""
@@ -173,37 +188,41 @@ class Denoiser(nn.Module):
         return den
 
     # ------------------------------------------------------------------ checks
-    def check_images(self, x: torch.Tensor, name: str = "x") -> None:
-        """Raise :class:`InputError` unless ``x`` is a float ``[N, C, H, W]`` batch in [0, 1] this model accepts."""
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise InputError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}; use x.float() / 255")
-        if x.ndim != 4:
-            raise InputError(f"{name} must have shape [N, C, H, W], got {tuple(x.shape)}; add a batch dim with x[None]")
+    def check_images(self, x: torch.Tensor, name: str = "x", *, values: bool = True) -> None:
+        """Raise :class:`InputError` unless ``x`` is a float ``[N, C, H, W]`` batch in [0, 1] this model accepts, on
+        its device. ``values=False`` skips the check of the values (range, NaN), the only one that makes a GPU
+        wait for the host; type, shape, channels, size and device are always checked."""
+        check_image_batch(x, name)
         if x.shape[1] != self.channels:
             raise InputError(
                 f"{name} has {x.shape[1]} channels but the denoiser was built for {self.channels}; "
                 f"{channels_hint(tuple(x.shape), self.channels)}"
             )
         if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
-            raise InputError(
-                f"{name} is {x.shape[-2]}x{x.shape[-1]} but the denoiser was built for "
-                f"{self.image_size[0]}x{self.image_size[1]}; resize the images first"
-            )
-        if x.numel() == 0:
-            return
-        lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # one host-device sync; NaN propagates
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise InputError(f"{name} contains NaN or Inf values; clean the input first")
-        if lo < 0 or hi > 1:
-            raise InputError(f"{name} must lie in [0, 1], got min {lo:.4g} max {hi:.4g}; rescale it (e.g. x / 255)")
+            h, w = x.shape[-2:]
+            fix = (f"run the same network at that size with den.at_size({h}), or resize the images"
+                   if h == w and self.accepts_size(int(h)) else "resize the images first")
+            raise InputError(f"{name} is {h}x{w} but the denoiser was built for "
+                             f"{self.image_size[0]}x{self.image_size[1]}; {fix}")
+        self.check_device(x, name)
+        if values:
+            check_image_values(x, name)
+
+    def check_device(self, x: torch.Tensor, name: str = "x") -> None:
+        """One-line :class:`InputError` when ``x`` is not on the network's device (host metadata: no sync)."""
+        device = self.device
+        if device is not None and x.device != device:
+            raise InputError(f"{name} is on {x.device} but the denoiser is on {device}; move one of them, e.g. "
+                             f"den.to({str(x.device)!r}) (a DiffAug: aug.to(...), which moves its denoiser)")
 
     def _labels(self, y: torch.Tensor | int | None, n: int, device: torch.device,
                 validate: bool = True) -> torch.Tensor | None:
         """Validate class labels and fill in the null label for unconditional use of a conditional net.
 
         ``validate=False`` skips the range check of tensor labels (the only part that syncs with a GPU)."""
+        if isinstance(y, torch.Generator):
+            raise InputError("a torch.Generator was passed where class labels y go; pass it by keyword: "
+                             "generator=g")
         if y is None:
             if not self.is_conditional:
                 return None

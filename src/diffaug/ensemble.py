@@ -51,6 +51,8 @@ def ensemble_views(
     if validate:
         denoiser.check_images(x)
     n = x.shape[0]
+    if n == 0:  # an empty batch (the last shard of a split evaluation, say): empty views
+        return x.unsqueeze(0).expand(len(members), *x.shape).clone()
     noisy = [t for t in members if t > 0]
     views = {}
     if noisy:
@@ -72,8 +74,9 @@ def ensemble_probs(classifier: nn.Module, views: torch.Tensor, batch_size: int |
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     flat = views.flatten(0, 1)
     chunk = batch_size or max(1, flat.shape[0])
-    logits = torch.cat([classifier(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])
-    return logits.float().softmax(dim=1).reshape(views.shape[0], views.shape[1], -1)
+    logits = torch.cat([classifier(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)]) if len(flat) \
+        else classifier(flat)  # an empty batch: the classifier's own [0, K]
+    return logits.float().softmax(dim=1).reshape(views.shape[0], views.shape[1], logits.shape[1])
 
 
 def diffaug_ensemble(

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .utils.modes import evaluating
 
 SCORES = ("msp", "energy", "react", "ash_p", "ash_b", "ash_s", "scale")
 DEFAULT_PERCENTILE = {"react": 90.0, "ash_p": 90.0, "ash_b": 90.0, "ash_s": 90.0, "scale": 85.0}
@@ -129,8 +130,8 @@ class OODScorer:
         """Penultimate features ``[N, D]`` of images ``[N, C, H, W]``, ``batch_size`` at a time."""
         if images.shape[0] == 0:
             raise InputError("an empty image set cannot be scored; check the ID/OOD folders")
-        self.model.eval()
-        return torch.cat([self.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        with evaluating(self.model):  # the model's own modes come back: scoring mid-training leaves it training
+            return torch.cat([self.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
     def fit(self, id_val_images: torch.Tensor) -> "OODScorer":

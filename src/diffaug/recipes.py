@@ -22,11 +22,13 @@ code) and sums the loss terms::
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, check_image_batch, check_image_values
 from .utils.seeding import private_seed
 
 RECIPES = ("plain", "diffaug", "augmix", "augmix+diffaug")
@@ -52,6 +54,10 @@ class AugMixViews:
         self.augmix = TorchvisionAugMix(all_ops=False)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        check_image_batch(x)
+        check_image_values(x)  # the views are made from x * 255 as bytes: a sync they need anyway
+        if x.shape[0] == 0:
+            return x.clone(), x.clone()
         device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its device
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         u8 = (x.detach().cpu() * 255).round().to(torch.uint8)
@@ -70,7 +76,9 @@ class Recipe(nn.Module):
         label_smoothing: of every cross-entropy term (and of the JSD loss's).
         augmix: add two AugMix views per image and replace the clean CE by the JSD loss.
         jsd_weight: the JSD consistency weight (AugMix paper: 12).
-        diffaug: a :class:`diffaug.DiffAug` (kept outside the module tree: it is frozen, not trained).
+        diffaug: a :class:`diffaug.DiffAug` (kept outside the module tree: it is frozen, not trained; so
+            ``recipe.to(...)`` does not move it, move the DiffAug itself, and a copy of the recipe shares it).
+            A conditional DiffAug (``cond_weight > 0``) gets the batch's labels.
         diffaug_fraction: the fraction of each batch that gets a DiffAug view, in (0, 1] (1 = the paper).
         diffaug_weight: ``w`` of the DiffAug term, >= 0.
     """
@@ -91,6 +99,16 @@ class Recipe(nn.Module):
             from timm.loss import JsdCrossEntropy
 
             self.jsd = JsdCrossEntropy(num_splits=3, alpha=jsd_weight, smoothing=label_smoothing)
+
+    def __deepcopy__(self, memo):
+        # a copy (an EMA of the recipe, say) shares the DiffAug: it is frozen, never trained, and its denoiser
+        # may be large (ADM-256: 2.2 GB); everything else is copied as usual
+        if self.diffaug is not None:
+            memo[id(self.diffaug)] = self.diffaug
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     @property
     def name(self) -> str:
@@ -139,8 +157,10 @@ class Recipe(nn.Module):
         n_da = 0
         if self.diffaug is not None:
             n_da = max(1, round(self.diffaug_fraction * n))
+            source = (x if x_diffaug is None else x_diffaug)[:n_da]
+            labels = (y[:n_da],) if getattr(self.diffaug, "needs_labels", False) else ()  # conditional DiffAug
             with torch.no_grad():
-                views.append(self.diffaug((x if x_diffaug is None else x_diffaug)[:n_da], generator=generator))
+                views.append(self.diffaug(source, *labels, generator=generator))
         logits = self.model(torch.cat(views))
         if self.jsd is not None:
             loss = self.jsd(logits[: 3 * n], y.repeat(3))

@@ -25,7 +25,7 @@ from scipy.stats import binomtest, norm
 from torch import nn
 
 from . import sequential
-from .errors import InputError
+from .errors import InputError, check_image_values
 from .sequential import FUTILITY, lower_confidence_bound, look_schedule, sequence_bounds
 
 ABSTAIN = -1
@@ -113,7 +113,9 @@ class Smooth:
     """A smoothed classifier.
 
     Args:
-        classifier: ``nn.Module`` mapping images ``[N, C, H, W]`` in [0, 1] to logits ``[N, num_classes]``.
+        classifier: ``nn.Module`` mapping images ``[N, C, H, W]`` in [0, 1] to logits ``[N, num_classes]``. The
+            noisy copies are float32 (the Gaussian noise is added in full precision); run a bf16 / fp16
+            classifier under ``torch.autocast``.
         num_classes: number of classes.
         sigma: noise level in [0, 1] pixel space (> 0).
         denoiser: a :class:`~diffaug.Denoiser` for denoised smoothing, or None for plain Cohen et al.
@@ -157,9 +159,10 @@ class Smooth:
             x = x[0]
         if x.ndim != 3:
             raise InputError(f"x must be one image [C, H, W] or [1, C, H, W], got {tuple(x.shape)}")
-        lo, hi = x.min().item(), x.max().item()
-        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 1:
-            raise InputError(f"x must lie in [0, 1] with no NaN/Inf, got min {lo:.4g} max {hi:.4g}")
+        if self.denoiser is not None:  # channels, size and device, and the values: one line each
+            self.denoiser.check_images(x[None])
+        else:
+            check_image_values(x)
         check_sampling_args(batch_size, alpha, **counts)
         return x
 
@@ -170,6 +173,13 @@ class Smooth:
         gen_device = generator.device if generator is not None else x.device
         noise = torch.randn((num, *x.shape), generator=generator, device=gen_device).to(x.device)
         return x.unsqueeze(0) + self.sigma * noise
+
+    def _top_class(self, logits: torch.Tensor) -> torch.Tensor:
+        """The base classifier's labels (CPU) from its logits, whose width must be ``num_classes``."""
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise InputError(f"the classifier gave logits of shape {tuple(logits.shape)} but Smooth was built with "
+                             f"num_classes={self.num_classes}; pass num_classes=<the classifier's class count>")
+        return logits.argmax(dim=1).cpu()
 
     @torch.no_grad()
     def sample_labels(self, x: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None = None,
@@ -185,7 +195,7 @@ class Smooth:
         while remaining > 0:
             b = min(batch_size, remaining)
             front = self.denoise(self.noisy_copies(x, b, generator))
-            labels.append(torch.stack([head(front).argmax(dim=1).cpu() for head in heads]))
+            labels.append(torch.stack([self._top_class(head(front)) for head in heads]))
             remaining -= b
         out = torch.cat(labels, dim=1) if labels else torch.zeros((len(heads), 0), dtype=torch.long)
         return out[0] if classifiers is None else out
@@ -324,7 +334,7 @@ class Smooth:
                 total += a[4]
             with torch.no_grad():
                 noisy = torch.cat([self.noisy_copies(x, m, generator) for _, x, generator, _, m in chosen])
-                labels = self.classifier(self.denoise(noisy)).argmax(dim=1).cpu()
+                labels = self._top_class(self.classifier(self.denoise(noisy)))
             for a, part in zip(chosen, labels.split([a[4] for a in chosen])):
                 try:
                     a[4] = a[3].send(part)

@@ -86,9 +86,14 @@ def class_folders(root: Path) -> list[str]:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """Image files under ``folder`` at any depth, sorted (deterministic across machines)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Image files under ``folder`` at any depth, sorted (deterministic across machines); symlinked folders are
+    followed (as torchvision's ``make_dataset``: OOD collections are often assembled from links), hidden ones
+    skipped."""
+    found = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top, f) for f in files if not f.startswith(".") and is_image(Path(top, f))]
+    return sorted(p for p in found if p.is_file())
 
 
 class ImageFiles(torch.utils.data.Dataset):

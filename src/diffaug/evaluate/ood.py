@@ -18,6 +18,7 @@ as mean +- std over them (their seeds).
 
 from __future__ import annotations
 
+import functools
 import statistics
 from pathlib import Path
 
@@ -90,10 +91,8 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
                 what = (f"OOD folder {path} does not exist" if len(path.parts) > 1 or name.startswith("near=")
                         else f"unknown OOD set {name!r}")  # a path-like name is a missing folder, not a set name
                 raise InputError(f"{what}: use holdout, {', '.join(FAR_OOD_SETS)}, a folder or an image list file")
-            elif lazy_test is not None:  # streamed: a flat folder, images/<class>/, or class folders
+            else:  # streamed, whatever the ID data: a flat folder, images/<class>/, or class folders
                 sets[key] = (group, open_unlabelled(path, channels=channels))
-            else:
-                sets[key] = (group, load_dataset(path, "test").images)
     for name, (_, images) in sets.items():
         if not isinstance(images, torch.Tensor):
             continue  # lazy: brought to the ID size by the evaluation transform
@@ -105,15 +104,16 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
     return sets
 
 
-def _set_features(scorer: OODScorer, images, size: int | None, batch_size: int, workers, device, what: str):
-    """Penultimate features ``[N, D]`` of an in-memory tensor, or of a lazy source streamed batch by batch at
-    ``size`` through a DataLoader (only the features are kept)."""
+def _set_features(scorer: OODScorer, images, view, batch_size: int, workers, device, what: str):
+    """Penultimate features ``[N, D]`` of an in-memory tensor, or of a lazy source streamed batch by batch through
+    a DataLoader, seen through ``view`` (:func:`~diffaug.evaluate.sets.eval_view` at the ID images' pre-processing;
+    only the features are kept)."""
     if isinstance(images, torch.Tensor):
         return scorer.features_of(images.to(device))
-    from .sets import batches, eval_view
+    from .sets import batches
 
     feats = [scorer.features_of(x.to(device), batch_size) for x, _ in
-             batches(eval_view(images, size), batch_size, workers=workers, what=what)]
+             batches(view(images), batch_size, workers=workers, what=what)]
     return torch.cat(feats)
 
 
@@ -128,7 +128,7 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
     size (``image_size``, default its ``model.json``'s). Features are computed once per set, batch by batch, and
     shared by every score."""
     from ..data import check_workers, is_in_memory, open_splits
-    from .sets import at_size, eval_size
+    from .sets import at_size, eval_size, eval_view
 
     check_workers(workers)
     model = load_classifier(folder, device=device, speed=speed)
@@ -139,8 +139,12 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
         val, test = load_dataset(data, "val"), load_dataset(data, "test")
         if classes is not None:
             val, test = subset_classes(val, classes), subset_classes(test, classes)
+        native = size is None or tuple(test.images.shape[-2:]) == (size, size)
         num_classes, val_set, test_set = test.num_classes, at_size(val.images, size), at_size(test.images, size)
         _, C, H, _ = test_set.shape
+        # OOD folders and lists as the ID images are seen: whole at their own size (OpenOOD's CIFAR pre-processing),
+        # or, when --image-size resizes them, through the same evaluation transform
+        view = functools.partial(eval_view, size=H, whole=native)
     else:
         C = model.spec.get("channels", 3)
         splits = open_splits(data, channels=C)
@@ -153,6 +157,7 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
             raise InputError(f"classifier {folder} records no input size (a model.json from before it was "
                              "recorded); pass --image-size N to evaluate it on an image folder")
         H = size
+        view = functools.partial(eval_view, size=size)  # ID and OOD through one transform
     if model.spec["num_classes"] != num_classes:
         raise InputError(f"classifier {folder} has {model.spec['num_classes']} classes, the ID data {data} has "
                          f"{num_classes}; give --data the data it was trained on (its model.json records them)")
@@ -163,7 +168,7 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
     sets = _ood_sets(names, data, classes, H, C, seed, lazy_test=lazy_test, image_root=image_root)
     rows = []
     probe = OODScorer(model, "msp")
-    feats = {key: _set_features(probe, images, size, batch_size, workers, device, key) for key, images in
+    feats = {key: _set_features(probe, images, view, batch_size, workers, device, key) for key, images in
              (("id-val", val_set), ("id-test", test_set)) + tuple((n, s) for n, (_, s) in sets.items())}
     ood_val = probe.features_of(noise_images(200, H, C, seed + 1).to(device))  # apart from every test set
     for method in SCORES:

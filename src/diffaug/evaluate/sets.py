@@ -137,12 +137,16 @@ def as_float(image: torch.Tensor) -> torch.Tensor:
     return image.float().div(255) if image.dtype == torch.uint8 else image
 
 
-def eval_view(source, size: int | None):
+def eval_view(source, size: int | None, *, whole: bool = False):
     """``source`` (a lazy source or any dataset of ``(image, label)``) seen through the evaluation transform at
-    ``size``, or as it is when ``size`` is None."""
-    from ..data import SeededView, eval_transform
+    ``size``, or as it is when ``size`` is None. ``whole=True``: the whole image brought to ``size`` (``Resize(size)``
+    + ``CenterCrop(size)``, no zoom), as images that an in-memory set (digits, CIFAR-10) holds at the classifier's
+    size are seen, so that an OOD set next to such an ID set gets the same pre-processing (OpenOOD's for CIFAR)."""
+    from ..data import SeededView, eval_transform, generative_transform
 
-    return SeededView(source, eval_transform(size) if size is not None else as_float)
+    if size is None:
+        return SeededView(source, as_float)
+    return SeededView(source, generative_transform(size, flip=False) if whole else eval_transform(size))
 
 
 def batches(dataset, batch_size: int, *, workers: int | None = 0, indices=None, what: str = "the data"

@@ -37,6 +37,7 @@ from ..data import (BAD_FILE_POLICIES, check_library, check_size, check_workers,
 from ..errors import InputError
 from ..recipes import RECIPES, check_settings, from_name
 from ..utils import accel, checkpoint as ckpt
+from ..utils.modes import evaluating
 from ..utils.distributed import (Dist, check_batch_split, data_parallel, gather_objects, init_distributed,
                                  local_device)
 from . import harness
@@ -153,25 +154,21 @@ def _lr_lambda(cfg: TrainConfig, total: int):
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on images in [0, 1] (model put in eval mode and restored)."""
-    was = model.training
-    model.eval()
-    correct = sum((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
-                  for i in range(0, len(images), batch_size))
-    model.train(was)
+    with evaluating(model):
+        correct = sum((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
+                      for i in range(0, len(images), batch_size))
     return correct / max(1, len(images))
 
 
 @torch.no_grad()
 def loader_accuracy(model: nn.Module, loader, device: torch.device) -> float:
     """Top-1 accuracy of ``model`` over a loader of ``(images, labels)`` (model put in eval mode and restored)."""
-    was = model.training
-    model.eval()
     correct, n = torch.zeros((), dtype=torch.long, device=device), 0
-    for x, y in loader:
-        y = y.to(device, non_blocking=True)
-        correct += (model(x.to(device, non_blocking=True)).argmax(1) == y).sum()
-        n += y.numel()
-    model.train(was)
+    with evaluating(model):
+        for x, y in loader:
+            y = y.to(device, non_blocking=True)
+            correct += (model(x.to(device, non_blocking=True)).argmax(1) == y).sum()
+            n += y.numel()
     return correct.item() / max(1, n)
 
 
