@@ -28,7 +28,9 @@ from .utils.modes import evaluating
 
 SCORES = ("msp", "energy", "react", "ash_p", "ash_b", "ash_s", "scale")
 DEFAULT_PERCENTILE = {"react": 90.0, "ash_p": 90.0, "ash_b": 90.0, "ash_s": 90.0, "scale": 85.0}
-PAPER_SCORES = ("ash_s", "msp", "react", "scale")  # the paper's Table 3 columns (ASH = ASH-S)
+# the paper's Table 3 columns, as OpenOOD v1.5 computes them (the paper used OpenOOD): its "ASH" is ASH-B
+# (ASHNet.forward_threshold calls ash_b; checked against OpenOOD's own postprocessors on the same features)
+PAPER_SCORES = ("ash_b", "msp", "react", "scale")
 
 _SPLITTERS: list[tuple[type, Callable]] = []
 

@@ -32,7 +32,7 @@ from ..ood import PAPER_SCORES, SCORES, OODScorer, metrics, search_percentile
 from ..tables import JobResult, lookup, markdown_table, mean_std, summarize
 from ..utils.checkpoint import write_csv, write_text
 
-COLUMN_NAMES = {"ash_s": "ASH", "msp": "MSP", "react": "ReAct", "scale": "SCALE"}
+COLUMN_NAMES = {"ash_b": "ASH", "msp": "MSP", "react": "ReAct", "scale": "SCALE"}
 
 
 # images of the train split the scores are fitted on when a folder has no val split apart from its test split
@@ -203,7 +203,7 @@ def ood_tables(rows: list[dict]) -> str:
     """The Markdown of ``table.md`` from the rows of ``results.csv``."""
     lines = ["# OOD detection (the paper's Table 3 layout)", "",
              "Scores: higher = more ID. AUROC and FPR@95 in %, OpenOOD v1.5 conventions (FPR@95 = share of ID "
-             "flagged OOD when 95 % of OOD are flagged). ASH = ASH-S. Cells: mean +- std over the classifiers of "
+             "flagged OOD when 95 % of OOD are flagged). ASH = ASH-B, as OpenOOD's `ash`. Cells: mean +- std over the classifiers of "
              "a recipe (their seeds); each classifier's value is the unweighted mean over the group's sets.", ""]
     for group in ("near", "far"):
         sets = sorted({r["set"] for r in rows if r["group"] == group})
