@@ -194,3 +194,34 @@ def test_the_in_memory_digits_are_unchanged():
         x, y = ds[5]  # the Dataset interface
         assert torch.equal(x, ds.images[5]) and y == int(ds.labels[5])
     assert [len(load_digits(s)) for s in ("train", "val", "test")] == [1257, 180, 360]
+
+
+def test_an_empty_class_folder_is_refused_as_torchvision_does(tmp_path):
+    root = make_tree(tmp_path / "t", per_class={"x": 1}, odd_files=False) / "x"
+    (root / "n09999999").mkdir()
+    with pytest.raises(InputError, match=r"n09999999 holds no images \(1 empty in all"):
+        open_folder(root)
+
+
+def test_imagenets_flat_val_folder_is_named_with_the_way_to_sort_it(tmp_path):
+    root = make_tree(tmp_path / "t", per_class={"train": 1}, odd_files=False)
+    (root / "val").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "val" / "ILSVRC2012_val_00000001.JPEG", "JPEG")
+    with pytest.raises(InputError, match=r"ImageNet.s flat validation folder .*torchvision\.datasets\.ImageNet\(root"):
+        open_splits(root)
+
+
+def test_symlinked_ood_folders_are_followed(tmp_path):
+    real = tmp_path / "real" / "banded"
+    real.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(real / "0.png")
+    (tmp_path / "ood").mkdir()
+    (tmp_path / "ood" / "banded").symlink_to(real, target_is_directory=True)
+    assert len(open_unlabelled(tmp_path / "ood")) == 1
+
+
+@pytest.mark.parametrize("severity", [0, 6, -1, "2", 2.0, True])
+def test_load_corrupted_refuses_a_severity_outside_1_to_5(tmp_path, severity):
+    root = write_imagenet_c(tmp_path / "inc")
+    with pytest.raises(InputError, match="severity must be a whole number in 1..5"):
+        load_corrupted(root, "fog", severity)

@@ -290,3 +290,53 @@ def test_a_convolutional_denoiser_runs_at_the_classifiers_size(world, tmp_path):
     assert main(["certify", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--denoiser",
                  str(small), "--sigma", "0.25", "--n0", "5", "--n", "20", "--limit", "2", "--out",
                  str(tmp_path / "cert"), "--device", "cpu"]) == 0
+
+
+def test_clean_only_and_a_partial_imagenet_c_is_said(world, tmp_path, capsys):
+    """--corruptions none scores the clean images only (ImageNet-R / -A / -V2's metric); an ImageNet-C folder
+    holding some of the 15 corruptions is warned about and the table says what its means are over."""
+    out = tmp_path / "clean"
+    assert main(["eval-shift", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--modes", "default",
+                 "--corruptions", "none", "--no-analyses", "--workers", "0", "--out", str(out), "--quiet"]) == 0
+    assert [r["corruption"] for r in _rows(out / "results.csv")] == ["clean"]
+    assert main(["eval-shift", "--data", str(world["tree"]), "--classifier", str(world["clf"]), "--modes", "default",
+                 "--corruptions", "none", "--workers", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "pass --no-analyses with --corruptions none" in capsys.readouterr().err
+    assert main(["eval-shift", "--data", str(world["inc"]), "--classifier", str(world["clf"]), "--modes", "default",
+                 "--corruptions", "none", "--no-analyses", "--out", str(tmp_path / "y")]) == 2
+    assert "corrupted images only" in capsys.readouterr().err
+    out = tmp_path / "partial"
+    assert main(["eval-shift", "--data", str(world["inc"]), "--classifier", str(world["clf"]), "--modes", "default",
+                 "--severities", "5", "--no-analyses", "--workers", "0", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "holds 1 of the 15 corruptions" in err and "missing gaussian_noise" in err
+    assert "Corrupted means are over 1 corruptions: fog (1 of the 15 standard)" in (out / "table.md").read_text()
+
+
+def test_classifiers_trained_on_some_classes_are_scored_on_those_classes_of_their_data(world, tmp_path, capsys):
+    """diffaug train --classes (the near-OOD protocol): eval-shift and certify score such a classifier on the
+    classes it knows of its own data (they refused: 'does not know 1 classes' / 'evaluate it on the data it was
+    trained for'); classifiers of different subsets are refused in one line."""
+    sub = tmp_path / "sub"
+    assert main(["train", "--data", str(world["tree"]), "--recipe", "plain", "--model", "small_cnn", "--image-size",
+                 str(SIZE), "--steps", "2", "--batch-size", "8", "--workers", "0", "--classes", "0", "2",
+                 "--out", str(sub), "--quiet"]) == 0
+    digits = tmp_path / "digits-sub"
+    assert main(["train", "--data", "digits", "--recipe", "plain", "--steps", "2", "--classes", "0", "1", "2",
+                 "--out", str(digits), "--quiet"]) == 0
+    for data, clf, n in ((world["tree"], sub, 6), ("digits", digits, None)):
+        out = tmp_path / f"shift-{clf.name}"
+        assert main(["eval-shift", "--data", str(data), "--classifier", str(clf), "--modes", "default",
+                     "--corruptions", "fog", "--severities", "1", "--no-analyses", "--workers", "0", "--out", str(out),
+                     "--quiet"]) == 0
+        rows = _rows(out / "results.csv")
+        assert n is None or rows[0]["n"] == str(n)  # 3 test images of each of the 2 classes
+        out = tmp_path / f"cert-{clf.name}"
+        assert main(["certify", "--data", str(data), "--classifier", str(clf), "--sigma", "0.25", "--n", "20",
+                     "--n0", "4", "--limit", "4", "--workers", "0", "--out", str(out), "--quiet"]) == 0
+        labels = {int(r["label"]) for r in _rows_tsv(out / clf.name / "sigma_0.25" / "certify.tsv")}
+        assert labels <= {0, 1, 2}
+    capsys.readouterr()
+    assert main(["eval-shift", "--data", str(world["tree"]), "--classifier", str(sub), str(world["clf"]), "--modes",
+                 "default", "--corruptions", "fog", "--no-analyses", "--out", str(tmp_path / "mixed")]) == 2
+    assert "trained on different classes" in capsys.readouterr().err

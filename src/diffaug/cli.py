@@ -408,7 +408,8 @@ def _eval_shift_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", nargs="+", required=True, help="trained classifier folder(s)")
     p.add_argument("--denoiser", default="digits", help="'digits' or a denoiser folder (for de, dda, dda-se)")
     p.add_argument("--modes", default="default,de,dda,dda-se", help="comma list of default,de,dda,dda-se")
-    p.add_argument("--corruptions", default="all", help="all (15 standard) | extra | all+extra | NAME,NAME")
+    p.add_argument("--corruptions", default="all",
+                   help="all (15 standard) | extra | all+extra | NAME,NAME | none (clean only: ImageNet-R / -A / -V2)")
     p.add_argument("--severities", default="1-5", help="e.g. 1-5, 5 or 1,3,5")
     p.add_argument("--frost-images", dest="frost_images",
                    help="folder of frost photographs (ImageNet-C's frost1.png ... frost5.jpg; not shipped) for "

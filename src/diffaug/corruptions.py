@@ -129,8 +129,11 @@ def severity_params(name: str, severity: int, image_size: int) -> object:
 
 
 def parse_corruptions(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """``"all"`` (the 15 standard), ``"extra"`` (the 4 extra), ``"all+extra"`` or ``"name,name"`` -> names."""
+    """``"all"`` (the 15 standard), ``"extra"`` (the 4 extra), ``"all+extra"``, ``"name,name"`` or ``"none"`` (no
+    corruption: clean accuracy only, e.g. ImageNet-R / -A / -V2 whose own images are the shift) -> names."""
     if isinstance(spec, str):
+        if spec == "none":
+            return ()
         if spec in ("all", "standard"):
             return CORRUPTIONS
         if spec == "extra":
@@ -141,7 +144,7 @@ def parse_corruptions(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...
     names = tuple(spec)
     bad = [n for n in names if n not in ALL_CORRUPTIONS]
     if bad or not names:
-        raise InputError(f"unknown corruption {', '.join(bad) or '(none given)'}; use all, extra, all+extra or "
+        raise InputError(f"unknown corruption {', '.join(bad) or '(none given)'}; use all, extra, all+extra, none or "
                          f"names from: {', '.join(ALL_CORRUPTIONS)}")
     return names
 

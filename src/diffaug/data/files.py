@@ -218,7 +218,13 @@ def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
     found = class_folders(root)
     if not found:
         loose = [p.name for p in root.iterdir() if p.is_file() and is_image(p)][:1]
-        hint = (f" (it holds loose images such as {loose[0]}: an OOD set? use open_unlabelled)" if loose else "")
+        if loose and loose[0].startswith("ILSVRC2012_val_"):
+            raise InputError(f"data folder {root} is ImageNet's flat validation folder ({loose[0]} ...): sort it into "
+                             f"class folders {root}/<wnid>/<image> first (torchvision.datasets.ImageNet(root, "
+                             "split='val') does it from the devkit; ImageNet's valprep.sh, or Kaggle's "
+                             "LOC_val_solution.csv, names each file's class)")
+        hint = (f" (it holds loose images such as {loose[0]}: an unlabelled OOD set goes to eval-ood --ood, or "
+                "open_unlabelled in Python)" if loose else "")
         raise InputError(f"data folder {root} has no class sub-folders{hint}; lay it out as {root}/<class>/<image>")
     if split_layout(root) == "splits":
         raise InputError(f"{root} holds split folders (train/, val/ ...); open it with open_splits, or give "
@@ -240,6 +246,11 @@ def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
     samples = sorted(samples, key=lambda s: (s[1], s[0]))
     if not samples:
         raise InputError(f"data folder {root} holds no images in its class folders ({', '.join(IMAGE_SUFFIXES)})")
+    if classes is found:  # the folder's own classes: an empty one would be a class no image ever trains
+        empty = sorted(set(found) - {found[y] for _, y in samples})
+        if empty:
+            raise InputError(f"class folder {root / empty[0]} holds no images ({len(empty)} empty in all, as "
+                             "torchvision's ImageFolder refuses); remove it or add its images")
     return ImageFiles(samples, classes, channels=channels, on_bad_file=on_bad_file, root=root)
 
 

@@ -309,6 +309,8 @@ def load_corrupted(root: str | os.PathLike, corruption: str, severity: int) -> I
       ``root/labels.npy``; read with ``allow_pickle=False``. Classes are CIFAR-10's.
     * ImageNet-C: ``root/<corruption>/<severity>/<class>/<image>`` (classes: sorted folder names).
     """
+    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
+        raise InputError(f"severity must be a whole number in 1..5, got {severity!r}")
     root = Path(root)
     layout = corrupted_layout(root)
     if layout is None:

@@ -274,21 +274,24 @@ def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size
     from ..classifier import load_classifier
     from ..data import is_in_memory, load_dataset
     from ..denoiser import load_denoiser
+    from ..data import subset_classes
     from .sets import (at_size, check_denoiser_on, eval_size, eval_view, folder_keys, match_classes,
-                       open_eval_folder)
+                       open_eval_folder, trained_subset)
 
     in_memory = is_in_memory(data)
     test = load_dataset(data, "test") if in_memory else None
     keys = folder_keys(classifiers)  # a unique short name each (runs/a/s0, runs/b/s0 -> a/s0, b/s0), before any work
     models = {key: load_classifier(c, device=device, speed=speed) for key, c in zip(keys, classifiers)}
     size = eval_size(models, image_size)
+    subset = trained_subset(models, data)  # classifiers trained with --classes: the classes of data they know
     if in_memory:
+        test = subset_classes(test, subset) if subset else test
         images, labels, classes = at_size(test.images, size), test.labels, test.classes
         first = images[:1]
     else:
         channels = next(iter(models.values())).spec.get("channels", 3)
-        view = eval_view(open_eval_folder(data, models, channels=channels,
-                                          verbose=progress and main_process()), size)
+        folder = open_eval_folder(data, models, channels=channels, verbose=progress and main_process())
+        view = eval_view(folder.with_classes(subset) if subset else folder, size)
         images, labels, classes = StreamedImages(view, device, workers), view.labels, view.classes
         first = images[0][None]
     den = load_denoiser(denoiser, device=device, speed=speed) if denoiser else None

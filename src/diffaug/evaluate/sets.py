@@ -121,6 +121,29 @@ def match_classes(model: nn.Module, classes: list[str] | None, num_classes: int,
     return ClassColumns(model, index)
 
 
+def trained_subset(models: dict, data) -> list[int] | None:
+    """The class indices of ``data`` to score when the classifiers were trained on a subset of its classes
+    (``diffaug train --classes``; ``model.json`` records ``class_indices`` and ``data``), so that such a classifier
+    is evaluated on the classes it knows of its own data; None when no classifier records a subset of ``data``.
+
+    Raises:
+        InputError: the classifiers were trained on different subsets (or some on all classes) of ``data``.
+    """
+    def same_data(spec) -> bool:
+        recorded = spec.get("data")
+        return recorded is not None and (str(recorded) == str(data) or
+                                         Path(str(recorded)).resolve() == Path(str(data)).resolve())
+
+    subsets = {name: tuple(m.spec.get("class_indices") or ()) for name, m in models.items() if same_data(m.spec)}
+    if not any(subsets.values()):
+        return None
+    if len(set(subsets.values())) > 1 or len(subsets) != len(models):
+        raise InputError("the classifiers were trained on different classes of " + str(data) + " ("
+                         + ", ".join(f"{n}: {list(c) or 'all'}" for n, c in subsets.items())
+                         + "; diffaug train --classes); evaluate the classifiers of one class subset at a time")
+    return list(next(iter(subsets.values())))
+
+
 def check_denoiser_on(den, images: torch.Tensor, source: str, alternative: str = "") -> None:
     """:meth:`~diffaug.Denoiser.check_images` on a probe batch of the evaluation set, except that a denoiser of
     other channels (the digits default on RGB images, say) is named with the CLI's fix: a denoiser trained on this

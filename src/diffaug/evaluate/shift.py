@@ -19,13 +19,14 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
 import zlib
 from pathlib import Path
 
 import torch
 
-from ..corruptions import ALL_CORRUPTIONS, parse_corruptions, parse_severities
+from ..corruptions import ALL_CORRUPTIONS, CORRUPTIONS, parse_corruptions, parse_severities
 from ..errors import InputError
 from ..tables import JobResult, lookup, markdown_table, mean_std, summarize
 from ..utils import accel
@@ -74,9 +75,9 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
                   analyses, speed=None, workers=None):
     """Load and check everything before any work; returns what the run needs."""
     from ..classifier import load_classifier
-    from ..data import check_workers, corrupted_layout, corrupted_names, is_in_memory, load_dataset
+    from ..data import check_workers, corrupted_layout, corrupted_names, is_in_memory, load_dataset, subset_classes
     from ..denoiser import load_denoiser
-    from .sets import folder_keys
+    from .sets import folder_keys, trained_subset
 
     modes = parse_modes(modes)
     check_workers(workers)
@@ -91,8 +92,17 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
         corrupted_names(data)  # looks like a broken ImageNet-C / CIFAR-10-C folder: raises what was expected
     if layout:
         available = corrupted_names(data)
+        if corruptions == "none":
+            raise InputError(f"{data} holds corrupted images only ({layout}): --corruptions none leaves nothing to "
+                             "score; name the corruptions (or all)")
         if corruptions in ("all", "all+extra", "extra"):
-            names = tuple(n for n in parse_corruptions(corruptions) if n in available) or available
+            wanted = parse_corruptions(corruptions)
+            names = tuple(n for n in wanted if n in available) or available
+            missing = [n for n in wanted if n not in available]
+            if missing and len(missing) < len(wanted):  # some of the set present: a partial download?
+                print(f"warning: {data} holds {len(names)} of the {len(wanted)} corruptions of --corruptions "
+                      f"{corruptions}; missing {', '.join(missing)} (a partial download?): the means are over the "
+                      f"{len(names)} present", file=sys.stderr)
         else:
             names = parse_corruptions(corruptions)
             missing = [n for n in names if n not in available]
@@ -106,6 +116,12 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
         raise InputError("give at least one --classifier folder")
     models = {key: load_classifier(folder, device=device, speed=speed).eval()  # runs/a/s0, runs/b/s0 -> a/s0, b/s0
               for key, folder in zip(folder_keys(classifiers), classifiers)}
+    subset = trained_subset(models, data)  # classifiers trained with --classes: the classes of data they know
+    if subset and test is not None:
+        test = subset_classes(test, subset)
+    if analyses and not names:
+        raise InputError("the analyses (DE accuracy vs t under corruption) need corruptions; pass --no-analyses "
+                         "with --corruptions none")
     needs = [m for m in modes if m != "default"] + (["the analyses (or pass --no-analyses)"] if analyses else [])
     if needs and not denoiser:
         raise InputError(f"{', '.join(needs)} need --denoiser")
@@ -308,6 +324,10 @@ def shift_tables(rows: list[dict], modes, severities, frost: str | None = None) 
              "Top-1 accuracy in %. Cells: mean +- std over the classifiers of a recipe (their seeds); each "
              "classifier's value is the mean over the corruptions (and severities). DE = DiffAug-Ensemble, "
              "DDA-SE = mean softmax of the image and its DDA adaptation.", ""]
+    names = list(dict.fromkeys(r["corruption"] for r in corrupted))
+    if names and set(names) != set(CORRUPTIONS):  # say what the means are over when not ImageNet-C's 15
+        lines += [f"Corrupted means are over {len(names)} corruptions: {', '.join(names)} "
+                  f"({len(set(names) & set(CORRUPTIONS))} of the 15 standard).", ""]
     if frost:
         lines += [f"Frost (corrupted on the fly) blends {frost}.", ""]
     lines += _mode_table(rows, modes, lambda r: r["corruption"] != CLEAN and r["severity"] == top,
@@ -316,7 +336,6 @@ def shift_tables(rows: list[dict], modes, severities, frost: str | None = None) 
         lines += _mode_table(rows, modes, lambda r: r["corruption"] != CLEAN,
                              f"Corrupted, mean over severities {', '.join(map(str, severities))}")
     lines += _mode_table(rows, modes, lambda r: r["corruption"] == CLEAN, "Clean")
-    names = list(dict.fromkeys(r["corruption"] for r in corrupted))
     if names:  # every row of a recipe x mode x corruption (its classifiers and severities) counts once
         summary = summarize(corrupted, ("recipe", "mode", "corruption"), ("classifier", "severity"), "accuracy")
         cells = [[recipe, label, *(f"{100 * lookup(summary, recipe=recipe, mode=m, corruption=c)['mean']:.1f}"
@@ -434,7 +453,7 @@ class _Source:
     def open(self, test, models, den, progress: bool) -> dict:
         """Read or open the data and check the models on a probe batch; returns the models matched to its classes."""
         from ..data import load_corrupted, open_corrupted
-        from .sets import at_size, eval_view, open_eval_folder, probe
+        from .sets import at_size, eval_view, open_eval_folder, probe, trained_subset
 
         data, names, severities, size = self.data, self.names, self.severities, self.size
         if test is not None:  # in memory, as before (resized only when the classifiers were trained at another size)
@@ -453,8 +472,10 @@ class _Source:
                                    first.num_classes, f"{data} ({names[0]})")
             _check_imagenet_c(data, names, severities, self.reference_classes)
             return models
-        self.clean = eval_view(open_eval_folder(data, models, channels=self.channels,
-                                                verbose=progress and int(os.environ.get("RANK", "0")) == 0), size)
+        folder = open_eval_folder(data, models, channels=self.channels,
+                                  verbose=progress and int(os.environ.get("RANK", "0")) == 0)
+        subset = trained_subset(models, data)  # classifiers trained with --classes: the classes they know
+        self.clean = eval_view(folder.with_classes(subset) if subset else folder, size)
         self.keep = _stratified_subset(self.clean.labels, self.limit)
         return _check_shapes(models, den, probe(self.clean).to(self.device), self.clean.classes,
                              self.clean.num_classes, str(data))
