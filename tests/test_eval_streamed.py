@@ -340,3 +340,24 @@ def test_classifiers_trained_on_some_classes_are_scored_on_those_classes_of_thei
     assert main(["eval-shift", "--data", str(world["tree"]), "--classifier", str(sub), str(world["clf"]), "--modes",
                  "default", "--corruptions", "fog", "--no-analyses", "--out", str(tmp_path / "mixed")]) == 2
     assert "trained on different classes" in capsys.readouterr().err
+
+
+def test_the_evaluations_can_skip_a_broken_file(world, tmp_path, capsys):
+    """A truncated JPEG in an OOD folder (scraped sets often hold some) stops eval-ood naming it and the flag that
+    skips it; --on-bad-file skip (eval-ood, eval-shift, certify) scores the next image in its place."""
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(ood / f"{i}.jpg")
+    data = (ood / "1.jpg").read_bytes()
+    (ood / "1.jpg").write_bytes(data[: len(data) // 2])
+    args = ["--data", str(world["tree"]), "--classifier", str(world["clf"]), "--workers", "0"]
+    assert main(["eval-ood", *args, "--ood", str(ood), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "1.jpg" in err and "--on-bad-file skip of train, eval-shift, eval-ood and certify" in err
+    assert main(["eval-ood", *args, "--ood", str(ood), "--on-bad-file", "skip", "--out", str(tmp_path / "b")]) == 0
+    assert "1.jpg" in capsys.readouterr().err  # each skipped file is named
+    for command in (["eval-shift", "--modes", "default", "--corruptions", "fog", "--severities", "1",
+                     "--no-analyses"], ["certify", "--sigma", "0.25", "--n", "10", "--n0", "2", "--limit", "2"]):
+        assert main([*command, *args, "--on-bad-file", "skip", "--out", str(tmp_path / command[0]), "--quiet"]) == 0

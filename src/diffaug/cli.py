@@ -79,7 +79,8 @@ def cmd_certify(args) -> None:
                         n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
                         limit=args.limit, seed=args.seed, out=args.out, device=_device(args.device),
                         progress=not args.quiet, speed=_speed(args), sequential=args.sequential,
-                        max_n=args.max_n, image_size=args.image_size, workers=args.workers).text
+                        max_n=args.max_n, image_size=args.image_size, workers=args.workers,
+                        on_bad_file=args.on_bad_file).text
     if table:
         print(table)
 
@@ -89,7 +90,8 @@ def cmd_eval_ood(args) -> None:
 
     print(run_eval_ood(data=args.data, classifiers=args.classifier, ood=args.ood, seed=args.seed, out=args.out,
                        device=_device(args.device), search_percentile=args.search_percentile, speed=_speed(args),
-                       image_size=args.image_size, workers=args.workers, image_root=args.image_root).text)
+                       image_size=args.image_size, workers=args.workers, image_root=args.image_root,
+                       on_bad_file=args.on_bad_file).text)
 
 
 def cmd_eval_shift(args) -> None:
@@ -101,7 +103,8 @@ def cmd_eval_shift(args) -> None:
                            de_step=args.de_step, dda_t=args.dda_t, dda_steps=args.dda_steps,
                            dda_scale=args.dda_scale, dda_downsample=args.dda_downsample, dda_norm=args.dda_norm,
                            analyses=not args.no_analyses, progress=not args.quiet, speed=_speed(args),
-                           frost_images=args.frost_images, image_size=args.image_size, workers=args.workers).text
+                           frost_images=args.frost_images, image_size=args.image_size, workers=args.workers,
+                           on_bad_file=args.on_bad_file).text
     if table:
         print(table)
 
@@ -226,6 +229,9 @@ def _add_eval_data(p: argparse.ArgumentParser) -> None:
                    help="evaluate at this input size (default: the size in the classifier's model.json; image "
                         "folders are brought to it by Resize(size / 0.875) + CenterCrop(size))")
     _add_workers(p)
+    p.add_argument("--on-bad-file", dest="on_bad_file", choices=("error", "skip"), default="error",
+                   help="an unreadable or truncated image in a streamed folder: stop naming it (error, default) or "
+                        "score the next image in its place, each one named on stderr (skip)")
 
 
 def _add_workers(p: argparse.ArgumentParser) -> None:

@@ -66,8 +66,9 @@ def decode_image(path: str | os.PathLike, channels: int = 3):
                                        .clip(0, 255).astype(np.uint8), "L")
             return im.convert("L" if channels == 1 else "RGB")
     except _DECODE_ERRORS as e:
-        raise BadImageError(f"cannot read image {path}: {e}; remove or replace the file (`diffaug train "
-                            "--on-bad-file skip` and the Python loaders' on_bad_file='skip' skip such files)") from None
+        raise BadImageError(f"cannot read image {path}: {e}; remove or replace the file (--on-bad-file skip of "
+                            "train, eval-shift, eval-ood and certify, and the Python loaders' on_bad_file='skip', "
+                            "skip such files)") from None
 
 
 def _pil_to_uint8(im) -> torch.Tensor:

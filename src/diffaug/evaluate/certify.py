@@ -267,7 +267,8 @@ def _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequentia
     return n, radii
 
 
-def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size, workers, progress):
+def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size, workers, progress,
+                  on_bad_file="error"):
     """Load the data (in memory or streamed), the classifiers (keyed by :func:`diffaug.evaluate.sets.folder_keys`) and
     the denoiser, and build every :class:`Smooth`, before any work; returns ``(images, labels, in_memory, models,
     den, smooths)``."""
@@ -290,7 +291,8 @@ def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size
         first = images[:1]
     else:
         channels = next(iter(models.values())).spec.get("channels", 3)
-        folder = open_eval_folder(data, models, channels=channels, verbose=progress and main_process())
+        folder = open_eval_folder(data, models, channels=channels, verbose=progress and main_process(),
+                                  on_bad_file=on_bad_file)
         view = eval_view(folder.with_classes(subset) if subset else folder, size)
         images, labels, classes = StreamedImages(view, device, workers), view.labels, view.classes
         first = images[0][None]
@@ -308,7 +310,8 @@ def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size
 def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigmas: list[float], n0: int, n: int,
                 alpha: float, batch_size: int, skip: int, limit: int | None, seed: int, out: str | Path,
                 device: str = "cpu", progress: bool = True, speed=None, sequential: bool = False,
-                max_n: int | None = None, image_size: int | None = None, workers: int | None = None) -> JobResult:
+                max_n: int | None = None, image_size: int | None = None, workers: int | None = None,
+                on_bad_file: str = "error") -> JobResult:
     """The CLI's job: every classifier x sigma, sharded over torchrun ranks, resumable.
 
     Returns a :class:`~diffaug.tables.JobResult`: the rows of :func:`certify_rows` (certified accuracy per
@@ -329,7 +332,8 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
     n, radii = _check_certify_args(sigmas, n0, n, alpha, batch_size, skip, limit, sequential, max_n, workers)
     images, labels, in_memory, models, den, smooths = _load_certify(data, classifiers, denoiser, sigmas, device,
-                                                                    speed, image_size, workers, progress)
+                                                                    speed, image_size, workers, progress,
+                                                                    on_bad_file)
     common = {"data": _path_setting(data), "denoiser": _path_setting(denoiser), "n0": n0, "n": n, "alpha": alpha,
               "batch_size": batch_size, "seed": seed, "sequential": sequential, "image_size": image_size,
               "radii": [float(r) for r in radii] if sequential else None,

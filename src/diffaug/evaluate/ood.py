@@ -52,7 +52,7 @@ def fit_split(splits: dict, seed: int = 0):
 
 
 def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int, channels: int, seed: int,
-              *, lazy_test=None, image_root: str | None = None):
+              *, lazy_test=None, image_root: str | None = None, on_bad_file: str = "error"):
     """``{name: (group, images)}``: an in-memory tensor, or a lazy source (a streamed folder or image list);
     every set is checked for emptiness and shape before any scoring. ``lazy_test``: the streamed ID test split
     (for ``holdout`` on a folder)."""
@@ -86,13 +86,13 @@ def _ood_sets(names: list[str], data: str, classes: list[int] | None, size: int,
             key, path = keys[path], Path(path)
             if path.is_file():  # an OpenOOD image list: relative/path [label] per line
                 root = Path(image_root) if image_root else path.parent
-                sets[key] = (group, ImageList(path, root, channels=channels))
+                sets[key] = (group, ImageList(path, root, channels=channels, on_bad_file=on_bad_file))
             elif not path.exists():
                 what = (f"OOD folder {path} does not exist" if len(path.parts) > 1 or name.startswith("near=")
                         else f"unknown OOD set {name!r}")  # a path-like name is a missing folder, not a set name
                 raise InputError(f"{what}: use holdout, {', '.join(FAR_OOD_SETS)}, a folder or an image list file")
             else:  # streamed, whatever the ID data: a flat folder, images/<class>/, or class folders
-                sets[key] = (group, open_unlabelled(path, channels=channels))
+                sets[key] = (group, open_unlabelled(path, channels=channels, on_bad_file=on_bad_file))
     for name, (_, images) in sets.items():
         if not isinstance(images, torch.Tensor):
             continue  # lazy: brought to the ID size by the evaluation transform
@@ -119,8 +119,8 @@ def _set_features(scorer: OODScorer, images, view, batch_size: int, workers, dev
 
 def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int, device,
                         search: bool = False, speed=None, *, image_size: int | None = None,
-                        workers: int | None = None, image_root: str | None = None, batch_size: int = 256
-                        ) -> list[dict]:
+                        workers: int | None = None, image_root: str | None = None, batch_size: int = 256,
+                        on_bad_file: str = "error") -> list[dict]:
     """Rows ``{classifier, recipe, score, set, group, auroc, fpr95, aupr_in, aupr_out}`` for one classifier.
 
     ``digits`` / CIFAR-10 are held in memory (as before); any other ``data`` folder is streamed (its val and test
@@ -147,7 +147,7 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
         view = functools.partial(eval_view, size=H, whole=native)
     else:
         C = model.spec.get("channels", 3)
-        splits = open_splits(data, channels=C)
+        splits = open_splits(data, channels=C, on_bad_file=on_bad_file)
         lazy_test = splits["test"]
         val_set, test_set = fit_split(splits, seed), splits["test"]
         if classes is not None:
@@ -165,7 +165,8 @@ def evaluate_classifier(folder: str, data: str, ood: list[str] | None, seed: int
         raise InputError(f"classifier {folder} takes {model.spec['channels']}-channel images, the ID data has {C} "
                          "channels")
     names = ood if ood else (["holdout"] if classes else []) + (list(FAR_OOD_SETS) if lazy_test is None else ["noise"])
-    sets = _ood_sets(names, data, classes, H, C, seed, lazy_test=lazy_test, image_root=image_root)
+    sets = _ood_sets(names, data, classes, H, C, seed, lazy_test=lazy_test, image_root=image_root,
+                     on_bad_file=on_bad_file)
     rows = []
     probe = OODScorer(model, "msp")
     feats = {key: _set_features(probe, images, view, batch_size, workers, device, key) for key, images in
@@ -216,7 +217,8 @@ def ood_tables(rows: list[dict]) -> str:
 
 def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, seed: int, out: str | Path,
                  device: str = "cpu", search_percentile: bool = False, speed=None, image_size: int | None = None,
-                 workers: int | None = None, image_root: str | None = None, batch_size: int = 256) -> JobResult:
+                 workers: int | None = None, image_root: str | None = None, batch_size: int = 256,
+                 on_bad_file: str = "error") -> JobResult:
     """Evaluate every classifier; write ``out/results.csv`` (every number) and ``out/table.md``; returns a
     :class:`~diffaug.tables.JobResult` (those rows and the table's text).
 
@@ -229,7 +231,7 @@ def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, se
     rows = [r for c in classifiers
             for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile, speed,
                                          image_size=image_size, workers=workers, image_root=image_root,
-                                         batch_size=batch_size)]
+                                         batch_size=batch_size, on_bad_file=on_bad_file)]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", rows)
     text = ood_tables(rows)

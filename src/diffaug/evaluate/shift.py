@@ -441,6 +441,7 @@ class _Source:
     clean_images: torch.Tensor | None = None
     clean_labels: torch.Tensor | None = None
     reference_classes: list | None = None
+    on_bad_file: str = "error"
 
     @property
     def streamed(self) -> bool:
@@ -466,13 +467,14 @@ class _Source:
             return _check_shapes(models, den, at_size(probe_set.images[:1], size), None, probe_set.num_classes,
                                  f"{data} ({names[0]})")  # by count, as before
         if self.layout == "imagenet-c":
-            first = open_corrupted(data, names[0], severities[0], channels=self.channels)
+            first = open_corrupted(data, names[0], severities[0], channels=self.channels,
+                                   on_bad_file=self.on_bad_file)
             self.reference_classes = first.classes  # every condition is labelled in this order
             models = _check_shapes(models, den, probe(eval_view(first, size)).to(self.device), first.classes,
                                    first.num_classes, f"{data} ({names[0]})")
             _check_imagenet_c(data, names, severities, self.reference_classes)
             return models
-        folder = open_eval_folder(data, models, channels=self.channels,
+        folder = open_eval_folder(data, models, channels=self.channels, on_bad_file=self.on_bad_file,
                                   verbose=progress and int(os.environ.get("RANK", "0")) == 0)
         subset = trained_subset(models, data)  # classifiers trained with --classes: the classes they know
         self.clean = eval_view(folder.with_classes(subset) if subset else folder, size)
@@ -507,6 +509,7 @@ class _Source:
             return
         if self.layout == "imagenet-c":
             ds = eval_view(open_corrupted(self.data, corruption, severity, channels=self.channels,
+                                          on_bad_file=self.on_bad_file,
                                           classes=self.reference_classes), self.size)
             yield from self.shard_batches(ds, _stratified_subset(ds.labels, self.limit), shard,
                                           f"{self.data}/{corruption}/{severity}")
@@ -586,7 +589,8 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
                    dda_t: int | None = None, dda_steps: int = 50, dda_scale: float = 6.0,
                    dda_downsample: int | None = None, dda_norm: str = "image", analyses: bool = True,
                    progress: bool = True, speed=None, frost_images: str | Path | None = None,
-                   image_size: int | None = None, workers: int | None = None) -> JobResult:
+                   image_size: int | None = None, workers: int | None = None, on_bad_file: str = "error"
+                   ) -> JobResult:
     """The CLI's job: every classifier x mode x corruption x severity (+ clean), sharded over torchrun ranks.
 
     Writes ``out/results.csv``, ``out/table.md`` and, with ``analyses``, ``de_vs_t.{csv,png}`` and
@@ -619,7 +623,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     members = ensemble_members(de_step)
     dda_kwargs = _dda_settings(den, members, dda_t, dda_steps, dda_scale, dda_downsample, dda_norm)
     src = _Source(data, layout, names, severities, limit, size, next(iter(models.values())).spec.get("channels", 3),
-                  seed, batch_size, device, workers, frost_images)
+                  seed, batch_size, device, workers, frost_images, on_bad_file=on_bad_file)
     models = src.open(test, models, den, progress)
     rows = _evaluate_conditions(src, models, den, modes, members, dda_kwargs, out, progress)
     if rows is None:
