@@ -225,3 +225,11 @@ def test_load_corrupted_refuses_a_severity_outside_1_to_5(tmp_path, severity):
     root = write_imagenet_c(tmp_path / "inc")
     with pytest.raises(InputError, match="severity must be a whole number in 1..5"):
         load_corrupted(root, "fog", severity)
+
+
+def test_an_image_list_is_relative_to_its_own_folder_by_default(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "test_x.txt").write_text("imgs/a.png 3\n")
+    listed = ImageList(tmp_path / "test_x.txt")
+    assert listed.samples == [(str(tmp_path / "imgs" / "a.png"), 3)]

@@ -389,14 +389,16 @@ def with_extra(source: ImageFiles, root: str | os.PathLike) -> ImageFiles:
 # ---------------------------------------------------------------------- image lists, OOD folders, ImageNet-C
 class ImageList(ImageFiles):
     """An OpenOOD-style image list: each line ``relative/path label`` (label optional: -1), paths relative
-    to ``root``. Every listed file must exist (checked at construction; the error names the line).
+    to ``root`` (default: the list's folder, as ``eval-ood --image-root``'s default). Every listed file must exist
+    (checked at construction; the error names the line).
 
     Classes are the distinct labels >= 0 as strings (``"0"``, ``"1"``, ...), in numeric order.
     """
 
-    def __init__(self, list_file: str | os.PathLike, root: str | os.PathLike, *, channels: int = 3,
+    def __init__(self, list_file: str | os.PathLike, root: str | os.PathLike | None = None, *, channels: int = 3,
                  on_bad_file: str = "error"):
-        list_file, root = Path(list_file), Path(root)
+        list_file = Path(list_file)
+        root = list_file.parent if root is None else Path(root)
         if not list_file.is_file():
             raise InputError(f"image list {list_file} does not exist")
         if not root.is_dir():

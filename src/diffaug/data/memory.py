@@ -132,7 +132,10 @@ def is_in_memory(spec: str | os.PathLike) -> bool:
 
 
 def load_dataset(spec: str | os.PathLike, split: str = "train") -> ImageDataset:
-    """``"digits"`` (one of its fixed splits) or an image folder (``split`` selects ``spec/split`` if present)."""
+    """``"digits"`` (one of its fixed splits) or an image folder (``split`` selects ``spec/split`` if present).
+    CIFAR-10 has a train and a test split only, as torchvision's ``CIFAR10``: its ``"val"`` is the train split (so
+    ``val_acc`` of a CIFAR-10 classifier is its accuracy on training images, and eval-ood fits ReAct's threshold
+    on training images, as the ReAct paper does)."""
     if str(spec) == "digits":
         return load_digits(split)
     root = Path(spec)
