@@ -112,9 +112,8 @@ def test_run_folder_policy(tmp_path):
     out = tmp_path / "run"
     for folder in (RunFolder(out, finished="model.json", outputs=("log.jsonl",), keep=2),
                    RunFolder(out, finished="model.json", outputs=("log.jsonl",), checkpoint_file="c.safetensors")):
-        folder.check(resume=False, force=False)  # a new folder
-        with pytest.raises(InputError, match="--resume given but .*; drop --resume to start a new run"):
-            folder.check(resume=True, force=False)
+        assert folder.check(resume=False, force=False) is False  # a new folder
+        assert folder.check(resume=True, force=False) is False  # nothing to resume yet: the run starts
         for step in (1, 2, 3):
             folder.checkpoint_path(step).parent.mkdir(parents=True, exist_ok=True)
             folder.checkpoint_path(step).write_bytes(b"x")
@@ -127,9 +126,13 @@ def test_run_folder_policy(tmp_path):
         (out / "log.jsonl").write_text("")
         with pytest.raises(InputError, match="holds a finished run; pass --force to overwrite it"):
             folder.check(resume=False, force=False)
-        folder.check(resume=True, force=False)
+        assert folder.check(resume=True, force=False) is True
         folder.check(resume=False, force=True)
         folder.clear()
+        (out / "model.json").write_text("{}")
+        with pytest.raises(InputError, match="holds a finished run without a checkpoint"):
+            folder.check(resume=True, force=False)
+        (out / "model.json").unlink()
         assert not folder.checkpoints() and not (out / "model.json").exists() and not (out / "log.jsonl").exists()
 
 
@@ -241,3 +244,41 @@ def test_train_guidance_sigterm_resume_and_force(tmp_path, monkeypatch):
     train_guidance(forced, tmp_path / "fresh", progress=False)
     _same_run(tmp_path / "fresh", tmp_path / "cut", ("guidance.safetensors", "checkpoint.safetensors"))
     assert [r["step"] for r in read_jsonl(tmp_path / "cut" / "log.jsonl")] == [1, 2]
+
+
+def test_a_second_writer_is_refused_and_resume_guards_its_checkpoint(tmp_path, capsys, monkeypatch):
+    """One writer per run folder (a resume started while the first run lives, or orphaned torchrun ranks);
+    --resume with no checkpoint yet starts the run; a checkpoint beyond --steps is refused; a damaged newest
+    checkpoint names the older one; a permission error is one line."""
+    from diffaug import cli
+    from diffaug.cli import main
+    from diffaug.train.classifier import TrainConfig, train_classifier
+    from diffaug.train.harness import LOCK_FILE, exclusive
+
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--recipe", "plain", "--steps", "4", "--checkpoint-every", "2", "--quiet",
+            "--out", str(out)]
+    with exclusive(out):
+        assert main([*args, "--resume"]) == 2
+        assert "another run is writing to" in capsys.readouterr().err
+    assert not out.exists()  # refused before any output: the folder the lock made is gone again
+    assert main([*args, "--resume"]) == 0  # a requeue script's first launch: nothing to resume, the run starts
+    assert "nothing to resume" in capsys.readouterr().err and (out / LOCK_FILE).exists()
+    assert main([*args[:-2], "--steps", "2", "--out", str(out), "--resume"]) == 2
+    assert "is at step 4, beyond --steps 2" in capsys.readouterr().err
+    cfg = TrainConfig(recipe="plain", steps=4, checkpoint_every=2, keep_checkpoints=2)
+    train_classifier(cfg, tmp_path / "two", progress=False)
+    newest = sorted((tmp_path / "two" / "checkpoints").iterdir())[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.raises(InputError, match="delete .*step-00000004.safetensors to resume from the previous checkpoint, "
+                                         "step-00000002.safetensors"):
+        train_classifier(TrainConfig(recipe="plain", steps=6, checkpoint_every=2, keep_checkpoints=2),
+                         tmp_path / "two", resume=True, progress=False)
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x" / "checkpoints" / "c.safetensors"))
+
+    monkeypatch.setitem(cli.COMMANDS, "toy", cli.COMMANDS["toy"]._replace(run=denied))
+    assert main(["toy", "--out", str(tmp_path / "t.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot write" in err and "c.safetensors: permission denied" in err and len(err.splitlines()) == 1

@@ -51,10 +51,12 @@ def test_train_writes_a_loadable_denoiser_and_resumes_exactly(tmp_path):
         assert torch.equal(load_denoiser(split).predict_x0(x, 10), den.predict_x0(x, 10))
 
 
-def test_resume_and_overwrite_errors(tmp_path):
-    with pytest.raises(InputError, match="does not exist; drop --resume"):
-        train_diffusion(tiny_cfg(), tmp_path / "none", resume=True, progress=False)
+def test_resume_and_overwrite_errors(tmp_path, capsys):
+    train_diffusion(tiny_cfg(steps=2), tmp_path / "none", resume=True, progress=False)  # nothing to resume: starts
+    assert "nothing to resume" in capsys.readouterr().err and (tmp_path / "none" / "diffaug.json").exists()
     train_diffusion(tiny_cfg(steps=4), tmp_path / "run", progress=False)
+    with pytest.raises(InputError, match="is at step 4, beyond --steps 2"):
+        train_diffusion(tiny_cfg(steps=2), tmp_path / "run", resume=True, progress=False)
     with pytest.raises(InputError, match="holds a finished run; pass --force"):
         train_diffusion(tiny_cfg(), tmp_path / "run", progress=False)
     with pytest.raises(InputError, match=r"differ from the run in .* \(lr\)"):

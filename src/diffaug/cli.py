@@ -12,6 +12,7 @@ the configs they build.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, NoReturn
@@ -519,6 +520,9 @@ def check_out(out: str | Path, is_file: bool, example: str = "out.png") -> None:
         if place.exists():
             if not place.is_dir():
                 raise InputError(f"--out {out}: {place} is a file, not a folder; give another --out")
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise InputError(f"--out {out}: {place} is not writable (permission denied); give another --out "
+                                 "or make it writable")
             return
 
 
@@ -582,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StorageError as e:
         print(f"diffaug {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except PermissionError as e:  # a part of --out made read-only after the checks (checkpoints/, say)
+        print(f"diffaug {args.command}: error: cannot write {e.filename}: permission denied; make it writable or "
+              "give another --out (a training run continues from its last checkpoint with --resume)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the training loops save and exit on SIGINT themselves; the other commands land here
         resumes = args.command in ("certify", "study")  # finished rows / stages are on disk

@@ -217,6 +217,7 @@ class _Streamed:
 MAY_CHANGE = ("steps", "epochs", "checkpoint_every", "keep_checkpoints", "workers")  # on --resume
 
 
+@harness.holds_run_folder
 def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
                      device: str | torch.device = "cpu", progress: bool = True) -> Classifier:
     """Train a classifier with ``cfg.recipe``; see the module docstring. Returns the trained model (eval mode).
@@ -235,13 +236,13 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     data = _ClassifierData(cfg, den, progress)
     folder = harness.RunFolder(out, finished="model.safetensors", outputs=(METRICS_FILE, "model.json"),
                                keep=cfg.keep_checkpoints)
-    folder.check(resume, force)
+    resume = folder.check(resume, force)
     diffaug = _diffaug(cfg, den, data.first, device)
     model = create_classifier(cfg.model, data.train.num_classes, data.first.shape[1], checkpoint_path=cfg.pretrained,
                               seed=cfg.seed, image_size=data.input_size).to(device)  # model.json records the size
     accel.accelerate(model, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
     cfg_json, defaults = dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig())
-    saved = harness.read_checkpoint(folder.checkpoints()[-1]) if resume else None
+    saved = folder.read_latest() if resume else None
     if saved is not None:
         saved.check_config(cfg_json, MAY_CHANGE, defaults, out)
 
@@ -258,7 +259,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     state = harness.TrainState({"model": model}, opt, sched, accel.grad_scaler(device, cfg.precision), gen)
     run = harness.Run(folder, state, harness.LossLog(out / METRICS_FILE, dist_info.main), cfg_json, "train",
                       dist_info, extra_meta=lambda rows: batches.skip_meta(rows, dist_info))
-    start = run.start(resume, force, CONFIG_FILE, MAY_CHANGE, defaults, final_key="test_acc", saved=saved)
+    start = run.start(resume, force, CONFIG_FILE, MAY_CHANGE, defaults, final_key="test_acc", saved=saved,
+                      total=total)
     if saved is not None:
         batches.skipped = int(saved.meta.get("bad_files_skipped", [0] * dist_info.world)[dist_info.rank])
 

@@ -118,6 +118,7 @@ def diffusion_loss(den: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torc
     return F.mse_loss(den.model_output(den.q_sample(x0, t, noise), t, y), noise)
 
 
+@harness.holds_run_folder
 def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
                     device: str | torch.device = "cpu", progress: bool = True) -> Denoiser:
     """Train an epsilon-prediction DDPM on ``cfg.data`` and save the EMA weights as a denoiser folder.
@@ -139,7 +140,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
                          "lower it")
     folder = harness.RunFolder(out_dir, finished="diffaug.json", outputs=("log.jsonl",),
                                checkpoint_file=CHECKPOINT_FILE)
-    folder.check(resume, force)
+    resume = folder.check(resume, force)
     check_batch_split(cfg.batch_size, world_size())
 
     device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
@@ -157,7 +158,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     run = harness.Run(folder, state, harness.LossLog(out_dir / "log.jsonl", dist_info.main), dataclasses.asdict(cfg),
                       "train-diffusion", dist_info)
     start = run.start(resume, force, "train_config.json", ("steps", "checkpoint_every", "workers", "sample_grid"),
-                      dataclasses.asdict(DiffusionTrainConfig()))
+                      dataclasses.asdict(DiffusionTrainConfig()), total=cfg.steps)
 
     den = Denoiser.from_diffusers(unet, scheduler, num_classes=num_classes, null_class=num_classes)
     accel.accelerate(den, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)

@@ -107,6 +107,7 @@ def consistency_loss(model: GuidanceClassifier, x0: torch.Tensor, delta: int, ge
     return F.cross_entropy(model.logits(inputs2, t2), target)
 
 
+@harness.holds_run_folder
 def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: bool = False, force: bool = False,
                    device: str | torch.device = "cpu", progress: bool = True) -> GuidanceClassifier:
     """Train a guidance classifier of ``cfg.kind`` on images diffused by ``cfg.denoiser``; see the module
@@ -116,7 +117,7 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     out_dir = Path(out_dir)
     folder = harness.RunFolder(out_dir, finished="metrics.json", outputs=("log.jsonl", WEIGHTS, SPEC),
                                checkpoint_file=CHECKPOINT)
-    folder.check(resume, force)
+    resume = folder.check(resume, force)
     check_batch_split(cfg.batch_size, world_size())
     device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
     den, train, test, streamed = _guidance_data(cfg, device, progress and main_process())
@@ -133,7 +134,7 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
     state = harness.TrainState({"net": model.net}, opt, sched, accel.grad_scaler(device, cfg.precision), gen)
     run = harness.Run(folder, state, harness.LossLog(out_dir / "log.jsonl", dist_info.main), dataclasses.asdict(cfg),
                       f"train-guidance ({cfg.kind})", dist_info)
-    start = run.start(resume, force, "train_config.json", ("checkpoint_every",),
+    start = run.start(resume, force, "train_config.json", ("checkpoint_every", "workers"),
                       dataclasses.asdict(GuidanceTrainConfig()))
     batch, extra_batch = _guidance_batches(cfg, den, train, labelled, unlabelled, streamed, start, device, dist_info)
     # the losses go through DDP's wrapper of the network, whose backward all-reduces the gradients

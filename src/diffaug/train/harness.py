@@ -4,8 +4,9 @@
 everything around it lives here once:
 
 * :class:`RunFolder`: where a run's checkpoints live (one file, or the last ``keep`` of ``checkpoints/step-*``)
-  and the folder policy: a new run needs a folder without a run, ``resume`` needs a checkpoint, ``force`` starts
-  over (removing the old run's checkpoints, log and final outputs).
+  and the folder policy: a new run needs a folder without a run, ``resume`` continues from a checkpoint (or starts
+  when there is none yet), ``force`` starts over (removing the old run's checkpoints, log and final outputs);
+  :func:`holds_run_folder` keeps a second writer out of the folder while a run lives.
 * One checkpoint layout (:class:`TrainState`): the tensors of each named module (``<name>.<key>``, e.g. ``model.``
   and ``ema.``), the optimizer state (``optim.<param>.<key>``) and one generator state per rank
   (``rng.rank<r>``); the JSON metadata holds the step, the run's config, the optimizer's param groups, the LR
@@ -22,8 +23,11 @@ everything around it lives here once:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +38,10 @@ from torch import nn
 
 from ..errors import InputError
 from ..utils import accel, checkpoint as ckpt
-from ..utils.distributed import Dist, any_rank, gather_objects
+from ..utils.distributed import Dist, any_rank, gather_objects, main_process
 
 CKPT_DIR = "checkpoints"
+LOCK_FILE = ".lock"  # held (flock) by the process that writes the run folder
 
 
 # ---------------------------------------------------------------------- the run folder
@@ -71,19 +76,38 @@ class RunFolder:
             return self.out / self.checkpoint_file
         return self.out / CKPT_DIR / f"step-{step:08d}.safetensors"
 
-    def check(self, resume: bool, force: bool) -> None:
-        """The folder policy, checked before any work: one-line :class:`InputError` naming the fix."""
+    def check(self, resume: bool, force: bool) -> bool:
+        """The folder policy, checked before any work: one-line :class:`InputError` naming the fix. Returns whether
+        the run resumes: ``resume`` on a folder with no checkpoint yet and no finished run (a run killed before its
+        first checkpoint, or a first launch by a requeue script that always passes ``--resume``) starts the run,
+        saying so."""
         started = bool(self.checkpoints())
         finished = (self.out / self.finished).exists()
         if resume and not started:
-            where = (f"{self.out / self.checkpoint_file} does not exist" if self.checkpoint_file is not None
-                     else f"{self.out / CKPT_DIR} holds no checkpoint")
-            raise InputError(f"--resume given but {where}; drop --resume to start a new run")
+            if finished:
+                raise InputError(f"--resume given but {self.out} holds a finished run without a checkpoint; pass "
+                                 "--force to start over or choose another --out")
+            if main_process():
+                print(f"nothing to resume in {self.out} (no checkpoint yet): starting the run", file=sys.stderr)
+            return False
         if finished and not (force or resume):
             raise InputError(f"{self.out} holds a finished run; pass --force to overwrite it or choose another --out")
         if started and not (resume or force):
             raise InputError(f"{self.out} holds an unfinished run; pass --resume to continue it or --force to start "
                              "over")
+        return resume
+
+    def read_latest(self) -> "Checkpoint":
+        """The newest checkpoint, read; a damaged one is named with the way out (an older intact checkpoint, where
+        one is kept, after deleting it)."""
+        found = self.checkpoints()
+        try:
+            return read_checkpoint(found[-1])
+        except InputError as e:
+            if len(found) < 2:
+                raise
+            raise InputError(f"{e} (or delete {found[-1]} to resume from the previous checkpoint, "
+                             f"{found[-2].name})") from None
 
     def clear(self) -> None:
         """Remove a previous run's checkpoints, log and final outputs (``force``)."""
@@ -95,6 +119,56 @@ class RunFolder:
         if self.checkpoint_file is None:
             for old in self.checkpoints()[: -self.keep]:
                 old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive(out: str | os.PathLike):
+    """Hold the run folder ``out`` for one writer while the block runs: an ``flock`` on ``out/.lock`` (released by
+    the kernel whatever ends the process, SIGKILL included). A second run into the same folder (a resume started
+    while the first still runs, or ranks of a torchrun whose launcher was killed) is refused in one line. Only the
+    main process takes it (the other ranks of a run write no shared file); where ``fcntl`` is missing (Windows)
+    nothing is locked. A folder this made and nothing else wrote to is removed again."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    out = Path(out)
+    if fcntl is None or not main_process() or (out.exists() and not out.is_dir()):  # a file: the checks name it
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise InputError(f"another run is writing to {out} (process {holder}); wait for it to end or stop it, "
+                             "then run again (a torchrun whose launcher was killed leaves its ranks running: stop "
+                             "them too)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # refused before any output
+                path.unlink(missing_ok=True)
+                out.rmdir()
+
+
+def holds_run_folder(train: Callable) -> Callable:
+    """A training function ``train(cfg, out_dir, ...)`` run under :func:`exclusive` on ``out_dir``."""
+    @functools.wraps(train)
+    def run(cfg, out_dir, *args, **kwargs):
+        with exclusive(out_dir):
+            return train(cfg, out_dir, *args, **kwargs)
+
+    return run
 
 
 def check_checkpointing(checkpoint_every: int, keep: int = 1) -> None:
@@ -247,13 +321,17 @@ class Run:
     extra_meta: Callable[[list[dict]], dict] | None = None  # at a save: more metadata (may annotate the rows)
 
     def start(self, resume: bool, force: bool, config_file: str, may_change: tuple[str, ...], defaults: dict,
-              final_key: str | None = None, saved: Checkpoint | None = None) -> int:
+              final_key: str | None = None, saved: Checkpoint | None = None, total: int | None = None) -> int:
         """Restore the latest checkpoint (``resume``) or start a new run (writing the config); returns the step.
-        ``saved``: the checkpoint, if the caller read it earlier (e.g. to check its config before any work)."""
+        ``saved``: the checkpoint, if the caller read it earlier (e.g. to check its config before any work).
+        ``total``: the run's steps, which a resumed checkpoint must not be beyond."""
         if resume:
-            saved = saved or read_checkpoint(self.folder.checkpoints()[-1])
+            saved = saved or self.folder.read_latest()
             saved.check_config(self.config, may_change, defaults, self.folder.out)
             saved.check_world(self.dist, self.folder.out)
+            if total is not None and saved.step > total:
+                raise InputError(f"the checkpoint in {self.folder.out} is at step {saved.step}, beyond --steps "
+                                 f"{total}; resume with --steps >= {saved.step}")
             step = self.state.restore(saved, self.dist.rank)
             self.log.start(step, final_key)
             return step
@@ -309,7 +387,7 @@ def run_steps(run: Run, start: int, total: int, step_fn: Callable[[int], dict], 
                 if interrupted:
                     if run.dist.main:
                         print(f"{run.name}: stopped by signal at step {step + 1}; checkpoint saved, continue with "
-                              "--resume")
+                              "the same command and --resume (a study: the same command)")
                     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         finally:
             bar.close()
