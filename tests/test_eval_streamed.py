@@ -361,3 +361,14 @@ def test_the_evaluations_can_skip_a_broken_file(world, tmp_path, capsys):
     for command in (["eval-shift", "--modes", "default", "--corruptions", "fog", "--severities", "1",
                      "--no-analyses"], ["certify", "--sigma", "0.25", "--n", "10", "--n0", "2", "--limit", "2"]):
         assert main([*command, *args, "--on-bad-file", "skip", "--out", str(tmp_path / command[0]), "--quiet"]) == 0
+
+
+def test_certify_names_a_corrupted_root_with_the_condition_to_give(world, tmp_path, capsys):
+    assert main(["certify", "--data", str(world["inc"]), "--classifier", str(world["clf"]), "--sigma", "0.25",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "ImageNet-C root" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (tmp_path / "c10c").mkdir()
+    np.save(tmp_path / "c10c" / "labels.npy", np.zeros(5, np.uint8))
+    assert main(["certify", "--data", str(tmp_path / "c10c"), "--classifier", str(world["clf"]), "--sigma", "0.25",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "CIFAR-10-C .npy files, which certify does not read" in capsys.readouterr().err

@@ -273,13 +273,20 @@ def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size
     the denoiser, and build every :class:`Smooth`, before any work; returns ``(images, labels, in_memory, models,
     den, smooths)``."""
     from ..classifier import load_classifier
-    from ..data import is_in_memory, load_dataset
+    from ..data import corrupted_layout, is_in_memory, load_dataset
     from ..denoiser import load_denoiser
     from ..data import subset_classes
     from .sets import (at_size, check_denoiser_on, eval_size, eval_view, folder_keys, match_classes,
                        open_eval_folder, trained_subset)
 
     in_memory = is_in_memory(data)
+    layout = None if in_memory else corrupted_layout(data)
+    if layout == "imagenet-c":
+        raise InputError(f"{data} is an ImageNet-C root (corruption/severity/class/image); certify takes one "
+                         f"condition as a class folder: --data {Path(data) / '<corruption>' / '<severity>'}")
+    if layout == "cifar10-c":
+        raise InputError(f"{data} holds CIFAR-10-C .npy files, which certify does not read; certify clean CIFAR-10 "
+                         "(its cifar-10-batches-py folder) or an image folder")
     test = load_dataset(data, "test") if in_memory else None
     keys = folder_keys(classifiers)  # a unique short name each (runs/a/s0, runs/b/s0 -> a/s0, b/s0), before any work
     models = {key: load_classifier(c, device=device, speed=speed) for key, c in zip(keys, classifiers)}
