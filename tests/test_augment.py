@@ -273,6 +273,8 @@ def test_the_denoiser_is_held_not_a_submodule(den, images):
     assert den.dtype == torch.float64 and den.alpha_bar.dtype == torch.float32
     model.train()
     assert not den.training
+    model.aug.denoiser = tiny_denoiser()  # replaced later: still held, not a submodule
+    assert list(model.state_dict()) == ["head.weight", "head.bias"]
 
 
 def test_validate_false_still_checks_type_shape_size_and_labels(den, cond_den, images):
@@ -285,6 +287,10 @@ def test_validate_false_still_checks_type_shape_size_and_labels(den, cond_den, i
         aug(torch.rand(2, 3, 8, 8))
     with pytest.raises(InputError, match="is on meta but the denoiser is on cpu"):
         aug(torch.empty(2, 1, 8, 8, device="meta"))
+    far = tiny_denoiser().to("meta")  # a denoiser on an accelerator, say
+    far.check_images(images)  # a probe batch may be checked on the host ...
+    with pytest.raises(InputError, match="is on cpu but the denoiser is on meta"):
+        DiffAug(far)(images)  # ... but the network runs where it is
     aug(images * 3)  # only the values go unchecked (the check that waits for a GPU)
     with pytest.raises(InputError, match=r"class labels must lie in \[0, 10\)"):
         DiffAug(cond_den, cond_weight=1.0)(images, torch.full((6,), 11))  # validate=True checks labels too

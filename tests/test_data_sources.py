@@ -218,6 +218,16 @@ def test_symlinked_ood_folders_are_followed(tmp_path):
     (tmp_path / "ood").mkdir()
     (tmp_path / "ood" / "banded").symlink_to(real, target_is_directory=True)
     assert len(open_unlabelled(tmp_path / "ood")) == 1
+    (real / "loop").symlink_to(tmp_path / "real", target_is_directory=True)  # a link back up: read once
+    assert len(open_unlabelled(tmp_path / "ood")) == 1
+
+
+def test_a_split_may_lack_a_class_s_images_where_train_has_them(tmp_path):
+    root = make_tree(tmp_path / "t", per_class={"train": 2, "val": 1}, odd_files=False)
+    for f in (root / "val" / WNIDS[0]).iterdir():
+        f.unlink()
+    sets = open_splits(root)
+    assert sets["val"].classes == sets["train"].classes and len(sets["val"]) == len(WNIDS) - 1
 
 
 @pytest.mark.parametrize("severity", [0, 6, -1, "2", 2.0, True])

@@ -372,3 +372,29 @@ def test_certify_names_a_corrupted_root_with_the_condition_to_give(world, tmp_pa
     assert main(["certify", "--data", str(tmp_path / "c10c"), "--classifier", str(world["clf"]), "--sigma", "0.25",
                  "--out", str(tmp_path / "o")]) == 2
     assert "CIFAR-10-C .npy files, which certify does not read" in capsys.readouterr().err
+
+
+def test_certify_records_the_label_of_the_image_it_scored_when_a_bad_file_is_skipped(tmp_path):
+    """--on-bad-file skip scores the next image in place of a bad one: the row must carry that image's label."""
+    from diffaug import Smooth
+    from diffaug.data import ImageFiles
+    from diffaug.evaluate.certify import StreamedImages, certify_images
+    from diffaug.evaluate.sets import eval_view
+
+    for name in ("a", "bad", "b"):
+        Image.fromarray(np.full((8, 8), 60, np.uint8)).save(tmp_path / f"{name}.jpg")
+    data = (tmp_path / "bad.jpg").read_bytes()
+    (tmp_path / "bad.jpg").write_bytes(data[: len(data) // 2])
+    files = ImageFiles([(str(tmp_path / "a.jpg"), 0), (str(tmp_path / "bad.jpg"), 0), (str(tmp_path / "b.jpg"), 1)],
+                       ["a", "b"], channels=1, on_bad_file="skip")
+    view = eval_view(files, None)
+
+    class One(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0]]).expand(x.shape[0], 2)
+
+    out = tmp_path / "c.tsv"
+    certify_images(Smooth(One(), 2, 0.25), StreamedImages(view, "cpu", 0), view.labels, out, n0=2, n=20,
+                   alpha=0.001, batch_size=20, seed=0, indices=[1])
+    (row,) = _rows_tsv(out)
+    assert row["idx"] == "1" and row["label"] == "1" and row["correct"] == "1"  # b.jpg's label, not bad.jpg's 0

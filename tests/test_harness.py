@@ -281,4 +281,18 @@ def test_a_second_writer_is_refused_and_resume_guards_its_checkpoint(tmp_path, c
     monkeypatch.setitem(cli.COMMANDS, "toy", cli.COMMANDS["toy"]._replace(run=denied))
     assert main(["toy", "--out", str(tmp_path / "t.png")]) == 1
     err = capsys.readouterr().err.strip()
-    assert "cannot write" in err and "c.safetensors: permission denied" in err and len(err.splitlines()) == 1
+    assert "permission denied: " in err and "c.safetensors; make it accessible" in err and len(err.splitlines()) == 1
+
+
+def test_a_file_system_without_flock_runs_unguarded_with_a_note(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    from diffaug.train.harness import exclusive
+
+    def no_flock(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with exclusive(tmp_path / "run"):
+        (tmp_path / "run" / "x").write_text("written")
+    assert "cannot be locked on this file system" in capsys.readouterr().err

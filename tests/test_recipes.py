@@ -119,6 +119,8 @@ def test_a_copy_of_the_recipe_shares_its_frozen_diffaug_and_copies_the_model():
     twin = copy.deepcopy(recipe)
     assert twin.diffaug is aug and twin.model is not model
     assert type(twin) is type(recipe) and twin.name == recipe.name
+    aug_copy, recipe_copy = copy.deepcopy((aug, recipe))  # copied together: the recipe uses the copy it made
+    assert aug_copy is not aug and recipe_copy.diffaug is aug_copy
     x, y = _batch()
     torch.testing.assert_close(twin(x, y, torch.Generator().manual_seed(4)),
                                recipe(x, y, torch.Generator().manual_seed(4)))

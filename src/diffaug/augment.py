@@ -92,6 +92,7 @@ def diffuse_denoise(den: Denoiser, x: torch.Tensor, t: torch.Tensor | int, noise
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     den.check_images(x, values=validate)
+    den.check_device(x)
     if noise.shape != x.shape:  # shapes are host metadata: no sync
         raise InputError(f"noise {tuple(noise.shape)} must have the shape of x {tuple(x.shape)}; draw it with "
                          "torch.randn_like(x)")
@@ -163,12 +164,18 @@ class DiffAug(nn.Module):
         if cond_weight < 1 and denoiser.is_conditional and denoiser.null_class is None:
             raise InputError("this conditional denoiser has no null label, so it cannot run unconditionally; "
                              "set cond_weight=1")
-        self.__dict__["denoiser"] = denoiser.requires_grad_(False).eval()  # not a submodule: see the docstring
+        self.denoiser = denoiser.requires_grad_(False).eval()  # held, not a submodule: see the docstring
         self.t_min, self.t_max = resolve_t_range(denoiser, t_range, fraction_range, sigma_range)
         self.sampler = sampler
         self.cond_weight = float(cond_weight)
         self.clip = clip
         self.validate = validate
+
+    def __setattr__(self, name, value):
+        if name == "denoiser":  # held, not a submodule, also when replaced later
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def train(self, mode: bool = True) -> "DiffAug":
         super().train(mode)
@@ -212,6 +219,7 @@ class DiffAug(nn.Module):
             return_t: also return the drawn timesteps ``[N]``.
         """
         self.denoiser.check_images(x, values=self.validate)
+        self.denoiser.check_device(x)
         if y is not None:  # checked before any draw (the range check only with validate)
             y = self.denoiser._labels(y, x.shape[0], x.device, self.validate)
         t, noise = self.draw(x, generator)

@@ -587,9 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"diffaug {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except PermissionError as e:  # a part of --out made read-only after the checks (checkpoints/, say)
-        print(f"diffaug {args.command}: error: cannot write {e.filename}: permission denied; make it writable or "
-              "give another --out (a training run continues from its last checkpoint with --resume)", file=sys.stderr)
+    except PermissionError as e:  # a part of --out made read-only after the checks (checkpoints/, say), or an input
+        print(f"diffaug {args.command}: error: permission denied: {e.filename}; make it accessible (or give another "
+              "--out; a training run continues from its last checkpoint with --resume)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the training loops save and exit on SIGINT themselves; the other commands land here
         resumes = args.command in ("certify", "study")  # finished rows / stages are on disk

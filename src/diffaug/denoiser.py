@@ -189,9 +189,10 @@ class Denoiser(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def check_images(self, x: torch.Tensor, name: str = "x", *, values: bool = True) -> None:
-        """Raise :class:`InputError` unless ``x`` is a float ``[N, C, H, W]`` batch in [0, 1] this model accepts, on
-        its device. ``values=False`` skips the check of the values (range, NaN), the only one that makes a GPU
-        wait for the host; type, shape, channels, size and device are always checked."""
+        """Raise :class:`InputError` unless ``x`` is a float ``[N, C, H, W]`` batch in [0, 1] this model accepts.
+        ``values=False`` skips the check of the values (range, NaN), the only one that makes a GPU wait for the
+        host; type, shape, channels and size are always checked. (The device is checked where the network runs,
+        :meth:`check_device`: a probe batch may be checked on the host.)"""
         check_image_batch(x, name)
         if x.shape[1] != self.channels:
             raise InputError(
@@ -204,7 +205,6 @@ class Denoiser(nn.Module):
                    if h == w and self.accepts_size(int(h)) else "resize the images first")
             raise InputError(f"{name} is {h}x{w} but the denoiser was built for "
                              f"{self.image_size[0]}x{self.image_size[1]}; {fix}")
-        self.check_device(x, name)
         if values:
             check_image_values(x, name)
 

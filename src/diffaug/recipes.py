@@ -104,7 +104,7 @@ class Recipe(nn.Module):
         # a copy (an EMA of the recipe, say) shares the DiffAug: it is frozen, never trained, and its denoiser
         # may be large (ADM-256: 2.2 GB); everything else is copied as usual
         if self.diffaug is not None:
-            memo[id(self.diffaug)] = self.diffaug
+            memo.setdefault(id(self.diffaug), self.diffaug)  # unless this copy already copied it (a tuple with it)
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         copied.__setstate__(copy.deepcopy(self.__dict__, memo))

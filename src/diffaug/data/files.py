@@ -90,9 +90,14 @@ def _images_under(folder: Path) -> list[Path]:
     """Image files under ``folder`` at any depth, sorted (deterministic across machines); symlinked folders are
     followed (as torchvision's ``make_dataset``: OOD collections are often assembled from links), hidden ones
     skipped."""
-    found = []
+    found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        real = os.path.realpath(top)
+        if real in seen:  # a link back to a folder already read (a loop, or two links to one folder): once only
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(top, f) for f in files if not f.startswith(".") and is_image(Path(top, f))]
     return sorted(p for p in found if p.is_file())
 
@@ -200,7 +205,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------- class folders and split layouts
 def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str = "error",
-                classes: list[str] | None = None) -> ImageFiles:
+                classes: list[str] | None = None, allow_empty: bool = False) -> ImageFiles:
     """``root/<class>/<image>`` as a lazy source (images at any depth below a class folder).
 
     Args:
@@ -209,6 +214,8 @@ def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
         on_bad_file: see :class:`ImageFiles`.
         classes: use these class names in this order (labels follow it); every folder class must be among them.
             Default: the folder's own classes (:func:`class_folders`).
+        allow_empty: accept class folders without images (an evaluation split may lack a class's images);
+            default: refused, as torchvision's ``ImageFolder`` does (a class no image ever trains).
     """
     from torchvision.datasets.folder import make_dataset
 
@@ -247,7 +254,7 @@ def open_folder(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
     samples = sorted(samples, key=lambda s: (s[1], s[0]))
     if not samples:
         raise InputError(f"data folder {root} holds no images in its class folders ({', '.join(IMAGE_SUFFIXES)})")
-    if classes is found:  # the folder's own classes: an empty one would be a class no image ever trains
+    if classes is found and not allow_empty:  # the folder's own classes: one no image ever trains
         empty = sorted(set(found) - {found[y] for _, y in samples})
         if empty:
             raise InputError(f"class folder {root / empty[0]} holds no images ({len(empty)} empty in all, as "
@@ -323,7 +330,8 @@ def open_splits(root: str | os.PathLike, *, channels: int = 3, on_bad_file: str 
         parts = {s: root / s for s in SPLITS if (root / s).is_dir()}
         if "val" not in parts:
             parts["val"] = parts["test"]
-        sets = {s: open_folder(p, channels=channels, on_bad_file=on_bad_file) for s, p in parts.items()}
+        sets = {s: open_folder(p, channels=channels, on_bad_file=on_bad_file, allow_empty=s != "train")
+                for s, p in parts.items()}  # a val / test split may lack a class's images
         ref = sets["train"].classes
         for s, d in sets.items():
             if d.classes != ref:

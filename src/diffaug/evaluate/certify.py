@@ -55,10 +55,12 @@ class StreamedImages:
         return self.dataset[int(i)][0].to(self.device)
 
     def items(self, indices):
+        """``(image, label)`` of each index, in that order (the label of the image read: with
+        ``on_bad_file="skip"`` a bad file's substitute brings its own)."""
         from .sets import batches
 
-        for x, _ in batches(self.dataset, 1, workers=self.workers, indices=indices):
-            yield x[0].to(self.device)
+        for x, y in batches(self.dataset, 1, workers=self.workers, indices=indices):
+            yield x[0].to(self.device), int(y[0])
 
 
 def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, *, n0: int, n: int,
@@ -79,12 +81,13 @@ def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, 
     write_text(out_tsv, HEADER + "".join("\t".join(r) + "\n" for r in rows))
     todo = [i for i in indices if i not in done]
     device = images.device
-    items = images.items(todo) if isinstance(images, StreamedImages) else (images[i] for i in todo)
-    started = {}
+    items = (images.items(todo) if isinstance(images, StreamedImages) else
+             ((images[i], int(labels[i])) for i in todo))
+    started, label_of = {}, {}
 
     def seeded():  # (index, image, its generator), noting when each image's certification starts
-        for i, x in zip(todo, items):
-            started[i] = time.perf_counter()
+        for i, (x, y) in zip(todo, items):
+            started[i], label_of[i] = time.perf_counter(), y
             yield i, x, torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
 
     if sequential_radii is None:
@@ -95,7 +98,7 @@ def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, 
             seeded(), alpha, n, batch_size, radii=sequential_radii, n0=n0))
     for i, (pred, radius, used) in tqdm(results, total=len(todo), disable=not progress,
                                         desc=f"certify sigma={smooth.sigma}"):
-        label = int(labels[i])
+        label = label_of.pop(i)
         append_text(out_tsv, f"{i}\t{label}\t{pred}\t{radius:.4f}\t{int(pred == label)}\t"
                     f"{time.perf_counter() - started.pop(i):.4f}\t{used}\n")
 

@@ -163,13 +163,18 @@ SETTINGS = {  # the settings each stage depends on (besides data and denoiser, a
 }
 
 
+# a stage whose numbers changed without a setting changing: its old cache entries are not reused
+REVISIONS = {"ood": 2}  # 2: the ASH column is ASH-B (OpenOOD's), OOD folders get the ID images' pre-processing
+
+
 def _key(stage: str, cfg: StudyConfig, upstream: dict[str, str]) -> str:
     from .. import __version__
 
     settings = {k: getattr(cfg, k) for k in ("data", "denoiser", *SETTINGS[stage])}
     settings.update({k: getattr(cfg, k) for k in ("image_size", "batch_size") if getattr(cfg, k) is not None})
     blob = json.dumps({"stage": stage, "settings": settings, "upstream": [upstream.get(s) for s in READS.get(stage, ())],
-                       "version": __version__}, sort_keys=True)
+                       "version": __version__, **({"revision": REVISIONS[stage]} if stage in REVISIONS else {})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -142,20 +142,27 @@ def exclusive(out: str | os.PathLike):
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "?"
             raise InputError(f"another run is writing to {out} (process {holder}); wait for it to end or stop it, "
                              "then run again (a torchrun whose launcher was killed leaves its ranks running: stop "
                              "them too)") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        except OSError:  # a file system without flock (Lustre without -o flock, some NFS): run unguarded
+            print(f"note: {out} cannot be locked on this file system; make sure one run writes it at a time",
+                  file=sys.stderr)
+            locked = False
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
             if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # refused before any output
                 path.unlink(missing_ok=True)
                 out.rmdir()
