@@ -59,7 +59,6 @@ def _cases(ws, den_dir):
         (["train", "--recipe", "plain", "--pretrained", missing], missing),
         (["train", "--recipe", "plain", "--pretrained", str(ws / "truncated" / "model.safetensors")], "damaged"),
         (["train", "--recipe", "diffaug", "--denoiser", d, "--t-min", "5", "--t-max", "2000"], "2000"),
-        (["train", "--recipe", "plain", "--resume"], "--resume"),
         (["train", "--recipe", "plain", "--steps", "0"], "got 0"),
         (["train", "--recipe", "plain", "--epochs", "0"], "got None, 0"),
         (["train", "--recipe", "plain", "--checkpoint-every", "0"], "--checkpoint-every"),
