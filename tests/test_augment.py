@@ -282,9 +282,9 @@ def test_validate_false_still_checks_type_shape_size_and_labels(den, cond_den, i
     with pytest.raises(InputError, match="float tensor"):
         aug((images * 255).to(torch.uint8))
     with pytest.raises(InputError, match="16x16 but the denoiser was built for 8x8"):
-        aug(torch.rand(2, 1, 16, 16))
+        aug(torch.full((2, 1, 16, 16), 0.5))  # error paths: values do not matter, no global RNG drawn
     with pytest.raises(InputError, match="3 channels"):
-        aug(torch.rand(2, 3, 8, 8))
+        aug(torch.full((2, 3, 8, 8), 0.5))
     with pytest.raises(InputError, match="is on meta but the denoiser is on cpu"):
         aug(torch.empty(2, 1, 8, 8, device="meta"))
     far = tiny_denoiser().to("meta")  # a denoiser on an accelerator, say

@@ -139,11 +139,11 @@ def test_errors_and_warning():
 def test_denoised_smoothing_checks_the_image_against_the_denoiser():
     smooth = Smooth(Constant(0), 10, 0.25, denoiser=tiny_denoiser())
     with pytest.raises(InputError, match="16x16 but the denoiser was built for 8x8"):
-        smooth.certify(torch.rand(1, 16, 16), 10, 10, 0.001, 10)
+        smooth.certify(torch.full((1, 16, 16), 0.5), 10, 10, 0.001, 10)  # error paths: no global RNG
     with pytest.raises(InputError, match="3 channels but the denoiser was built for 1"):
-        smooth.predict(torch.rand(3, 8, 8), 10, 0.001, 10)
+        smooth.predict(torch.full((3, 8, 8), 0.5), 10, 0.001, 10)
     with pytest.raises(InputError, match=r"must lie in \[0, 1\]"):
-        smooth.certify(torch.rand(1, 8, 8) + 1, 10, 10, 0.001, 10)
+        smooth.certify(torch.full((1, 8, 8), 1.5), 10, 10, 0.001, 10)
 
 
 # ---------------------------------------------------------------------- sequential certification

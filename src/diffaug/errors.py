@@ -23,18 +23,15 @@ def channels_hint(shape: tuple, channels: int) -> str:
     return "convert the images (e.g. grayscale <-> RGB) first"
 
 
-def check_image_batch(x, name: str = "x", channels: int | None = None) -> None:
-    """One-line :class:`InputError` unless ``x`` is a float tensor ``[N, C, H, W]`` (with ``channels`` channels if
-    given). Host metadata only: no host-device synchronisation."""
+def check_image_batch(x, name: str = "x") -> None:
+    """One-line :class:`InputError` unless ``x`` is a float tensor ``[N, C, H, W]`` (a model checks its own channels
+    and size on top). Host metadata only: no host-device synchronisation."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise InputError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}; use x.float() / 255")
     if x.ndim != 4:
         raise InputError(f"{name} must have shape [N, C, H, W], got {tuple(x.shape)}; add a batch dim with x[None]")
-    if channels is not None and x.shape[1] != channels:
-        raise InputError(f"{name} has {x.shape[1]} channels but the model was built for {channels}; "
-                         f"{channels_hint(tuple(x.shape), channels)}")
 
 
 def check_image_values(x: torch.Tensor, name: str = "x") -> None:

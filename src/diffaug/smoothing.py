@@ -159,7 +159,7 @@ class Smooth:
             x = x[0]
         if x.ndim != 3:
             raise InputError(f"x must be one image [C, H, W] or [1, C, H, W], got {tuple(x.shape)}")
-        if self.denoiser is not None:  # channels, size and device, and the values: one line each
+        if self.denoiser is not None:  # channels and size against the denoiser, and the values: one line each
             self.denoiser.check_images(x[None])
         else:
             check_image_values(x)

@@ -126,7 +126,7 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
     if needs and not denoiser:
         raise InputError(f"{', '.join(needs)} need --denoiser")
     den = load_denoiser(denoiser, device=device, speed=speed) if needs else None
-    return modes, severities, layout, names, test, models, den
+    return modes, severities, layout, names, test, models, den, subset
 
 
 def _check_shapes(models, den, images: torch.Tensor, classes, num_classes: int, source: str) -> dict:
@@ -442,6 +442,7 @@ class _Source:
     clean_labels: torch.Tensor | None = None
     reference_classes: list | None = None
     on_bad_file: str = "error"
+    subset: list | None = None  # the classes of data its classifiers were trained on (train --classes), if a subset
 
     @property
     def streamed(self) -> bool:
@@ -454,7 +455,7 @@ class _Source:
     def open(self, test, models, den, progress: bool) -> dict:
         """Read or open the data and check the models on a probe batch; returns the models matched to its classes."""
         from ..data import load_corrupted, open_corrupted
-        from .sets import at_size, eval_view, open_eval_folder, probe, trained_subset
+        from .sets import at_size, eval_view, open_eval_folder, probe
 
         data, names, severities, size = self.data, self.names, self.severities, self.size
         if test is not None:  # in memory, as before (resized only when the classifiers were trained at another size)
@@ -476,8 +477,7 @@ class _Source:
             return models
         folder = open_eval_folder(data, models, channels=self.channels, on_bad_file=self.on_bad_file,
                                   verbose=progress and int(os.environ.get("RANK", "0")) == 0)
-        subset = trained_subset(models, data)  # classifiers trained with --classes: the classes they know
-        self.clean = eval_view(folder.with_classes(subset) if subset else folder, size)
+        self.clean = eval_view(folder.with_classes(self.subset) if self.subset else folder, size)
         self.keep = _stratified_subset(self.clean.labels, self.limit)
         return _check_shapes(models, den, probe(self.clean).to(self.device), self.clean.classes,
                              self.clean.num_classes, str(data))
@@ -614,7 +614,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     out = Path(out)
     device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
     frost_images = check_frost_images(frost_images)
-    modes, severities, layout, names, test, models, den = _check_inputs(
+    modes, severities, layout, names, test, models, den, subset = _check_inputs(
         data, classifiers, denoiser, modes, corruptions, severities, limit, batch_size, device, analyses, speed,
         workers)
     size = eval_size(models, image_size)
@@ -623,7 +623,7 @@ def run_eval_shift(*, data: str, classifiers: list[str], denoiser: str | None, m
     members = ensemble_members(de_step)
     dda_kwargs = _dda_settings(den, members, dda_t, dda_steps, dda_scale, dda_downsample, dda_norm)
     src = _Source(data, layout, names, severities, limit, size, next(iter(models.values())).spec.get("channels", 3),
-                  seed, batch_size, device, workers, frost_images, on_bad_file=on_bad_file)
+                  seed, batch_size, device, workers, frost_images, on_bad_file=on_bad_file, subset=subset)
     models = src.open(test, models, den, progress)
     rows = _evaluate_conditions(src, models, den, modes, members, dda_kwargs, out, progress)
     if rows is None:
