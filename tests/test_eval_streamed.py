@@ -4,6 +4,7 @@ the same tree, at the classifier's own input size, with classes matched by name.
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -311,6 +312,13 @@ def test_clean_only_and_a_partial_imagenet_c_is_said(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds 1 of the 15 corruptions" in err and "missing gaussian_noise" in err
     assert "Corrupted means are over 1 corruptions: fog (1 of the 15 standard)" in (out / "table.md").read_text()
+    own = tmp_path / "own"  # the ImageNet-C layout with a corruption of the user's own: scored, and said
+    shutil.copytree(world["inc"] / "fog", own / "my_blur")
+    assert main(["eval-shift", "--data", str(own), "--classifier", str(world["clf"]), "--modes", "default",
+                 "--severities", "5", "--no-analyses", "--workers", "0", "--out", str(out / "own"), "--quiet"]) == 0
+    assert ("holds none of the 15 corruptions of --corruptions all; scoring the 1 it holds (my_blur)"
+            in capsys.readouterr().err)
+    assert "my_blur (0 of the 15 standard)" in (out / "own" / "table.md").read_text()
 
 
 def test_classifiers_trained_on_some_classes_are_scored_on_those_classes_of_their_data(world, tmp_path, capsys):

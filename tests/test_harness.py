@@ -218,11 +218,14 @@ def test_train_diffusion_sigterm_resume_and_force(tmp_path, monkeypatch, capsys)
     _same_run(tmp_path / "straight", tmp_path / "cut",
               ("checkpoint.safetensors", "unet/diffusion_pytorch_model.safetensors"))
 
-    # --force (CLI): the finished run is started over; its log holds the new run's rows only
+    # --force (CLI): the finished run is started over; its log holds the new run's rows only, and the old run's
+    # sample grid is not left beside the new weights
+    (tmp_path / "cut" / "samples.png").write_bytes(b"the old run's grid")
     assert main(["train-diffusion", "--out", str(tmp_path / "cut"), "--steps", "3", "--batch-size", "16",
                  "--width", "8", "--no-sample-grid", "--quiet", "--device", "cpu", "--force"]) == 0
     assert [r["step"] for r in read_jsonl(tmp_path / "cut" / "log.jsonl")] == [1, 2, 3]
     assert load_safetensors(tmp_path / "cut" / "checkpoint.safetensors")[1]["step"] == 3
+    assert not (tmp_path / "cut" / "samples.png").exists()
     assert main(["train-diffusion", "--out", str(tmp_path / "cut"), "--steps", "7", "--quiet"]) == 2
     assert "holds a finished run; pass --force" in capsys.readouterr().err
 
@@ -253,7 +256,7 @@ def test_a_second_writer_is_refused_and_resume_guards_its_checkpoint(tmp_path, c
     from diffaug import cli
     from diffaug.cli import main
     from diffaug.train.classifier import TrainConfig, train_classifier
-    from diffaug.train.harness import LOCK_FILE, exclusive
+    from diffaug.utils.locking import LOCK_FILE, exclusive
 
     out = tmp_path / "run"
     args = ["train", "--data", "digits", "--recipe", "plain", "--steps", "4", "--checkpoint-every", "2", "--quiet",
@@ -287,7 +290,7 @@ def test_a_second_writer_is_refused_and_resume_guards_its_checkpoint(tmp_path, c
 def test_a_file_system_without_flock_runs_unguarded_with_a_note(tmp_path, monkeypatch, capsys):
     import fcntl
 
-    from diffaug.train.harness import exclusive
+    from diffaug.utils.locking import exclusive
 
     def no_flock(*args):
         raise OSError(38, "Function not implemented")
@@ -296,3 +299,36 @@ def test_a_file_system_without_flock_runs_unguarded_with_a_note(tmp_path, monkey
     with exclusive(tmp_path / "run"):
         (tmp_path / "run" / "x").write_text("written")
     assert "cannot be locked on this file system" in capsys.readouterr().err
+
+
+def test_certify_and_the_study_hold_their_folder_too(tmp_path, capsys):
+    """certify (which appends rows and resumes) and the study (which deletes and rebuilds its stage folders) are
+    refused beside a live job on the same --out, before any work."""
+    from diffaug.cli import main
+    from diffaug.utils.locking import exclusive
+
+    for args in (["certify", "--classifier", str(tmp_path / "none"), "--sigma", "0.5"], ["study", "--quick"]):
+        out = tmp_path / args[0]
+        (out / "stages").mkdir(parents=True)
+        with exclusive(out):
+            assert main([*args, "--out", str(out)]) == 2
+        assert "another run is writing to" in capsys.readouterr().err
+        assert sorted(p.name for p in out.rglob("*")) == [".lock", "stages"]  # nothing touched
+
+
+def test_a_resumed_run_reports_the_time_of_every_segment(tmp_path):
+    """Each checkpoint records the training time so far; model.json's seconds of a resumed run add the earlier
+    segments' (they counted only the last one)."""
+    import json
+
+    from diffaug.train.classifier import TrainConfig, train_classifier
+
+    out = tmp_path / "run"
+    train_classifier(TrainConfig(recipe="plain", steps=4, checkpoint_every=2), out, progress=False)
+    one_go = json.loads((out / "model.json").read_text())["seconds"]
+    path = out / "checkpoints" / "step-00000004.safetensors"
+    tensors, meta = load_safetensors(path)
+    assert 0 < meta["seconds"] <= one_go
+    save_safetensors(tensors, path, {**meta, "seconds": 1000.0})  # as if the first segment had taken 1000 s
+    train_classifier(TrainConfig(recipe="plain", steps=6, checkpoint_every=2), out, resume=True, progress=False)
+    assert json.loads((out / "model.json").read_text())["seconds"] >= 1000.0

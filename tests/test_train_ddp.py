@@ -233,3 +233,103 @@ def test_with_net_keeps_the_math_and_settings(den_dir, images):
         spied = model.with_net(Spy(model.net))
         assert spied.kind == "da" and spied.denoiser is den
         assert torch.equal(spied(x, t), model(x, t)) and calls == [3, 2]
+
+
+_LAUNCHER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+_RANK = """
+import os, signal, sys, time
+os.environ["LOCAL_RANK"] = "0"  # as torchrun sets it
+from diffaug.utils import distributed
+signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], "w").write("stopped"), sys.exit(0)))
+distributed.follow_launcher(interval=0.05)
+distributed.follow_launcher(interval=0.05)  # a second call starts no second watcher
+open(sys.argv[1] + ".ready", "w").write("watching")
+time.sleep(60)
+"""
+
+
+def test_a_rank_stops_when_its_launcher_is_killed(tmp_path):
+    # torchrun forwards SIGTERM/SIGINT to its ranks, but a SIGKILLed launcher leaves them running and writing the
+    # run folder; follow_launcher sends the orphan SIGTERM (a training loop saves and exits on it).
+    import signal
+    import time
+
+    flag = tmp_path / "stopped"
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _RANK, str(flag)], stdout=subprocess.PIPE,
+                                text=True)
+    rank = int(launcher.stdout.readline())
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.with_suffix(".ready").exists() and time.monotonic() < deadline:  # the rank imports torch
+            time.sleep(0.1)
+        time.sleep(0.5)  # watching: it must not stop while its launcher lives
+        assert flag.with_suffix(".ready").exists() and not flag.exists()
+        launcher.kill()
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flag.read_text() == "stopped"
+    finally:
+        launcher.kill()
+        try:
+            os.kill(rank, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_killing_the_torchrun_launcher_stops_its_ranks_with_a_checkpoint(tmp_path):
+    """SIGKILL to torchrun itself (not to its ranks): the two ranks save at a step boundary and exit, releasing the
+    run folder, and --resume continues the run's log without a gap."""
+    import signal
+    import time
+
+    from diffaug.utils.locking import exclusive
+
+    out = tmp_path / "run"
+    argv = _diffusion(out, 10_000)
+    script = "import sys; from diffaug.cli import main; sys.exit(main(sys.argv[1:]))"
+    (tmp_path / "run_cli.py").write_text(script)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    log = open(tmp_path / "torchrun.log", "w")
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(tmp_path / "run_cli.py"), *argv], env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "checkpoint.safetensors").exists(), (tmp_path / "torchrun.log").read_text()[-3000:]
+        launcher.kill()  # the launcher alone: its ranks are not signalled
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the ranks release the run folder when they end
+            try:
+                with exclusive(out):
+                    break
+            except InputError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the ranks still hold the run folder 120 s after their launcher was killed")
+        printed = (tmp_path / "torchrun.log").read_text()
+        assert "the torchrun launcher is gone: stopping this run" in printed
+        step = load_safetensors(out / "checkpoint.safetensors")[1]["step"]
+        assert 2 <= step < 10_000
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the ranks, if the test failed (they share the launcher's group)
+        except ProcessLookupError:
+            pass
+        log.close()
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(tmp_path / "run_cli.py"), *_diffusion(out, step + 2, "--resume")], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()] == list(range(1, step + 3))

@@ -23,6 +23,7 @@ from ..tables import JobResult, markdown_table
 from ..utils import accel
 from ..utils.checkpoint import append_text, write_json, write_text
 from ..utils.distributed import main_process
+from ..utils.locking import holds_folder
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "num_samples")
 HEADER = "\t".join(COLUMNS) + "\n"
@@ -317,6 +318,7 @@ def _load_certify(data, classifiers, denoiser, sigmas, device, speed, image_size
     return images, labels, in_memory, models, den, smooths
 
 
+@holds_folder("out")  # resumable and appending: one job per --out
 def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigmas: list[float], n0: int, n: int,
                 alpha: float, batch_size: int, skip: int, limit: int | None, seed: int, out: str | Path,
                 device: str = "cpu", progress: bool = True, speed=None, sequential: bool = False,

@@ -103,6 +103,10 @@ def _check_inputs(data, classifiers, denoiser, modes, corruptions, severities, l
                 print(f"warning: {data} holds {len(names)} of the {len(wanted)} corruptions of --corruptions "
                       f"{corruptions}; missing {', '.join(missing)} (a partial download?): the means are over the "
                       f"{len(names)} present", file=sys.stderr)
+            elif missing:  # none of them: a folder of the user's own corruptions, scored as found
+                print(f"warning: {data} holds none of the {len(wanted)} corruptions of --corruptions {corruptions}; "
+                      f"scoring the {len(names)} it holds ({', '.join(names)}): its means are not ImageNet-C's",
+                      file=sys.stderr)
         else:
             names = parse_corruptions(corruptions)
             missing = [n for n in names if n not in available]

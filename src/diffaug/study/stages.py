@@ -38,6 +38,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..tables import mean_std, summarize
 from ..utils.checkpoint import write_json, write_text
+from ..utils.locking import exclusive
 
 STAGES = ("classifiers", "augmentations", "shift", "ood", "certify", "guidance", "semi", "pag", "toy")
 READS = {"shift": ("classifiers",), "ood": ("classifiers",), "certify": ("classifiers",), "pag": ("classifiers",
@@ -574,14 +575,19 @@ def build_claims(numbers: dict) -> list[dict]:
 # ---------------------------------------------------------------------- orchestration and report
 def run_study(cfg: StudyConfig, out: str | Path, *, only: str | None = None, progress: bool = True) -> dict:
     """Run (or reuse) every stage, then write ``report.md``, ``report.html`` and ``results.json``."""
-    import resource
-
     cfg.validate()
     if only is not None and only not in STAGES:
         raise InputError(f"unknown stage {only!r}; use one of {', '.join(STAGES)}")
     cfg = _resolved(cfg)
     _ood_classes(cfg)
     out = Path(out)
+    with exclusive(out):  # one study per folder: a second one would delete the stage folders this one writes
+        return _run_stages(cfg, out, only, progress)
+
+
+def _run_stages(cfg: StudyConfig, out: Path, only: str | None, progress: bool) -> dict:
+    import resource
+
     (out / "stages").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     keys, numbers, timing = {}, {}, {}

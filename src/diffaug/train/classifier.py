@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,12 +280,11 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
             row["val_acc"] = data.accuracy(model, "val", device)
         return row
 
-    t0 = time.perf_counter()
     model.train()
     harness.run_steps(run, start, total, step_fn, checkpoint_every=cfg.checkpoint_every, progress=progress,
                       desc=f"train {cfg.recipe}")
     model.eval()
-    _finish(cfg, model, data, batches, run, total, time.perf_counter() - t0, device, progress)
+    _finish(cfg, model, data, batches, run, total, run.seconds(), device, progress)
     return model
 
 

@@ -28,6 +28,7 @@ from ..utils.seeding import private_seed
 from . import harness
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+SAMPLE_GRID = "samples.png"  # written at the end of a run (one row per class)
 DEFAULT_STREAMED_SIZE = 64  # train-diffusion's image size on a streamed folder
 
 
@@ -138,7 +139,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     if streamed and cfg.batch_size > len(data):
         raise InputError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training images of {cfg.data}; "
                          "lower it")
-    folder = harness.RunFolder(out_dir, finished="diffaug.json", outputs=("log.jsonl",),
+    folder = harness.RunFolder(out_dir, finished="diffaug.json", outputs=("log.jsonl", SAMPLE_GRID),
                                checkpoint_file=CHECKPOINT_FILE)
     resume = folder.check(resume, force)
     check_batch_split(cfg.batch_size, world_size())
@@ -192,7 +193,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, out_dir: str | Path, *, resume: b
     result.save_pretrained(out_dir, extra={"data": cfg.data, "classes": data.classes, "train_steps": cfg.steps,
                                            "seed": cfg.seed})
     if cfg.sample_grid:
-        _write_sample_grid(result, out_dir / "samples.png", cfg, data)
+        _write_sample_grid(result, out_dir / SAMPLE_GRID, cfg, data)
+    else:  # a grid of an earlier end of this run (resumed with more --steps) would show other weights
+        (out_dir / SAMPLE_GRID).unlink(missing_ok=True)
     if progress:
         print(f"train-diffusion: {cfg.steps - start} steps in {time.perf_counter() - t0:.0f}s -> {out_dir}")
     return result

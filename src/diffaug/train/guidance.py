@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +154,6 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         return {"step": step + 1, "loss": loss.detach()}  # on the device until the log is written
 
     model.net.train()
-    t0 = time.perf_counter()
     harness.run_steps(run, start, cfg.steps, step_fn, checkpoint_every=cfg.checkpoint_every, progress=progress)
     model.net.eval()
     if not dist_info.main:
@@ -165,7 +163,7 @@ def train_guidance(cfg: GuidanceTrainConfig, out_dir: str | Path, *, resume: boo
         "labelled_fraction": cfg.labelled_fraction, "consistency_weight": cfg.consistency_weight,
         "labelled_images": len(labelled)})
     metrics = _test_accuracy(model, den, test, streamed, cfg, device)
-    metrics["seconds"] = time.perf_counter() - t0
+    metrics["seconds"] = run.seconds()  # every segment of a resumed run
     ckpt.write_json(out_dir / "metrics.json", metrics)
     if progress:
         print(f"train-guidance ({cfg.kind}): test accuracy over random t {100 * metrics['accuracy']:.1f} % -> {out_dir}")

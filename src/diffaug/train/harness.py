@@ -23,12 +23,11 @@ everything around it lives here once:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,9 +38,9 @@ from torch import nn
 from ..errors import InputError
 from ..utils import accel, checkpoint as ckpt
 from ..utils.distributed import Dist, any_rank, gather_objects, main_process
+from ..utils.locking import holds_folder
 
 CKPT_DIR = "checkpoints"
-LOCK_FILE = ".lock"  # held (flock) by the process that writes the run folder
 
 
 # ---------------------------------------------------------------------- the run folder
@@ -121,61 +120,7 @@ class RunFolder:
                 old.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def exclusive(out: str | os.PathLike):
-    """Hold the run folder ``out`` for one writer while the block runs: an ``flock`` on ``out/.lock`` (released by
-    the kernel whatever ends the process, SIGKILL included). A second run into the same folder (a resume started
-    while the first still runs, or ranks of a torchrun whose launcher was killed) is refused in one line. Only the
-    main process takes it (the other ranks of a run write no shared file); where ``fcntl`` is missing (Windows)
-    nothing is locked. A folder this made and nothing else wrote to is removed again."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        fcntl = None
-    out = Path(out)
-    if fcntl is None or not main_process() or (out.exists() and not out.is_dir()):  # a file: the checks name it
-        yield
-        return
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            raise InputError(f"another run is writing to {out} (process {holder}); wait for it to end or stop it, "
-                             "then run again (a torchrun whose launcher was killed leaves its ranks running: stop "
-                             "them too)") from None
-        except OSError:  # a file system without flock (Lustre without -o flock, some NFS): run unguarded
-            print(f"note: {out} cannot be locked on this file system; make sure one run writes it at a time",
-                  file=sys.stderr)
-            locked = False
-        if locked:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(f, fcntl.LOCK_UN)
-            if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # refused before any output
-                path.unlink(missing_ok=True)
-                out.rmdir()
-
-
-def holds_run_folder(train: Callable) -> Callable:
-    """A training function ``train(cfg, out_dir, ...)`` run under :func:`exclusive` on ``out_dir``."""
-    @functools.wraps(train)
-    def run(cfg, out_dir, *args, **kwargs):
-        with exclusive(out_dir):
-            return train(cfg, out_dir, *args, **kwargs)
-
-    return run
+holds_run_folder = holds_folder("out_dir")  # a training function ``train(cfg, out_dir, ...)`` under exclusive
 
 
 def check_checkpointing(checkpoint_every: int, keep: int = 1) -> None:
@@ -326,6 +271,12 @@ class Run:
     name: str
     dist: Dist = field(default_factory=Dist)
     extra_meta: Callable[[list[dict]], dict] | None = None  # at a save: more metadata (may annotate the rows)
+    seconds_before: float = 0.0  # training time of the earlier segments of a resumed run (from its checkpoint)
+    started: float = field(default_factory=time.perf_counter)  # when this segment started (:meth:`start`)
+
+    def seconds(self) -> float:
+        """Training time so far, over every segment of a resumed run (each checkpoint records it)."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def start(self, resume: bool, force: bool, config_file: str, may_change: tuple[str, ...], defaults: dict,
               final_key: str | None = None, saved: Checkpoint | None = None, total: int | None = None) -> int:
@@ -341,12 +292,14 @@ class Run:
                                  f"{total}; resume with --steps >= {saved.step}")
             step = self.state.restore(saved, self.dist.rank)
             self.log.start(step, final_key)
+            self.seconds_before, self.started = float(saved.meta.get("seconds", 0.0)), time.perf_counter()
             return step
         if self.dist.main:
             if force:
                 self.folder.clear()
             ckpt.write_json(self.folder.out / config_file, self.config)
         self.log.start(None)
+        self.seconds_before, self.started = 0.0, time.perf_counter()
         return 0
 
     def save(self, step: int) -> None:
@@ -355,7 +308,7 @@ class Run:
         the whole global batch, as one process would log it."""
         rows = mean_over_ranks(self.log.to_host(), self.dist)
         states = gather_objects(self.state.generator.get_state(), self.dist)
-        extra = self.extra_meta(rows) if self.extra_meta is not None else None
+        extra = {**(self.extra_meta(rows) if self.extra_meta is not None else {}), "seconds": self.seconds()}
         self.log.flush()
         if self.dist.main:
             self.state.save(self.folder.checkpoint_path(step), step, self.config, states, extra)

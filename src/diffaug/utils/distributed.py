@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -63,12 +65,43 @@ def local_device(device: str | torch.device) -> torch.device:
     return device
 
 
+LAUNCHER_POLL_SECONDS = 1.0
+_following = False  # whether this process already watches its launcher
+
+
+def follow_launcher(interval: float = LAUNCHER_POLL_SECONDS) -> None:
+    """Under torchrun (``LOCAL_RANK`` set), send this process SIGTERM once its launcher, the parent, is gone.
+
+    torchrun forwards SIGTERM / SIGINT to its ranks, but a SIGKILLed launcher (an OOM killer, ``kill -9``, a
+    scheduler's hard stop of the launching shell) leaves them running, orphaned, writing the run folder. A daemon
+    thread polls the parent's pid every ``interval`` seconds; when it changes (the orphan is re-parented), the
+    rank gets SIGTERM: a training loop saves a checkpoint at the next step boundary and exits (the ranks agree on
+    the step), a job without such a handler ends as on any SIGTERM (certify's rows are written as they finish).
+    A no-op when not under torchrun, when already orphaned, and the second time."""
+    global _following
+    parent = os.getppid()
+    if _following or "LOCAL_RANK" not in os.environ or parent <= 1:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        if main_process():
+            print("the torchrun launcher is gone: stopping this run", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="diffaug-follow-launcher", daemon=True).start()
+    _following = True
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone. ``device`` is
-    this process's own (:func:`local_device`).
+    this process's own (:func:`local_device`). A process torchrun started also stops when torchrun is gone
+    (:func:`follow_launcher`).
 
     A group joined here is also left at exit (:func:`leave_distributed`, registered with :mod:`atexit`); end such
     a process with :func:`exit_process` (the CLI does) so that the interpreter's teardown cannot abort it."""
+    follow_launcher()
     if world_size() == 1:
         return Dist()
     import torch.distributed as dist
