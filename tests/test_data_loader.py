@@ -150,3 +150,22 @@ def test_loader_and_transform_settings_are_checked(tree):
     loader = make_loader(ds, 4)
     assert loader.num_workers == min(8, len(__import__("os").sched_getaffinity(0)))
     assert loader.persistent_workers == (loader.num_workers > 0)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_images_of_different_sizes_in_one_batch_are_one_line(tmp_path, workers):
+    # A folder read without a transform that sizes its images: PyTorch's "stack expects each tensor to be equal
+    # size" (from a worker, inside its traceback) becomes a one-line InputError naming the fix.
+    import numpy as np
+    from PIL import Image
+
+    from diffaug.data.files import ImageFiles
+
+    for i, size in enumerate([(20, 20), (24, 30)]):
+        Image.fromarray(np.full((*size, 3), 100, np.uint8)).save(tmp_path / f"{i}.png")
+    files = ImageFiles([(str(tmp_path / f"{i}.png"), 0) for i in range(2)], ["a"])
+    with pytest.raises(InputError, match=r"^the images of one batch differ in size \(\[3, 20, 20\] at entry 0 and "
+                                         r"\[3, 24, 30\] at entry 1\); read the dataset through a transform") as e:
+        list(make_loader(files, 2, workers=workers))
+    assert len(str(e.value).splitlines()) == 1
+    assert [b[0].shape for b in make_loader(files, 1, workers=workers)] == [(1, 3, 20, 20), (1, 3, 24, 30)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from ..errors import InputError
 
@@ -35,9 +35,27 @@ def check_workers(workers: int | None) -> int:
     return workers
 
 
+def collate_images(batch):
+    """``default_collate``, except that images of different sizes in one batch (a folder read without a transform
+    that sizes them) are a one-line :class:`~diffaug.InputError` naming the fix, not PyTorch's stack error."""
+    try:
+        return default_collate(batch)
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        raise InputError(f"the images of one batch differ in size ({str(e).split(', but got ', 1)[-1]}); read the "
+                         "dataset through a transform that gives one size (diffaug.data.eval_transform(size) or "
+                         "train_transform(size)) or use batch size 1") from None
+
+
 class Loader(DataLoader):
     """A ``DataLoader`` whose workers' :class:`~diffaug.InputError` (e.g. an unreadable image) reaches the caller
-    as the same one-line error, not wrapped in the worker's traceback."""
+    as the same one-line error, not wrapped in the worker's traceback; batches are collated by
+    :func:`collate_images` unless a ``collate_fn`` is given."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("collate_fn", collate_images)
+        super().__init__(*args, **kwargs)
 
     def __iter__(self):
         it = super().__iter__()
