@@ -46,6 +46,7 @@ def test_eval_ood_cli_writes_table_and_csv(tmp_path, subset_clf):
     assert "## near-OOD (holdout, ood_folder): AUROC" in table and "| plain (2) |" in table
     rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
     assert len(rows) == 2 * 7 * 3  # classifiers x scores x sets
+    assert {r["classifier"] for r in rows} == {subset_clf.name, "plain-twin"}  # short keys, as eval-shift's
     msp = [r for r in rows if r["score"] == "msp" and r["set"] == "holdout"][0]
     assert float(msp["auroc"]) > 0.8  # a trained classifier separates held-out digits better than chance
 

@@ -227,8 +227,8 @@ def run_eval_ood(*, data: str, classifiers: list[str], ood: list[str] | None, se
     from .sets import folder_keys
 
     out = Path(out)
-    folder_keys(classifiers)  # refuses a folder given twice (it would count as two classifiers of its recipe)
-    rows = [r for c in classifiers
+    keys = folder_keys(classifiers)  # short names, as eval-shift's and certify's; refuses a folder given twice
+    rows = [{**r, "classifier": key} for key, c in zip(keys, classifiers)
             for r in evaluate_classifier(c, data, ood, seed, torch.device(device), search_percentile, speed,
                                          image_size=image_size, workers=workers, image_root=image_root,
                                          batch_size=batch_size, on_bad_file=on_bad_file)]
