@@ -197,6 +197,13 @@ def main(argv=None) -> None:
     p.add_argument("--frost-images", help="folder with the frost photographs for the project side")
     p.add_argument("--write-test-data", action="store_true", help=f"also write {TEST_DATA.relative_to(REPO)}")
     args = p.parse_args(argv)
+    needs_checkout = args.reference_side or args.write_test_data or not args.reference_npz
+    if needs_checkout and not (args.reference and (args.reference / "ImageNet-C").is_dir()):
+        p.error("--reference CHECKOUT (a clone of github.com/hendrycks/robustness, holding ImageNet-C/) is required"
+                + ("" if args.reference_side or args.write_test_data else ", or --reference-npz FILE.npz from an "
+                   "earlier --reference-side run"))
+    if args.reference_npz and not args.reference_npz.is_file():
+        p.error(f"--reference-npz {args.reference_npz} does not exist")
     if args.reference_side:
         reference_side(args.reference, args.reference_side, args.crops, args.repeats, args.seed)
         return

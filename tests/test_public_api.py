@@ -33,6 +33,18 @@ def test_modules_are_reachable_and_import_stays_lazy():
     assert (out["guidance"], out["clf"]) == ("diffaug.guidance", "diffaug.classifier")
 
 
+def test_every_submodule_of_a_subpackage_is_reachable_after_a_plain_import():
+    # `import diffaug; diffaug.nets.adm.PRESETS` (the README's spelling) raised AttributeError unless the module
+    # had been imported by name first
+    code = ("import json, pkgutil, diffaug\n"
+            "found = {p: sorted(m.name for m in pkgutil.iter_modules(getattr(diffaug, p).__path__))\n"
+            "         for p in ('data', 'nets', 'train', 'evaluate', 'study', 'utils')}\n"
+            "print(json.dumps({p: [getattr(getattr(diffaug, p), m).__name__ for m in ms] for p, ms in found.items()}))")
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert all(names == [f"diffaug.{p}.{n.rsplit('.', 1)[1]}" for n in names] for p, names in out.items())
+    assert "diffaug.nets.adm" in out["nets"] and "diffaug.utils.locking" in out["utils"]
+
+
 def test_unknown_attribute_still_raises():
     import pytest
 

@@ -23,15 +23,16 @@ def unet_config_for(image_size: int, channels: int, num_classes: int | None = No
                     layers_per_block: int | None = None) -> dict:
     """A ``UNet2DModel`` config scaled to the image size.
 
-    Resolutions halve down to 2x2 (at most 4 levels); base width 32 for images up to 8 px, 64 up to 16 px, 128
-    up to 32 px and 64 above (so that a 64-px training step with its default batch of 32 stays near 4 GB on a CPU:
-    width 128 took 7 GB, and the batch of 128 it had before was killed at 24 GB); self-attention at 16 and 8 px for
+    Resolutions halve in at most 4 levels, not below 4x4 (8 px: 8, 4; 32 px: 32 ... 4; 64 px: 64 ... 8); base width
+    32 for images up to 8 px, 64 up to 16 px, 128 up to 32 px and 64 above (so that a 64-px training step with its
+    default batch of 32 stays near 4 GB on a CPU: width 128 took 7 GB, and the batch of 128 it had before was
+    killed at 24 GB); self-attention at 16 and 8 px for
     images of 32 px and more. With ``num_classes`` the net gets
     ``num_classes + 1`` class embeddings: the last one is the null label used for label dropout.
     """
     if image_size < 4 or image_size & (image_size - 1):
         raise ValueError(f"image_size must be a power of two >= 4, got {image_size}")
-    levels = min(4, image_size.bit_length() - 2)  # 8 px -> 3 levels (8, 4, 2)
+    levels = min(4, image_size.bit_length() - 2)  # 8 px -> 2 levels (8, 4)
     check_unet_size(width, layers_per_block)
     base = width or (32 if image_size <= 8 else 64 if image_size <= 16 else 128 if image_size <= 32 else 64)
     mults = [1, 2, 2, 2][:levels]

@@ -9,4 +9,4 @@ from ..utils.lazy import lazy_attributes
 
 _NAMES = {"StudyConfig": "stages", "run_study": "stages", "toy_demo": "toy", "show_augmentations": "report"}
 __all__ = list(_NAMES)
-__getattr__, __dir__ = lazy_attributes(__name__, names=_NAMES)
+__getattr__, __dir__ = lazy_attributes(__name__, modules=('stages', 'report', 'toy'), names=_NAMES)
