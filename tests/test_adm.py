@@ -348,3 +348,68 @@ def test_the_scripts_default_dicts_pass_through_whole(tmp_path):
     with pytest.raises(InputError, match="cosine schedule of 4000 steps but the denoiser's schedule differs"):
         GuidanceClassifier.from_guided_diffusion(tmp_path / "c.pt", den, **{**cflags, "noise_schedule": "cosine",
                                                                             "diffusion_steps": 4000})
+
+
+def test_a_published_checkpoint_is_recognised_by_its_keys_and_shapes(tmp_path, monkeypatch):
+    """load_denoiser / from_guided_diffusion without a preset or flags: the one preset whose network has the
+    checkpoint's keys and shapes (so `--denoiser 256x256_diffusion_uncond.pt` works on the command line); none or
+    several is one line naming the ways to say it."""
+    from diffaug.nets import adm
+
+    for name, preset in PRESETS.items():  # the full-size networks, on the meta device: shapes only
+        with torch.device("meta"):
+            assert adm.matching_presets(ADMUNet(preset.config).state_dict()) == [name]
+    flags = {**_small("cifar10_uncond_50M_500K"), "num_classes": 1000}
+    cfg, base = adm_config("cifar10_uncond_50M_500K", **flags)
+    net = _randomised(ADMUNet(cfg))
+    torch.save(net.state_dict(), tmp_path / "small.pt")
+    with pytest.raises(InputError, match=r"small.pt fits none of the ADM presets .* a folder holding adm.json"):
+        diffaug.load_denoiser(tmp_path / "small.pt")
+    monkeypatch.setitem(adm.PRESETS, "small_cifar", dataclasses.replace(base, config=cfg))  # as if published
+    den = diffaug.load_denoiser(tmp_path / "small.pt")
+    expected = diffaug.Denoiser.from_guided_diffusion(tmp_path / "small.pt", "cifar10_uncond_50M_500K", **flags)
+    assert den.num_timesteps == 4000 and den.net.time_scale == 1000 / 4000
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 3000])
+    with torch.no_grad():
+        assert torch.equal(den.predict_x0(x, t), expected.predict_x0(x, t))
+    monkeypatch.setitem(adm.PRESETS, "twin", dataclasses.replace(base, config=cfg))
+    with pytest.raises(InputError, match="fits small_cifar and twin of the ADM presets"):
+        diffaug.load_denoiser(tmp_path / "small.pt")
+
+
+def test_an_adm_denoiser_is_a_folder_the_command_line_takes(tmp_path, capsys):
+    """save_pretrained writes an ADM denoiser as model.safetensors + adm.json; a hand-written adm.json may point at
+    the original .pt instead; both load as folders, and the CLI's --denoiser takes them (and a .pt file)."""
+    from diffaug.classifier import create_classifier, save_classifier
+    from diffaug.cli import main
+
+    flags = {"image_size": 8, "in_channels": 1, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+             "attention_resolutions": "4", "num_heads": 1, "learn_sigma": True}
+    torch.save(_randomised(ADMUNet(adm_config(None, **flags)[0])).state_dict(), tmp_path / "m.pt")
+    den = diffaug.Denoiser.from_guided_diffusion(tmp_path / "m.pt", noise_schedule="cosine", **flags)
+    den.save_pretrained(tmp_path / "saved", extra={"data": "digits"})
+    (tmp_path / "pointer").mkdir()
+    (tmp_path / "pointer" / "adm.json").write_text(json.dumps({"checkpoint": str(tmp_path / "m.pt"), "flags": flags,
+                                                               "noise_schedule": "cosine"}))
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 400, 999])
+    with torch.no_grad():
+        for folder in ("saved", "pointer"):
+            loaded = diffaug.load_denoiser(tmp_path / folder)
+            assert torch.equal(loaded.alpha_bar, den.alpha_bar) and loaded.prediction_type == "epsilon"
+            assert torch.equal(loaded.predict_x0(x, t), den.predict_x0(x, t))
+    assert json.loads((tmp_path / "saved" / "adm.json").read_text())["noise_schedule"] == "cosine"
+    save_classifier(create_classifier("small_cnn", 10, 1, seed=0), tmp_path / "clf")
+    assert main(["certify", "--data", "digits", "--classifier", str(tmp_path / "clf"), "--denoiser",
+                 str(tmp_path / "saved"), "--sigma", "0.25", "--n0", "4", "--n", "8", "--limit", "2", "--out",
+                 str(tmp_path / "cert")]) == 0
+    assert "Denoised smoothing with" in (tmp_path / "cert" / "table.md").read_text()
+    capsys.readouterr()
+    (tmp_path / "pointer" / "adm.json").write_text(json.dumps({"checkpoint": "gone.pt", "flags": flags}))
+    (tmp_path / "notes.txt").write_text("not a model")
+    for denoiser, message in ((tmp_path / "pointer", "names the checkpoint .*gone.pt, which does not exist"),
+                              (tmp_path / "notes.txt", "is a file: give a denoiser folder"),
+                              (tmp_path / "m.pt", "m.pt fits none of the ADM presets")):
+        assert main(["certify", "--data", "digits", "--classifier", str(tmp_path / "clf"), "--denoiser",
+                     str(denoiser), "--sigma", "0.25", "--out", str(tmp_path / "c2")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err

@@ -25,6 +25,9 @@ from .utils.seeding import private_seed
 from . import schedule
 
 SHIPPED = {"digits": Path(__file__).resolve().parent / "weights" / "digits"}
+ADM_FILE = "adm.json"  # a folder of an OpenAI (ADM) checkpoint: from_guided_diffusion's arguments
+ADM_WEIGHTS = "model.safetensors"  # its weights, unless adm.json names a checkpoint elsewhere
+OPENAI_SUFFIXES = (".pt", ".pth", ".safetensors")  # a file given as a denoiser: an OpenAI checkpoint
 
 UNET_DIR, SCHEDULER_DIR, META_FILE = "unet", "scheduler", "diffaug.json"
 UNET_CONFIG, UNET_WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
@@ -381,8 +384,16 @@ class Denoiser(nn.Module):
         from .utils.checkpoint import load_state, read_safetensors
 
         folder = Path(path)
+        if folder.is_file():
+            raise InputError(f"denoiser {folder} is a file: give a denoiser folder (diffusers layout, train-diffusion's "
+                             f"output, or one with {ADM_FILE}) or an OpenAI checkpoint file "
+                             f"({', '.join(OPENAI_SUFFIXES)}; diffaug.load_denoiser reads those)")
         if not folder.is_dir():
             raise InputError(f"denoiser folder {folder} does not exist; train one with `diffaug train-diffusion`")
+        if (folder / ADM_FILE).is_file():
+            den = cls._from_adm_folder(folder)
+            den = den.to(device) if device is not None else den
+            return speed.apply(den) if speed is not None else den
         unet_dir, sched_dir = _diffusers_layout(folder)
         unet_cfg_path = unet_dir / UNET_CONFIG
         weights_path = unet_dir / UNET_WEIGHTS
@@ -420,7 +431,9 @@ class Denoiser(nn.Module):
             path: the ``.pt`` state dict (read with ``torch.load(..., weights_only=True)``: pickled objects are
                 refused, never run) or a ``.safetensors`` file with the same keys.
             preset: a name in ``diffaug.nets.adm.PRESETS`` (e.g. ``"256x256_diffusion_uncond"``, the paper's model),
-                giving the network flags and the schedule; flags and the schedule arguments override it.
+                giving the network flags and the schedule; flags and the schedule arguments override it. With
+                neither a preset nor network flags, the preset whose network has the checkpoint's keys and shapes
+                (:func:`diffaug.nets.adm.matching_presets`; an error unless exactly one does).
             noise_schedule, diffusion_steps, rescale_timesteps, predict_xstart: the diffusion flags of the
                 original scripts (``predict_xstart=True``: the network predicts x0).
             **flags: network flags of ``diffaug.nets.adm.ADMConfig`` (image_size, num_channels, num_res_blocks,
@@ -431,8 +444,20 @@ class Denoiser(nn.Module):
                 ``model_and_diffusion_defaults()`` (``use_fp16``, ``use_checkpoint``, ``timestep_respacing``,
                 ``use_kl``, ``rescale_learned_sigmas``) are accepted and ignored, so its dict passes through whole.
         """
-        from .nets.adm import ADMUNet, adm_config, check_adm_state, parse_flag, read_adm_state
+        from .nets.adm import (DIFFUSION_FLAGS, PRESETS, RUNTIME_ONLY_FLAGS, ADMUNet, adm_config, check_adm_state,
+                               matching_presets, parse_flag, read_adm_state)
 
+        state = read_adm_state(path)
+        if preset is None and not set(flags) - DIFFUSION_FLAGS - RUNTIME_ONLY_FLAGS:  # no network flags: published?
+            found = matching_presets(state)
+            if len(found) != 1:
+                raise InputError(
+                    f"{path} fits {' and '.join(found) if found else 'none'} of the ADM presets ({', '.join(PRESETS)}); "
+                    f"name its preset or flags: Denoiser.from_guided_diffusion(path, preset, **flags), or for the "
+                    f"command line a folder holding {ADM_FILE} such as "
+                    '{"checkpoint": "/path/model.pt", "preset": "..."} or {"checkpoint": ..., "flags": {...}, '
+                    '"noise_schedule": "cosine"} (see the README)')
+            preset = found[0]
         config, base = adm_config(preset, **flags)
         noise_schedule = noise_schedule or (base.noise_schedule if base else "linear")
         steps = int(diffusion_steps or (base.diffusion_steps if base else 1000))
@@ -440,7 +465,6 @@ class Denoiser(nn.Module):
                    else (base.rescale_timesteps if base else False))
         prediction_type = "sample" if parse_flag("predict_xstart", predict_xstart) else "epsilon"
         alpha_bar = schedule.named_alpha_bar(noise_schedule, steps)
-        state = read_adm_state(path)
         with private_seed(0):  # as in load_denoiser: the caller's global RNG is untouched
             net = ADMUNet(config, time_scale=1000.0 / steps if rescale else 1.0)
         check_adm_state(state, net, path)
@@ -448,18 +472,65 @@ class Denoiser(nn.Module):
         return cls(net.eval(), alpha_bar, prediction_type, image_size=(config.image_size, config.image_size),
                    channels=config.in_channels, num_classes=config.num_classes if config.class_cond else None)
 
+    @classmethod
+    def _from_adm_folder(cls, folder: Path) -> "Denoiser":
+        """An OpenAI checkpoint described by ``folder/adm.json``: the arguments of :meth:`from_guided_diffusion`
+        (``preset``, ``flags`` and the diffusion flags) and ``checkpoint``, the weights file (absolute, or relative
+        to the folder; default ``model.safetensors``, what :meth:`save_pretrained` writes)."""
+        args = _read_json(folder / ADM_FILE)
+        if not isinstance(args, dict) or not isinstance(args.get("flags", {}), dict):
+            raise InputError(f"{folder / ADM_FILE} must hold a JSON object with an object under \"flags\"")
+        args = dict(args)
+        checkpoint = folder / args.pop("checkpoint", ADM_WEIGHTS)  # an absolute path stays as it is
+        if not checkpoint.is_file():
+            raise InputError(f"{folder / ADM_FILE} names the checkpoint {checkpoint}, which does not exist; fix its "
+                             "\"checkpoint\" entry")
+        flags = args.pop("flags", {})
+        meta = _read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+        den = cls.from_guided_diffusion(checkpoint, args.pop("preset", None), **args, **flags)
+        if meta.get("null_class") is not None:
+            den.null_class = meta["null_class"]
+        return den
+
+    def _adm_arguments(self) -> dict:
+        """What :meth:`_from_adm_folder` needs to rebuild this ADM denoiser (the schedule found by name)."""
+        import dataclasses
+
+        names = [n for n in ("linear", "cosine")
+                 if torch.allclose(schedule.named_alpha_bar(n, self.num_timesteps).float().cpu(),
+                                   self.alpha_bar.float().cpu(), rtol=1e-5, atol=0)]
+        if not names:
+            raise InputError("save_pretrained: this ADM denoiser's schedule is neither OpenAI's linear nor cosine one; "
+                             "keep its checkpoint and load it with from_guided_diffusion")
+        return {"checkpoint": ADM_WEIGHTS, "flags": dataclasses.asdict(self.net.config), "noise_schedule": names[0],
+                "diffusion_steps": self.num_timesteps, "rescale_timesteps": self.net.time_scale != 1.0,
+                "predict_xstart": self.prediction_type == "sample"}
+
     def save_pretrained(self, path: str | os.PathLike, *, extra: dict | None = None) -> None:
-        """Write this denoiser (diffusers UNet only) as ``unet/``, ``scheduler/`` and ``diffaug.json``.
+        """Write this denoiser as a folder :func:`load_denoiser` reads: ``unet/``, ``scheduler/`` and
+        ``diffaug.json`` for a diffusers UNet; ``model.safetensors``, ``adm.json`` (its flags and schedule) and
+        ``diffaug.json`` for an ADM network (an OpenAI checkpoint, so the command line can use it as a folder).
 
         ``unet/`` and ``scheduler/`` are each built in a temporary folder and swapped into place, so a crash
         never leaves a torn sub-folder; other files in ``path`` (e.g. a training checkpoint) are kept.
         """
         from diffusers import DDPMScheduler
 
+        from .nets.adm import ADMUNet
         from .utils.checkpoint import atomic_folder, save_safetensors, write_json
 
+        if isinstance(self.net, ADMUNet):
+            arguments = self._adm_arguments()
+            path = Path(path)
+            save_safetensors({k: v.detach().float().contiguous() for k, v in self.net.state_dict().items()},
+                             path / ADM_WEIGHTS)
+            write_json(path / ADM_FILE, arguments)  # after the weights: its presence makes the folder an ADM one
+            write_json(path / META_FILE, {"num_classes": self.num_classes, "null_class": self.null_class,
+                                          **(extra or {})})
+            return
         if not isinstance(self.net, _DiffusersUNet):
-            raise InputError("save_pretrained supports denoisers built from a diffusers UNet2DModel")
+            raise InputError("save_pretrained supports denoisers built from a diffusers UNet2DModel or an ADM "
+                             "network (from_guided_diffusion)")
         unet = self.net.unet
         scheduler_config = self.scheduler_config or dict(
             DDPMScheduler(num_train_timesteps=self.num_timesteps, prediction_type=self.prediction_type,
@@ -518,8 +589,11 @@ def _scheduler_from_config(cfg: dict, path: Path):
 
 def load_denoiser(name_or_path: str | os.PathLike = "digits", *, device: torch.device | str | None = None,
                   speed: "accel.Speed | None" = None) -> Denoiser:
-    """Load a shipped denoiser by name (``"digits"``) or a saved folder, in eval mode, on ``device``, set up with
-    ``speed`` (:class:`~diffaug.utils.accel.Speed`: precision, channels_last, compile) if given.
+    """Load a shipped denoiser by name (``"digits"``), a saved folder (diffusers layout, or an ADM folder with
+    ``adm.json``: :meth:`Denoiser.save_pretrained`) or a published OpenAI guided- / improved-diffusion checkpoint
+    file (``.pt`` / ``.safetensors`` of one of ``diffaug.nets.adm.PRESETS``, recognised by its keys and shapes), in
+    eval mode, on ``device``, set up with ``speed`` (:class:`~diffaug.utils.accel.Speed`: precision,
+    channels_last, compile) if given.
 
     Nothing is downloaded; a missing or incomplete folder is an :class:`InputError` (never a fallback).
     """
@@ -527,6 +601,9 @@ def load_denoiser(name_or_path: str | os.PathLike = "digits", *, device: torch.d
     path = SHIPPED.get(key, Path(key))
     if key not in SHIPPED and not Path(key).exists() and os.sep not in key and "." not in key:
         raise InputError(f"unknown denoiser {key!r}: name one of {sorted(SHIPPED)} or a folder path")
-    den = Denoiser.from_pretrained(path).eval()
+    if path.is_file() and path.suffix.lower() in OPENAI_SUFFIXES:  # a published OpenAI checkpoint: its preset
+        den = Denoiser.from_guided_diffusion(path).eval()            # is found from its keys and shapes
+    else:
+        den = Denoiser.from_pretrained(path).eval()
     den = den.to(device) if device is not None else den
     return speed.apply(den) if speed is not None else den

@@ -457,6 +457,23 @@ def adm_config(preset: str | None = None, **flags) -> tuple[ADMConfig, ADMPreset
     return replace(base.config if base else ADMConfig(), **net_flags), base
 
 
+def state_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def matching_presets(state: dict[str, torch.Tensor]) -> list[str]:
+    """The :data:`PRESETS` whose network has exactly the keys and shapes of ``state`` (built on the meta device:
+    no memory, no time), to load a published checkpoint without naming its flags."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    found = []
+    for name, preset in PRESETS.items():
+        with torch.device("meta"):
+            net = ADMUNet(preset.config)
+        if state_shapes(net) == shapes:
+            found.append(name)
+    return found
+
+
 def read_adm_state(path) -> dict[str, torch.Tensor]:
     """The state dict of an OpenAI checkpoint: a ``.pt`` read with ``torch.load(..., weights_only=True)`` (pickled
     objects are refused, never run) or a ``.safetensors`` file with the same keys."""
