@@ -406,3 +406,39 @@ def test_certify_records_the_label_of_the_image_it_scored_when_a_bad_file_is_ski
                    alpha=0.001, batch_size=20, seed=0, indices=[1])
     (row,) = _rows_tsv(out)
     assert row["idx"] == "1" and row["label"] == "1" and row["correct"] == "1"  # b.jpg's label, not bad.jpg's 0
+
+
+def test_colour_folders_need_a_colour_denoiser_and_guidance_remembers_its_own(world, tmp_path, capsys):
+    """A colour folder beside the 1-channel digits default is refused (train-guidance trained a gray 8-px
+    classifier on it, silently); eval-guidance / sample / pag take the denoiser and data a guidance classifier
+    records; other data, another denoiser or a recorded path not found here are one line each."""
+    tree, den = world["tree"], world["den"]
+    for argv in (["train-guidance", "--kind", "da", "--data", str(tree), "--steps", "1", "--out", str(tmp_path / "g0")],
+                 ["train", "--data", str(tree), "--recipe", "diffaug", "--denoiser", "digits", "--steps", "1", "--out",
+                  str(tmp_path / "c0")],
+                 ["pag", "--classifier", str(world["clf"]), "--data", str(tree), "--out", str(tmp_path / "p0.png")]):
+        assert main([*argv, "--workers", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds colour images but the denoiser takes 1-channel images" in err and len(err.splitlines()) == 1
+    g = tmp_path / "g"
+    assert main(["train-guidance", "--kind", "da", "--data", str(tree), "--denoiser", str(den), "--steps", "2",
+                 "--batch-size", "8", "--width", "8", "--workers", "0", "--out", str(g), "--quiet"]) == 0
+    assert main(["eval-guidance", "--guidance", str(g), "--no-generation", "--workers", "0", "--out",
+                 str(tmp_path / "eg"), "--quiet"]) == 0  # the recorded denoiser and data (was: digits)
+    assert json.loads((tmp_path / "eg" / "results.json").read_text())["accuracy_over_t"]
+    assert main(["sample", "--guidance", str(g), "--class", "1", "--n", "2", "--steps", "2", "--out",
+                 str(tmp_path / "s.png"), "--quiet"]) == 0
+    capsys.readouterr()
+    cases = [(["eval-guidance", "--guidance", str(g), "--data", "digits", "--no-generation", "--out",
+               str(tmp_path / "eg2")], f"trained on {len(WNIDS)} classes of 3-channel images, digits has 10 of 1"),
+             (["sample", "--guidance", str(g), "--denoiser", "digits", "--class", "1", "--out", str(tmp_path / "d.png")],
+              f"the denoiser makes 1x[16, 16]; pass --denoiser {den} (the one it was trained with)")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    spec = json.loads((g / "guidance.json").read_text())
+    (g / "guidance.json").write_text(json.dumps({**spec, "denoiser": "moved/den"}))  # trained in another folder
+    assert main(["sample", "--guidance", str(g), "--class", "1", "--out", str(tmp_path / "m.png")]) == 2
+    assert "records --denoiser moved/den (guidance.json), which is not found from here; pass --denoiser" in \
+        capsys.readouterr().err

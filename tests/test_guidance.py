@@ -133,7 +133,8 @@ def test_sample_cli_errors(tmp_path, capsys):
     save_guidance(tiny, tmp_path / "tiny", classes=[str(i) for i in range(10)], extra={})
     digits = build_guidance("noisy", load_denoiser("digits"), 10)
     save_guidance(digits, tmp_path / "g", classes=[str(i) for i in range(10)], extra={})
-    cases = [(["--guidance", str(tmp_path / "tiny"), "--class", "3"], "another noise schedule"),
+    cases = [(["--guidance", str(tmp_path / "tiny"), "--class", "3"],  # says where the two schedules differ
+              "another noise schedule than this denoiser's (both T=1000; alpha_bar at t="),
              (["--guidance", str(tmp_path / "g"), "--class", "12"], "--class 12 does not exist"),
              (["--guidance", str(tmp_path / "g"), "--class", "1", "--scale", "nan"], "finite"),
              (["--guidance", str(tmp_path / "g"), "--class", "1", "--n", "0"], "--n must be >= 1")]

@@ -122,7 +122,7 @@ def cmd_sample(args) -> None:
 
     import torch
     from .denoiser import load_denoiser
-    from .guidance import GuidanceClassifier, guided_sample
+    from .guidance import GuidanceClassifier, guided_sample, recorded_setting
     from .utils.figures import save_grid
 
     out = _png_path(args.out)
@@ -131,7 +131,7 @@ def cmd_sample(args) -> None:
     if not math.isfinite(args.scale):
         raise InputError(f"--scale must be a finite number, got {args.scale}")
     device, speed = _device(args.device), _speed(args)
-    den = load_denoiser(args.denoiser, device=device, speed=speed)
+    den = load_denoiser(args.denoiser or recorded_setting([args.guidance], "denoiser"), device=device, speed=speed)
     guidance = GuidanceClassifier.from_pretrained(args.guidance, den, speed=speed)
     k = guidance.spec["num_classes"]
     if not 0 <= args.cls < k:
@@ -140,13 +140,17 @@ def cmd_sample(args) -> None:
     y = torch.full((args.n,), args.cls, dtype=torch.long)
     samples = guided_sample(den, guidance, y, steps=args.steps, scale=args.scale, sampler=args.sampler, generator=gen)
     save_grid(samples, out, nrow=min(args.n, 10))
-    print(f"wrote {out}")
+    if not args.quiet:
+        print(f"wrote {out}")
 
 
 def cmd_eval_guidance(args) -> None:
     from .evaluate.guidance import run_eval_guidance
+    from .guidance import recorded_setting
 
-    print(run_eval_guidance(guidance=args.guidance, denoiser=args.denoiser, data=args.data,
+    print(run_eval_guidance(guidance=args.guidance,
+                            denoiser=args.denoiser or recorded_setting(args.guidance, "denoiser"),
+                            data=args.data or recorded_setting(args.guidance, "data"),
                             clean_classifier=args.clean_classifier, per_class=args.per_class, steps=args.steps,
                             scale=args.scale, sampler=args.sampler, seed=args.seed, out=args.out,
                             device=_device(args.device), generation=not args.no_generation,
@@ -155,12 +159,15 @@ def cmd_eval_guidance(args) -> None:
 
 def cmd_pag(args) -> None:
     from .evaluate.pag import run_pag
+    from .guidance import recorded_setting
 
     out = _png_path(args.out)
-    run_pag(classifiers=args.classifier or [], guidance=args.guidance or [], denoiser=args.denoiser, data=args.data,
+    denoiser = args.denoiser or (recorded_setting(args.guidance, "denoiser") if args.guidance else "digits")
+    run_pag(classifiers=args.classifier or [], guidance=args.guidance or [], denoiser=denoiser, data=args.data,
             t=args.t, n=args.n, seed=args.seed, out=out, device=_device(args.device), speed=_speed(args),
             workers=args.workers)
-    print(f"wrote {out}")
+    if not args.quiet:
+        print(f"wrote {out}")
 
 
 def cmd_toy(args) -> None:
@@ -435,7 +442,7 @@ def _eval_shift_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--denoiser", default="digits")
+    p.add_argument("--denoiser", help="default: the one the guidance classifiers were trained with (guidance.json), else digits")
     p.add_argument("--guidance", required=True, help="a train-guidance folder")
     p.add_argument("--class", dest="cls", type=int, required=True)
     p.add_argument("--n", type=int, default=10)
@@ -446,8 +453,8 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
 
 def _eval_guidance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", nargs="+", required=True, help="train-guidance folder(s)")
-    p.add_argument("--denoiser", default="digits")
-    p.add_argument("--data", default="digits")
+    p.add_argument("--denoiser", help="default: the one the guidance classifiers were trained with (guidance.json), else digits")
+    p.add_argument("--data", help="default: the one the guidance classifiers were trained with (guidance.json), else digits")
     p.add_argument("--clean-classifier", dest="clean_classifier", help="a classifier folder for the clean line")
     p.add_argument("--no-generation", dest="no_generation", action="store_true",
                    help="only the accuracy table and plot (no guided sampling)")
@@ -460,7 +467,8 @@ def _eval_guidance_flags(p: argparse.ArgumentParser) -> None:
 def _pag_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", nargs="*", help="classifier folder(s), e.g. a plain and a DiffAug-trained one")
     p.add_argument("--guidance", nargs="*", help="guidance classifier folder(s) (noisy, da)")
-    p.add_argument("--denoiser", default="digits")
+    p.add_argument("--denoiser", help="default: the one the guidance classifiers were trained with (guidance.json), "
+                                      "else digits")
     p.add_argument("--data", default="digits")
     p.add_argument("--t", type=int, default=300)
     p.add_argument("--n", type=int, default=6, help="test images, one per class")
@@ -545,11 +553,11 @@ COMMANDS = {
     "train-guidance": Command("train a noisy or denoise-augmented (DA) guidance classifier", cmd_train_guidance,
                               _train_guidance_flags, None, (*_TRAINING, "force")),
     "sample": Command("classifier-guided samples of one class from an unconditional denoiser", cmd_sample,
-                      _sample_flags, _PNG, ("seed", "device", "speed")),
+                      _sample_flags, _PNG, ("seed", "device", "speed", "quiet")),
     "eval-guidance": Command("guidance classifiers: Table 4, accuracy vs t, guided-generation metrics",
                              cmd_eval_guidance, _eval_guidance_flags, None, (*_EVALUATION, "workers")),
     "pag": Command("perceptually aligned gradients through the denoiser (the paper's Figure 3)", cmd_pag, _pag_flags,
-                   _PNG, ("seed", "device", "speed", "workers")),
+                   _PNG, ("seed", "device", "speed", "workers", "quiet")),
     "toy": Command("2-D demonstration: one-step denoising lands near the data (Figure 5)", cmd_toy, _toy_flags,
                    "PNG file to write (numbers go to the same name .json)", ("seed",)),
     "study": Command("the paper's whole evaluation, cached per stage, with a report (the main job)", cmd_study,

@@ -197,15 +197,44 @@ def _denoiser_for(denoiser: Denoiser, spec: dict, saved_alpha_bar: torch.Tensor,
     if (denoiser.image_size is not None and list(denoiser.image_size) != list(size)
             and denoiser.accepts_size(size[0]) and size[0] == size[1]):
         denoiser = denoiser.at_size(size[0])  # a convolutional denoiser run at the trained size
+    fix = (f"pass --denoiser {spec['denoiser']} (the one it was trained with)" if spec.get("denoiser")
+           else "pass --denoiser the one it was trained with")
     if list(denoiser.image_size) != list(size) or denoiser.channels != spec["channels"]:
         raise InputError(f"guidance classifier {folder} was trained for {spec['channels']}x{size} "
-                         f"images, the denoiser makes {denoiser.channels}x{list(denoiser.image_size)}")
-    if saved_alpha_bar.shape != denoiser.alpha_bar.shape or not torch.allclose(
-            saved_alpha_bar, denoiser.alpha_bar.cpu(), atol=1e-6):
-        raise InputError(f"guidance classifier {folder} was trained for another noise schedule "
-                         f"(T={saved_alpha_bar.numel()}) than this denoiser's (T={denoiser.num_timesteps}); train it "
-                         "with this denoiser")
+                         f"images, the denoiser makes {denoiser.channels}x{list(denoiser.image_size)}; {fix}")
+    if saved_alpha_bar.shape != denoiser.alpha_bar.shape:
+        raise InputError(f"guidance classifier {folder} was trained for a noise schedule of "
+                         f"T={saved_alpha_bar.numel()} steps, this denoiser's has T={denoiser.num_timesteps}; {fix}")
+    mine = denoiser.alpha_bar.detach().float().cpu()
+    if not torch.allclose(saved_alpha_bar, mine, atol=1e-6):
+        t = int((saved_alpha_bar - mine).abs().argmax())
+        raise InputError(f"guidance classifier {folder} was trained for another noise schedule than this denoiser's "
+                         f"(both T={mine.numel()}; alpha_bar at t={t}: {float(saved_alpha_bar[t]):.4g} vs "
+                         f"{float(mine[t]):.4g}: cosine vs linear, say); {fix}")
     return denoiser
+
+
+def recorded_setting(folders, key: str, default: str = "digits") -> str:
+    """The ``--denoiser`` / ``--data`` that guidance classifiers in ``folders`` were trained with (their
+    ``guidance.json``), for commands run on them without the flag: the value they all record, if it can be found
+    from here (a path that exists, or the shipped ``digits``); ``default`` where they record none or differ. A
+    recorded path not found from here (the training ran in another folder) is a one-line error asking for the
+    flag."""
+    values = set()
+    for folder in folders:
+        path = Path(folder) / SPEC
+        try:
+            values.add(json.loads(path.read_text()).get(key))
+        except (OSError, ValueError, AttributeError):
+            return default  # not a guidance folder: loading it names the problem
+    if len(values) != 1 or None in values:
+        return default
+    value = str(values.pop())
+    if value != "digits" and not Path(value).exists():
+        raise InputError(f"the guidance classifier{'s' if len(folders) > 1 else ''} {', '.join(map(str, folders))} "
+                         f"record{'' if len(folders) > 1 else 's'} --{key} {value} (guidance.json), which is not found "
+                         f"from here; pass --{key}")
+    return value
 
 
 def save_guidance(model: GuidanceClassifier, folder: str | os.PathLike, *, classes: list[str],

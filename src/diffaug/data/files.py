@@ -71,6 +71,35 @@ def decode_image(path: str | os.PathLike, channels: int = 3):
                             "skip such files)") from None
 
 
+def holds_colour(path: str | os.PathLike) -> bool | None:
+    """Whether an image file holds colour (channels that differ, on a 32 x 32 reduction); None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+                return False
+            im.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale
+            rgb = np.asarray(im.convert("RGB").resize((32, 32)), dtype=np.int16)
+    except _DECODE_ERRORS:
+        return None
+    return bool((np.abs(rgb - rgb.mean(axis=2, keepdims=True)) > 8).mean() > 0.01)
+
+
+def check_colour_kept(files: "ImageFiles", channels: int, data, n: int = 32) -> None:
+    """One-line :class:`InputError` when a model that takes ``channels = 1`` (a gray denoiser, the digits default
+    among them) would read a folder of colour images as grayscale: most of a spread sample of ``n`` files hold
+    colour. Gray images read as RGB lose nothing, so ``channels = 3`` always passes."""
+    if channels != 1 or not len(files):
+        return
+    step = max(1, len(files) // n)
+    found = [c for c in (holds_colour(files.samples[i][0]) for i in range(0, len(files), step)[:n]) if c is not None]
+    if found and sum(found) > len(found) / 2:
+        raise InputError(f"{data} holds colour images but the denoiser takes 1-channel images (the digits default, "
+                         f"say): they would be read as grayscale; pass --denoiser a model trained on this data "
+                         f"(`diffaug train-diffusion --data {data}`)")
+
+
 def _pil_to_uint8(im) -> torch.Tensor:
     from torchvision.transforms.v2.functional import pil_to_tensor
 

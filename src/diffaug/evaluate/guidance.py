@@ -45,7 +45,16 @@ def _load_guidance(guidance, denoiser, data, clean_classifier, device, speed, wo
     models = {str(folder): GuidanceClassifier.from_pretrained(folder, den, speed=speed) for folder in guidance}
     clean = load_classifier(clean_classifier, device=device, speed=speed) if clean_classifier else None
     if is_in_memory(data):  # as before: the whole (small) test split in memory
+        from .sets import check_denoiser_on
+
         train, test = load_dataset(data, "train"), load_dataset(data, "test")
+        for name, g in models.items():  # trained on other data: say so before the denoiser's view of it
+            if g.spec["num_classes"] != train.num_classes or g.spec["channels"] != test.images.shape[1]:
+                raise InputError(f"guidance classifier {name} was trained on {g.spec['num_classes']} classes of "
+                                 f"{g.spec['channels']}-channel images, {data} has {train.num_classes} of "
+                                 f"{test.images.shape[1]}; evaluate it on the data it was trained on (--data "
+                                 f"{g.spec.get('data', '...')})")
+        check_denoiser_on(den, test.images[:1], str(data))
         images, labels = test.images.to(device), test.labels.to(device)
         return SimpleNamespace(den=den, models=models, clean=clean, clean_size=None, images=images, labels=labels,
                                test_batches=None, num_classes=train.num_classes, channels=train.images.shape[1],
@@ -108,7 +117,7 @@ def _generation_rows(s: SimpleNamespace, data, per_class, steps, scale, sampler,
         real_images = read_sample(s.splits["test"], s.view.transforms[0], REFERENCE_IMAGES, seed=seed,
                                   workers=workers).images.to(device)
         real_set = (f"Real set: a class-stratified sample of {len(real_images)} test images (seed {seed}); the "
-                    f"judge was trained on one of {len(train)} train images.")
+                    f"judge was trained on a class-stratified sample of {len(train)} train images.")
     judge = fit_classifier(create_classifier("small_cnn", s.num_classes, s.channels, seed=seed),
                            train, generator=torch.Generator().manual_seed(seed), device=device)
     y = torch.arange(s.num_classes, device=device).repeat_interleave(per_class)
@@ -195,6 +204,7 @@ def _streamed_setup(data, den, models: dict, clean, clean_name):
     classifier matched to the folder's classes by name, and its input size."""
     from ..classifier import input_size
     from ..data import open_splits
+    from ..data.files import check_colour_kept
     from .sets import match_classes
 
     sizes = {name: tuple(g.spec["image_size"]) for name, g in models.items()}
@@ -207,6 +217,7 @@ def _streamed_setup(data, den, models: dict, clean, clean_name):
                          "square views; train them on square images")
     den = den.at_size(size[0])
     splits = open_splits(data, channels=den.channels)
+    check_colour_kept(splits["train"], den.channels, data)
     for name, g in models.items():
         if g.spec.get("classes") and list(g.spec["classes"]) != list(splits["test"].classes):
             raise InputError(f"guidance classifier {name} was trained on classes other than those of {data}; "

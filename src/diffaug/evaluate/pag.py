@@ -116,6 +116,7 @@ def _streamed_setup(data, den: Denoiser, classifiers: dict, guidance: list[str])
 
     from ..classifier import input_size
     from ..data import open_splits
+    from ..data.files import check_colour_kept
     from .sets import match_classes
 
     sizes = {name: input_size(m) for name, m in classifiers.items()}
@@ -133,6 +134,7 @@ def _streamed_setup(data, den: Denoiser, classifiers: dict, guidance: list[str])
     elif den.image_size is None:
         raise InputError(f"no model records an input size and the denoiser has none; cannot read {data} at a size")
     test = open_splits(data, channels=den.channels)["test"]
+    check_colour_kept(test, den.channels, data)
     classifiers = {name: match_classes(m, test.classes, test.num_classes, name, str(data))
                    for name, m in classifiers.items()}
     return den, test, classifiers

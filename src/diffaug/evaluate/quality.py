@@ -32,11 +32,13 @@ def quality_sets(data: str, den: Denoiser):
     if is_in_memory(data):
         return load_dataset(data, "train"), load_dataset(data, "test")
     from ..data import generative_transform, open_splits, read_sample
+    from ..data.files import check_colour_kept
 
     size = den.image_size[0] if den.image_size else None
     if size is None:
         raise InputError(f"the denoiser has no fixed image size; {data} cannot be brought to one")
     splits = open_splits(data, channels=den.channels)
+    check_colour_kept(splits["train"], den.channels, data)
     view = generative_transform(size, flip=False)
     return tuple(read_sample(splits[s], view, FOLDER_IMAGES, seed=0, workers=0) for s in ("train", "test"))
 

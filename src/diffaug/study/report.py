@@ -47,6 +47,7 @@ def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_i
     streamed = not is_in_memory(data)
     if streamed:  # an image folder: the denoiser at the figure's size
         from ..data import check_size, open_splits
+        from ..data.files import check_colour_kept
 
         size = check_size(image_size) if image_size is not None else (den.image_size or (None,))[0]
         if size is None:
@@ -58,6 +59,7 @@ def show_augmentations(denoiser, out: str | Path, *, data: str = "digits", num_i
             raise ValueError(f"time {t} is outside this denoiser's schedule [0, {den.num_timesteps})")
     if streamed:
         train = open_splits(data, channels=den.channels)["train"]
+        check_colour_kept(train, den.channels, data)
     else:
         train = load_dataset(data, "train")
         den.check_images(train.images[:1], name=f"images of {data}")

@@ -329,10 +329,13 @@ class _ClassifierData:
         self.cfg, self.streamed = cfg, not is_in_memory(cfg.data)
         if self.streamed:  # a folder, read lazily; a 1-channel denoiser gets 1-channel images
             from ..data import SeededView, eval_transform, open_splits
+            from ..data.files import check_colour_kept
 
             main = progress and int(os.environ.get("RANK", "0")) == 0
             splits = open_splits(cfg.data, channels=den.channels if den is not None else 3,
                                  on_bad_file=cfg.on_bad_file, verbose=main)
+            if den is not None:
+                check_colour_kept(splits["train"], den.channels, cfg.data)
             if cfg.extra_data:
                 from ..data import with_extra
 

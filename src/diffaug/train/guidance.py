@@ -176,12 +176,14 @@ def _guidance_data(cfg: GuidanceTrainConfig, device: torch.device, progress: boo
     streamed = not is_in_memory(cfg.data)
     if streamed:
         from ..data import open_splits
+        from ..data.files import check_colour_kept
 
         size = cfg.image_size or (den.image_size[0] if den.image_size else None)
         if size is None:
             raise InputError(f"denoiser {cfg.denoiser} has no fixed image size; pass --image-size")
         den = den.at_size(size)
         splits = open_splits(cfg.data, channels=den.channels, verbose=progress)
+        check_colour_kept(splits["train"], den.channels, cfg.data)
         train, test = splits["train"], splits["test"]
     else:
         train, test = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
