@@ -452,6 +452,13 @@ def test_certify_cli_writes_rows_table_plot_and_resumes(tmp_path, trained):
     assert main(args) == 0
     after = [ln.split("\t")[:5] for ln in shard.read_text().splitlines()]
     assert after == before
+    # a run on two processes left half the rows in rank 1's file: one process resumes without redoing them
+    lines = shard.read_text().splitlines()
+    (shard.parent / "certify.rank1.tsv").write_text("\n".join([lines[0], *lines[3:]]) + "\n")
+    shard.write_text("\n".join(lines[:3]) + "\n")
+    assert main(args) == 0
+    assert shard.read_text().splitlines() == lines[:3]  # nothing certified again
+    assert [ln.split("\t")[:5] for ln in tsv.read_text().splitlines()] == before  # the merged table is whole
 
 
 

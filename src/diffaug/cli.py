@@ -583,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .utils.distributed import follow_launcher
+
+    follow_launcher()  # under torchrun: from the start (a launcher killed before the ranks meet left them waiting)
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "out", None) is not None:

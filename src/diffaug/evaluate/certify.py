@@ -67,7 +67,8 @@ class StreamedImages:
 def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, *, n0: int, n: int,
                    alpha: float, batch_size: int, seed: int, indices, progress: bool = False,
                    sequential_radii=None) -> None:
-    """Certify ``images[i]`` for ``i`` in ``indices``, appending rows to ``out_tsv``; already-done rows are kept.
+    """Certify ``images[i]`` for ``i`` in ``indices``, appending rows to ``out_tsv``; already-done rows are kept, and
+    images in the folder's other ``certify.rank*.tsv`` files are not certified again.
 
     ``images``: a tensor ``[N, C, H, W]`` or a :class:`StreamedImages` (read one image at a time).
     With ``sequential_radii`` (a grid) the images are certified by ``Smooth.certify_sequential_many`` with
@@ -77,7 +78,9 @@ def certify_images(smooth: Smooth, images, labels: torch.Tensor, out_tsv: Path, 
     from tqdm.auto import tqdm
 
     rows = _read_rows(out_tsv)
-    done = {int(r[0]) for r in rows}
+    # images any rank finished (a rerun with another number of processes shares the images out differently)
+    done = {int(r[0]) for part in out_tsv.parent.glob("certify.rank*.tsv") if part != out_tsv
+            for r in _read_rows(part)} | {int(r[0]) for r in rows}
     # start from the complete rows only, so a line torn by a crash is not glued to the next one
     write_text(out_tsv, HEADER + "".join("\t".join(r) + "\n" for r in rows))
     todo = [i for i in indices if i not in done]

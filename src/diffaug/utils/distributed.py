@@ -86,8 +86,9 @@ def follow_launcher(interval: float = LAUNCHER_POLL_SECONDS) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval)
-        if main_process():
-            print("the torchrun launcher is gone: stopping this run", file=sys.stderr, flush=True)
+        # every rank that notices says so (the first may not be rank 0: the ranks then agree to stop together)
+        print(f"rank {os.environ.get('RANK', '0')}: the torchrun launcher is gone: stopping this run", file=sys.stderr,
+              flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="diffaug-follow-launcher", daemon=True).start()
