@@ -370,3 +370,62 @@ def test_ranks_whose_launcher_dies_before_they_meet_end_and_release_the_folder(t
             os.killpg(launcher.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_rank_errors_are_said_once_and_a_peer_failure_in_one_line(monkeypatch):
+    """Under torchrun an error every rank meets before the ranks join (settings, files) is printed by rank 0 alone
+    (and by the first rank of other nodes, whose files may differ); one met later by its rank, with the rank; a
+    collective broken by another rank's exit is one line, not a gloo traceback."""
+    from diffaug import cli
+    from diffaug.utils import distributed
+
+    monkeypatch.setattr(distributed, "_joined", False)
+    for rank, local, joined, expected in [("0", "0", False, "diffaug train: error: x"),
+                                          ("1", "1", False, None),
+                                          ("8", "0", False, "diffaug train (rank 8): error: x"),
+                                          ("1", "1", True, "diffaug train (rank 1): error: x")]:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local)
+        monkeypatch.setattr(distributed, "_joined", joined)
+        assert cli._error_line("train", "error: x") == expected
+    assert cli._error_line("certify", "interrupted", rank_local=False) is None  # rank 1 of 2, joined
+    assert cli._peer_failed(RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [::1]:1"))
+    assert not cli._peer_failed(RuntimeError("CUDA out of memory"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert cli._error_line("train", "error: x") == "diffaug train: error: x"
+    assert not cli._peer_failed(RuntimeError("Connection closed by peer"))  # alone: nothing to blame
+
+
+@pytest.mark.slow
+def test_under_torchrun_unsharded_commands_are_refused_and_a_bad_file_stops_every_rank_in_a_few_lines(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "run_cli.py").write_text("import sys; from diffaug.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def torchrun(*argv):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(tmp_path / "run_cli.py"), *argv], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    done = torchrun("eval-ood", "--classifier", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    said = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("diffaug")]
+    assert done.returncode != 0 and said == [
+        "diffaug eval-ood: error: eval-ood does not run under torchrun (it is not sharded: every process would do the "
+        "whole job); run it as one process (torchrun runs train-diffusion, train, train-guidance, certify, eval-shift)"]
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "a" / "5.png").write_bytes(b"not an image")
+    done = torchrun("train", "--data", str(tmp_path / "data"), "--recipe", "plain", "--model", "small_cnn",
+                    "--image-size", "16", "--batch-size", "8", "--workers", "0", "--steps", "40", "--quiet",
+                    "--device", "cpu", "--out", str(tmp_path / "t"))
+    printed = done.stdout + done.stderr
+    assert done.returncode != 0 and "cannot read image" in printed and "5.png" in printed
+    # the other rank, blocked in the step's all-reduce, says so in one line (unless torchrun ended it first)
+    assert "Connection closed by peer" not in printed and "[rank1]: Traceback" not in printed

@@ -582,19 +582,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SHARDED = ("train-diffusion", "train", "train-guidance", "certify", "eval-shift")  # the commands torchrun runs
+
+
+def _error_line(command: str, text: str, rank_local: bool = True) -> str | None:
+    """What this process prints for a command's error: alone, or as rank 0, the line; under torchrun the other
+    ranks print an error found after the ranks met (their own: a bad file in their share), with their rank, and
+    keep quiet about one met in the checks before (the same settings and files give every rank the same one),
+    except the first rank of each other node, whose files may differ. ``rank_local=False``: rank 0 only."""
+    import os
+
+    from .utils import distributed
+
+    rank = os.environ.get("RANK", "0")
+    if distributed.world_size() == 1 or rank == "0":
+        return f"diffaug {command}: {text}"
+    if rank_local and (distributed._joined or os.environ.get("LOCAL_RANK", "0") == "0"):
+        return f"diffaug {command} (rank {rank}): {text}"
+    return None
+
+
+def _say(line: str | None) -> None:
+    if line is not None:
+        print(line, file=sys.stderr)
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """A collective that failed because another rank ended (its own error is printed by that rank)."""
+    from .utils import distributed
+
+    text = str(e)
+    return (distributed.world_size() > 1 and distributed._joined
+            and any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                        "NCCL communicator was aborted")))
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .utils.distributed import follow_launcher
+    from .utils.distributed import follow_launcher, world_size
 
     follow_launcher()  # under torchrun: from the start (a launcher killed before the ranks meet left them waiting)
     args = build_parser().parse_args(argv)
     try:
+        if world_size() > 1 and args.command not in SHARDED:
+            raise InputError(f"{args.command} does not run under torchrun (it is not sharded: every process would do "
+                             f"the whole job); run it as one process (torchrun runs {', '.join(SHARDED)})")
         if getattr(args, "out", None) is not None:
             command = COMMANDS[args.command]
             check_out(args.out, command.writes_a_file, "out.json" if "JSON" in (command.out_help or "") else "out.png")
         args.func(args)
     except InputError as e:
-        print(f"diffaug {args.command}: error: {e}", file=sys.stderr)
+        _say(_error_line(args.command, f"error: {e}"))
         return 2
+    except RuntimeError as e:
+        if not _peer_failed(e):
+            raise
+        _say(_error_line(args.command, "stopped: another rank failed (its error is above)"))
+        return 1
     except StorageError as e:
         print(f"diffaug {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -604,8 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # the training loops save and exit on SIGINT themselves; the other commands land here
         resumes = args.command in ("certify", "study")  # finished rows / stages are on disk
-        print(f"diffaug {args.command}: interrupted" + ("; finished work is kept: run the same command again to "
-                                                          "continue" if resumes else ""), file=sys.stderr)
+        _say(_error_line(args.command, "interrupted" + ("; finished work is kept: run the same command again to "
+                                                        "continue" if resumes else ""), rank_local=False))
         return 130
     return 0
 

@@ -37,6 +37,9 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test of a single class folder
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # PIL's UnidentifiedImageError is an OSError
 
 
+_NAMED_BAD_FILES: set[str] = set()  # the unreadable files this process has named (ImageFiles.read_counted)
+
+
 class BadImageError(InputError):
     """A file that cannot be decoded as an image (truncated, not an image, unsupported)."""
 
@@ -139,8 +142,9 @@ class ImageFiles(torch.utils.data.Dataset):
         classes: the class names (index = label).
         channels: 3 (RGB) or 1 (gray).
         on_bad_file: ``"error"`` (default: stop with an :class:`InputError` naming the file) or ``"skip"``
-            (substitute the next readable index, ``i + 1``, ``i + 2``, ... deterministically; each substitution
-            is logged to stderr and counted in :attr:`bad_files_skipped`, shared by the loader's workers).
+            (substitute the next readable index, ``i + 1``, ``i + 2``, ... deterministically; each bad file is
+            named on stderr once per process, and each substitution, every time the file is drawn, is counted in
+            :attr:`bad_files_skipped`, shared by the loader's workers).
         root: the folder the samples came from (for messages).
     """
 
@@ -198,8 +202,10 @@ class ImageFiles(torch.utils.data.Dataset):
                     raise
                 with self._skipped.get_lock():
                     self._skipped.value += 1
-                print(f"data: skipped unreadable {path} ({e.args[0].split(': ', 1)[-1].split(';')[0]}); "
-                      f"using item {(index + k + 1) % n} instead", file=sys.stderr)
+                if path not in _NAMED_BAD_FILES:  # once per process: the file is drawn again each epoch
+                    _NAMED_BAD_FILES.add(path)
+                    print(f"data: skipped unreadable {path} ({e.args[0].split(': ', 1)[-1].split(';')[0]}); "
+                          f"using item {(index + k + 1) % n} instead (said once per process)", file=sys.stderr)
         raise InputError(f"no readable image in {self.root or 'the dataset'}; every file failed to decode")
 
     def read(self, index: int) -> tuple[torch.Tensor, int]:

@@ -38,7 +38,7 @@ from ..recipes import RECIPES, check_settings, from_name
 from ..utils import accel, checkpoint as ckpt
 from ..utils.modes import evaluating
 from ..utils.distributed import (Dist, check_batch_split, data_parallel, gather_objects, init_distributed,
-                                 local_device)
+                                 local_device, world_size)
 from . import harness
 
 DEFAULT_MODELS = {"digits": "small_cnn"}
@@ -245,8 +245,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     if saved is not None:
         saved.check_config(cfg_json, MAY_CHANGE, defaults, out)
 
+    _check_ranks(cfg, world_size(), device)  # before the ranks meet: rank 0 alone says what every rank finds
     dist_info = init_distributed(device)
-    _check_ranks(cfg, dist_info, device)
     batches = data.batches(dist_info, device)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * batches.steps_per_epoch
     if cfg.optimizer == "adamw":
@@ -288,9 +288,9 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = Fa
     return model
 
 
-def _check_ranks(cfg: TrainConfig, dist_info: Dist, device: torch.device) -> None:
-    check_batch_split(cfg.batch_size, dist_info.world)
-    if cfg.sync_bn and dist_info.world > 1 and device.type != "cuda":
+def _check_ranks(cfg: TrainConfig, world: int, device: torch.device) -> None:
+    check_batch_split(cfg.batch_size, world)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise InputError("--sync-bn needs CUDA devices under torchrun (PyTorch's SyncBatchNorm has no CPU "
                          "implementation); drop --sync-bn")
 

@@ -156,7 +156,8 @@ class Checkpoint:
     def check_world(self, dist_info: Dist, out: Path) -> None:
         world = self.meta.get("world", 1)  # diffaug before the harness wrote no "world" for one process
         if world != dist_info.world:
-            raise InputError(f"the run in {out} used {world} processes; resume with the same number")
+            raise InputError(f"the run in {out} used {world} process{'es' if world != 1 else ''}; resume with the same "
+                             "number")
 
     def generator_state(self, rank: int) -> torch.Tensor:
         if rank == 0 and "rng.generator" in self.tensors:  # written by diffaug before the harness (one process)
