@@ -104,7 +104,7 @@ def test_checkpoint_layout_and_an_older_layout(tmp_path):
     with pytest.raises(InputError, match=r"differ from the run in .* \(lr\); resume with the original settings"):
         saved.check_config({"lr": 2, "steps": 9}, ("steps",), {}, tmp_path)
     saved.check_config({"lr": 1, "steps": 9}, ("steps",), {}, tmp_path)
-    with pytest.raises(InputError, match="used 1 processes; resume with the same number"):
+    with pytest.raises(InputError, match="used 1 process; resume with the same number"):
         saved.check_world(Dist(0, 2), tmp_path)
 
 

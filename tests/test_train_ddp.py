@@ -429,3 +429,41 @@ def test_under_torchrun_unsharded_commands_are_refused_and_a_bad_file_stops_ever
     assert done.returncode != 0 and "cannot read image" in printed and "5.png" in printed
     # the other rank, blocked in the step's all-reduce, says so in one line (unless torchrun ended it first)
     assert "Connection closed by peer" not in printed and "[rank1]: Traceback" not in printed
+
+
+def test_sharded_evaluations_let_a_fast_rank_wait_for_the_slowest(monkeypatch, tmp_path):
+    """certify and eval-shift meet only in a barrier after each rank's share; shares of unequal cost (sequential
+    certification, say) must not hit PyTorch's default collective timeout (30 min gloo, 10 min NCCL)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from diffaug.classifier import create_classifier, save_classifier
+    from diffaug.utils import distributed
+
+    joined = {}
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.atexit, "register", lambda f: None)
+    monkeypatch.setattr(distributed, "_joined", False)
+    day = datetime.timedelta(days=1)
+    assert distributed.init_distributed(torch.device("cpu"), day) == Dist(0, 2)
+    assert joined == {"backend": "gloo", "timeout": day}
+
+    class Joined(Exception):
+        pass
+
+    def stop_at_join(device, timeout=None):
+        raise Joined(timeout)
+
+    monkeypatch.setattr(distributed, "init_distributed", stop_at_join)
+    save_classifier(create_classifier("small_cnn", 10, 1, seed=0), tmp_path / "clf")
+    for argv in (["certify", "--sigma", "0.25", "--n0", "2", "--n", "4", "--limit", "1"],
+                 ["eval-shift", "--modes", "default", "--corruptions", "fog", "--severities", "1", "--limit", "2",
+                  "--no-analyses"]):
+        with pytest.raises(Joined) as e:
+            main([*argv, "--classifier", str(tmp_path / "clf"), "--out", str(tmp_path / argv[0])])
+        assert e.value.args[0] == distributed.SHARED_OUT_TIMEOUT >= datetime.timedelta(days=1)

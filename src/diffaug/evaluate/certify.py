@@ -341,7 +341,7 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
     test split, any other class folder is used whole) at the classifiers' input size (``image_size``, default
     their ``model.json``'s), classes matched by name, and ``limit`` takes a seeded, class-stratified sample;
     ``workers`` DataLoader processes decode the next images while one is certified."""
-    from ..utils.distributed import init_distributed, local_device
+    from ..utils.distributed import SHARED_OUT_TIMEOUT, init_distributed, local_device
 
     out = Path(out)
     device = local_device(device)  # under torchrun: cuda:LOCAL_RANK
@@ -358,7 +358,7 @@ def run_certify(*, data: str, classifiers: list[str], denoiser: str | None, sigm
                 for key, c in zip(models, classifiers) for s in sigmas}
     for (name, s), values in settings.items():  # every folder before any work
         check_resumable(out / name / f"sigma_{s:g}", values)
-    dist_info = init_distributed(device)
+    dist_info = init_distributed(device, SHARED_OUT_TIMEOUT)  # shares of unequal cost meet only at the end
     indices = certify_indices(labels.numpy(), skip, limit, seed, stratified=not in_memory)
     mine = indices[dist_info.rank :: dist_info.world]
     if in_memory:

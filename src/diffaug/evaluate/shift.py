@@ -538,9 +538,9 @@ def _evaluate_conditions(src: _Source, models, den, modes, members, dda_kwargs, 
     x modes; None on the other ranks."""
     from tqdm.auto import tqdm
 
-    from ..utils.distributed import init_distributed
+    from ..utils.distributed import SHARED_OUT_TIMEOUT, init_distributed
 
-    dist_info = init_distributed(src.device)
+    dist_info = init_distributed(src.device, SHARED_OUT_TIMEOUT)  # shares meet only at the end
     rows = []
     conditions = src.conditions
     if src.streamed:  # ranks shard conditions and images: batch b of condition k goes to rank (k + b) % world

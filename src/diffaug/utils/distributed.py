@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import signal
 import sys
@@ -95,10 +96,16 @@ def follow_launcher(interval: float = LAUNCHER_POLL_SECONDS) -> None:
     _following = True
 
 
-def init_distributed(device: torch.device) -> Dist:
+SHARED_OUT_TIMEOUT = datetime.timedelta(days=7)  # a sharded evaluation's one collective: the end of every share
+
+
+def init_distributed(device: torch.device, timeout: datetime.timedelta | None = None) -> Dist:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op when run alone. ``device`` is
     this process's own (:func:`local_device`). A process torchrun started also stops when torchrun is gone
-    (:func:`follow_launcher`).
+    (:func:`follow_launcher`). ``timeout``: how long a collective may wait (PyTorch's default otherwise: 30 min for
+    gloo, 10 for NCCL); a job whose only collective is a barrier after each rank's share of the work (certify,
+    eval-shift: shares of unequal cost) passes :data:`SHARED_OUT_TIMEOUT`, so a rank done hours before the slowest
+    waits for it instead of timing out.
 
     A group joined here is also left at exit (:func:`leave_distributed`, registered with :mod:`atexit`); end such
     a process with :func:`exit_process` (the CLI does) so that the interpreter's teardown cannot abort it."""
@@ -109,7 +116,8 @@ def init_distributed(device: torch.device) -> Dist:
 
     global _joined
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                **({"timeout": timeout} if timeout is not None else {}))
         atexit.register(leave_distributed)
         _joined = True
     return Dist(dist.get_rank(), dist.get_world_size())
