@@ -172,7 +172,7 @@ def test_wrong_flags_and_bad_files_name_the_problem(tmp_path):
         load(tmp_path / "none.pt", "cifar10_uncond_50M_500K")
     blob = (tmp_path / "m.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(InputError, match="not a plain state dict"):
+    with pytest.raises(InputError, match="not a plain state dict: not a readable PyTorch file"):
         load(tmp_path / "cut.pt", "cifar10_uncond_50M_500K", **flags)
     marker = tmp_path / "RAN"
 

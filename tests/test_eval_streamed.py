@@ -428,7 +428,13 @@ def test_colour_folders_need_a_colour_denoiser_and_guidance_remembers_its_own(wo
     assert json.loads((tmp_path / "eg" / "results.json").read_text())["accuracy_over_t"]
     assert main(["sample", "--guidance", str(g), "--class", "1", "--n", "2", "--steps", "2", "--out",
                  str(tmp_path / "s.png"), "--quiet"]) == 0
+    assert main(["sample", "--guidance", str(g), "--class", WNIDS[1], "--n", "2", "--steps", "2", "--out",
+                 str(tmp_path / "s_name.png"), "--quiet"]) == 0  # by name: the same images
+    assert (tmp_path / "s_name.png").read_bytes() == (tmp_path / "s.png").read_bytes()
     capsys.readouterr()
+    assert main(["sample", "--guidance", str(g), "--class", "zebra", "--out", str(tmp_path / "z.png")]) == 2
+    assert f"--class zebra does not exist; the guidance classifier has classes 0..{len(WNIDS) - 1} ({WNIDS[0]}, " \
+        in capsys.readouterr().err
     cases = [(["eval-guidance", "--guidance", str(g), "--data", "digits", "--no-generation", "--out",
                str(tmp_path / "eg2")], f"trained on {len(WNIDS)} classes of 3-channel images, digits has 10 of 1"),
              (["sample", "--guidance", str(g), "--denoiser", "digits", "--class", "1", "--out", str(tmp_path / "d.png")],

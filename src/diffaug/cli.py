@@ -133,11 +133,13 @@ def cmd_sample(args) -> None:
     device, speed = _device(args.device), _speed(args)
     den = load_denoiser(args.denoiser or recorded_setting([args.guidance], "denoiser"), device=device, speed=speed)
     guidance = GuidanceClassifier.from_pretrained(args.guidance, den, speed=speed)
-    k = guidance.spec["num_classes"]
-    if not 0 <= args.cls < k:
-        raise InputError(f"--class {args.cls} does not exist; the guidance classifier has classes 0..{k - 1}")
+    k, names = guidance.spec["num_classes"], [str(c) for c in guidance.spec.get("classes") or []]
+    cls = names.index(args.cls) if args.cls in names else int(args.cls) if args.cls.lstrip("-").isdigit() else None
+    if cls is None or not 0 <= cls < k:
+        listed = f" ({', '.join(names[:20])}{' ...' if len(names) > 20 else ''})" if names else ""
+        raise InputError(f"--class {args.cls} does not exist; the guidance classifier has classes 0..{k - 1}{listed}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    y = torch.full((args.n,), args.cls, dtype=torch.long)
+    y = torch.full((args.n,), cls, dtype=torch.long)
     samples = guided_sample(den, guidance, y, steps=args.steps, scale=args.scale, sampler=args.sampler, generator=gen)
     save_grid(samples, out, nrow=min(args.n, 10))
     if not args.quiet:
@@ -444,7 +446,7 @@ def _eval_shift_flags(p: argparse.ArgumentParser) -> None:
 def _sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoiser", help="default: the one the guidance classifiers were trained with (guidance.json), else digits")
     p.add_argument("--guidance", required=True, help="a train-guidance folder")
-    p.add_argument("--class", dest="cls", type=int, required=True)
+    p.add_argument("--class", dest="cls", required=True, help="a class index or name (guidance.json's classes)")
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])

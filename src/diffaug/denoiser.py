@@ -402,7 +402,7 @@ class Denoiser(nn.Module):
             hint = (
                 "; only safetensors are loaded: re-save the UNet with save_pretrained(..., safe_serialization=True)"
                 if (unet_dir / "diffusion_pytorch_model.bin").exists()
-                else ""
+                else "; write the UNet's weights with UNet2DModel.save_pretrained (or copy the folder again whole)"
             )
             raise InputError(f"incomplete denoiser folder {folder}: missing {weights_path.relative_to(folder)}{hint}")
         unet_cfg = _read_json(unet_cfg_path)

@@ -206,7 +206,10 @@ def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InputError(f"{path} is not a plain state dict ({type(e).__name__}); it was not unpickled") from None
+        why = ("it holds Python objects besides tensors, which are not unpickled" if "Weights only load failed"
+               in str(e) else f"not a readable PyTorch file ({type(e).__name__}: damaged, truncated or another "
+                              "format)")
+        raise InputError(f"{path} is not a plain state dict: {why}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
