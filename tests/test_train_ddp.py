@@ -284,14 +284,28 @@ def test_a_rank_stops_when_its_launcher_is_killed(tmp_path):
             pass
 
 
+def _wait_until_released(out, seconds: float) -> None:
+    """Wait until no process holds the run folder ``out`` (its ranks ended); fail after ``seconds``."""
+    import time
+
+    from diffaug.utils.locking import exclusive
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with exclusive(out):
+                return
+        except InputError:
+            time.sleep(0.2)
+    pytest.fail(f"the ranks still hold the run folder {seconds} s after their launcher was killed")
+
+
 @pytest.mark.slow
 def test_killing_the_torchrun_launcher_stops_its_ranks_with_a_checkpoint(tmp_path):
     """SIGKILL to torchrun itself (not to its ranks): the two ranks save at a step boundary and exit, releasing the
     run folder, and --resume continues the run's log without a gap."""
     import signal
     import time
-
-    from diffaug.utils.locking import exclusive
 
     out = tmp_path / "run"
     argv = _diffusion(out, 10_000)
@@ -309,15 +323,7 @@ def test_killing_the_torchrun_launcher_stops_its_ranks_with_a_checkpoint(tmp_pat
         assert (out / "checkpoint.safetensors").exists(), (tmp_path / "torchrun.log").read_text()[-3000:]
         launcher.kill()  # the launcher alone: its ranks are not signalled
         launcher.wait(timeout=30)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the ranks release the run folder when they end
-            try:
-                with exclusive(out):
-                    break
-            except InputError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("the ranks still hold the run folder 120 s after their launcher was killed")
+        _wait_until_released(out, 120)  # the ranks release the run folder when they end
         printed = (tmp_path / "torchrun.log").read_text()
         assert re.search(r"rank [01]: the torchrun launcher is gone: stopping this run", printed)
         step = load_safetensors(out / "checkpoint.safetensors")[1]["step"]
@@ -342,8 +348,6 @@ def test_ranks_whose_launcher_dies_before_they_meet_end_and_release_the_folder(t
     import signal
     import time
 
-    from diffaug.utils.locking import exclusive
-
     out = tmp_path / "run"
     (tmp_path / "run_cli.py").write_text("import sys; from diffaug.cli import main; sys.exit(main(sys.argv[1:]))")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -356,15 +360,7 @@ def test_ranks_whose_launcher_dies_before_they_meet_end_and_release_the_folder(t
             time.sleep(0.05)
         launcher.kill()
         launcher.wait(timeout=30)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                with exclusive(out):
-                    break
-            except InputError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("the ranks still hold the run folder 90 s after their launcher was killed")
+        _wait_until_released(out, 90)
     finally:
         try:
             os.killpg(launcher.pid, signal.SIGKILL)
