@@ -96,7 +96,7 @@ def check_colour_kept(files: "ImageFiles", channels: int, data, n: int = 32) -> 
     if channels != 1 or not len(files):
         return
     step = max(1, len(files) // n)
-    found = [c for c in (holds_colour(files.samples[i][0]) for i in range(0, len(files), step)[:n]) if c is not None]
+    found = [c for c in (holds_colour(str(files._paths[i])) for i in range(0, len(files), step)[:n]) if c is not None]
     if found and sum(found) > len(found) / 2:
         raise InputError(f"{data} holds colour images but the denoiser takes 1-channel images (the digits default, "
                          f"say): they would be read as grayscale; pass --denoiser a model trained on this data "
