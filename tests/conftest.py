@@ -9,6 +9,14 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a hub
+
+# the property tests draw the same examples every run (seeded, as every other test): a CI run cannot fail on an
+# example no earlier run saw; widen the search locally with HYPOTHESIS_PROFILE=explore
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("seeded", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "seeded"))
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 

@@ -180,12 +180,9 @@ def metrics(id_scores, ood_scores) -> dict[str, float]:
     fpr, tpr, _ = skm.roc_curve(is_ood, -conf)
     prec_in, rec_in, _ = skm.precision_recall_curve(1 - is_ood, conf)
     prec_out, rec_out, _ = skm.precision_recall_curve(is_ood, -conf)
-    return {
-        "auroc": float(skm.auc(fpr, tpr)),
-        "fpr95": float(fpr[np.argmax(tpr >= 0.95)]),
-        "aupr_in": float(skm.auc(rec_in, prec_in)),
-        "aupr_out": float(skm.auc(rec_out, prec_out)),
-    }
+    values = {"auroc": skm.auc(fpr, tpr), "fpr95": fpr[np.argmax(tpr >= 0.95)], "aupr_in": skm.auc(rec_in, prec_in),
+              "aupr_out": skm.auc(rec_out, prec_out)}
+    return {k: min(1.0, max(0.0, float(v))) for k, v in values.items()}  # a trapezoid sum can round to 1 + 2e-16
 
 
 def search_percentile(model: nn.Module, method: str, id_val: torch.Tensor, ood_val: torch.Tensor,
