@@ -443,8 +443,11 @@ def _eval_shift_flags(p: argparse.ArgumentParser) -> None:
                    help="skip DE-vs-t and entropy-vs-t")
 
 
+RECORDED_HELP = "default: the one the guidance classifiers were trained with (guidance.json), else digits"
+
+
 def _sample_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--denoiser", help="default: the one the guidance classifiers were trained with (guidance.json), else digits")
+    p.add_argument("--denoiser", help=RECORDED_HELP)
     p.add_argument("--guidance", required=True, help="a train-guidance folder")
     p.add_argument("--class", dest="cls", required=True, help="a class index or name (guidance.json's classes)")
     p.add_argument("--n", type=int, default=10)
@@ -455,8 +458,8 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
 
 def _eval_guidance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", nargs="+", required=True, help="train-guidance folder(s)")
-    p.add_argument("--denoiser", help="default: the one the guidance classifiers were trained with (guidance.json), else digits")
-    p.add_argument("--data", help="default: the one the guidance classifiers were trained with (guidance.json), else digits")
+    p.add_argument("--denoiser", help=RECORDED_HELP)
+    p.add_argument("--data", help=RECORDED_HELP)
     p.add_argument("--clean-classifier", dest="clean_classifier", help="a classifier folder for the clean line")
     p.add_argument("--no-generation", dest="no_generation", action="store_true",
                    help="only the accuracy table and plot (no guided sampling)")
@@ -469,8 +472,7 @@ def _eval_guidance_flags(p: argparse.ArgumentParser) -> None:
 def _pag_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", nargs="*", help="classifier folder(s), e.g. a plain and a DiffAug-trained one")
     p.add_argument("--guidance", nargs="*", help="guidance classifier folder(s) (noisy, da)")
-    p.add_argument("--denoiser", help="default: the one the guidance classifiers were trained with (guidance.json), "
-                                      "else digits")
+    p.add_argument("--denoiser", help=RECORDED_HELP)
     p.add_argument("--data", default="digits")
     p.add_argument("--t", type=int, default=300)
     p.add_argument("--n", type=int, default=6, help="test images, one per class")

@@ -11,7 +11,6 @@ Data ranges: the public API takes images in [0, 1]; networks work in [-1, 1]. :m
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -377,23 +376,27 @@ class Denoiser(nn.Module):
         * single-model layout: ``config.json``, ``diffusion_pytorch_model.safetensors`` and ``scheduler_config.json``
           side by side (``UNet2DModel.save_pretrained(d)`` and ``DDPMScheduler.save_pretrained(d)`` into one ``d``).
 
-        Only safetensors weights are read (never pickles); nothing is fetched from a hub.
+        Only safetensors weights are read (never pickles); nothing is fetched from a hub. A folder holding
+        ``adm.json`` is an OpenAI (ADM) checkpoint's (:meth:`_from_adm_folder`).
         """
+        folder = Path(path)
+        if folder.is_file():
+            raise InputError(f"denoiser {folder} is a file: give a denoiser folder (diffusers layout, "
+                             f"train-diffusion's output, or one with {ADM_FILE}) or an OpenAI checkpoint file "
+                             f"({', '.join(OPENAI_SUFFIXES)}; diffaug.load_denoiser reads those)")
+        if not folder.is_dir():
+            raise InputError(f"denoiser folder {folder} does not exist; train one with `diffaug train-diffusion`")
+        den = cls._from_adm_folder(folder) if (folder / ADM_FILE).is_file() else cls._from_diffusers_folder(folder)
+        den = den.to(device) if device is not None else den
+        return speed.apply(den) if speed is not None else den
+
+    @classmethod
+    def _from_diffusers_folder(cls, folder: Path) -> "Denoiser":
+        """A diffusers folder in either layout (see :meth:`from_pretrained`)."""
         from diffusers import UNet2DModel
 
         from .utils.checkpoint import load_state, read_safetensors
 
-        folder = Path(path)
-        if folder.is_file():
-            raise InputError(f"denoiser {folder} is a file: give a denoiser folder (diffusers layout, train-diffusion's "
-                             f"output, or one with {ADM_FILE}) or an OpenAI checkpoint file "
-                             f"({', '.join(OPENAI_SUFFIXES)}; diffaug.load_denoiser reads those)")
-        if not folder.is_dir():
-            raise InputError(f"denoiser folder {folder} does not exist; train one with `diffaug train-diffusion`")
-        if (folder / ADM_FILE).is_file():
-            den = cls._from_adm_folder(folder)
-            den = den.to(device) if device is not None else den
-            return speed.apply(den) if speed is not None else den
         unet_dir, sched_dir = _diffusers_layout(folder)
         unet_cfg_path = unet_dir / UNET_CONFIG
         weights_path = unet_dir / UNET_WEIGHTS
@@ -414,11 +417,8 @@ class Denoiser(nn.Module):
         unet.eval()
         scheduler = _scheduler_from_config(_read_json(sched_path), sched_path)
         meta = _read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
-        den = cls.from_diffusers(
-            unet, scheduler, num_classes=meta.get("num_classes"), null_class=meta.get("null_class")
-        )
-        den = den.to(device) if device is not None else den
-        return speed.apply(den) if speed is not None else den
+        return cls.from_diffusers(unet, scheduler, num_classes=meta.get("num_classes"),
+                                  null_class=meta.get("null_class"))
 
     @classmethod
     def from_guided_diffusion(cls, path: str | os.PathLike, preset: str | None = None, *,
@@ -452,7 +452,8 @@ class Denoiser(nn.Module):
             found = matching_presets(state)
             if len(found) != 1:
                 raise InputError(
-                    f"{path} fits {' and '.join(found) if found else 'none'} of the ADM presets ({', '.join(PRESETS)}); "
+                    f"{path} fits {' and '.join(found) if found else 'none'} of the ADM presets "
+                    f"({', '.join(PRESETS)}); "
                     f"name its preset or flags: Denoiser.from_guided_diffusion(path, preset, **flags), or for the "
                     f"command line a folder holding {ADM_FILE} such as "
                     '{"checkpoint": "/path/model.pt", "preset": "..."} or {"checkpoint": ..., "flags": {...}, '

@@ -14,4 +14,5 @@ from ..utils.lazy import lazy_attributes
 _NAMES = {"run_eval_shift": "shift", "run_eval_ood": "ood", "run_certify": "certify",
           "run_eval_guidance": "guidance", "run_pag": "pag", "denoiser_quality": "quality"}
 __all__ = list(_NAMES)
-__getattr__, __dir__ = lazy_attributes(__name__, modules=('shift', 'ood', 'certify', 'guidance', 'pag', 'quality', 'sets'), names=_NAMES)
+_MODULES = ("shift", "ood", "certify", "guidance", "pag", "quality", "sets")  # submodules, loaded on first use
+__getattr__, __dir__ = lazy_attributes(__name__, modules=_MODULES, names=_NAMES)

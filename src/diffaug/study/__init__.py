@@ -9,4 +9,5 @@ from ..utils.lazy import lazy_attributes
 
 _NAMES = {"StudyConfig": "stages", "run_study": "stages", "toy_demo": "toy", "show_augmentations": "report"}
 __all__ = list(_NAMES)
-__getattr__, __dir__ = lazy_attributes(__name__, modules=('stages', 'report', 'toy'), names=_NAMES)
+_MODULES = ("stages", "report", "toy")  # submodules, loaded on first use
+__getattr__, __dir__ = lazy_attributes(__name__, modules=_MODULES, names=_NAMES)

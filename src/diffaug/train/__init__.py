@@ -11,4 +11,5 @@ from ..utils.lazy import lazy_attributes
 _NAMES = {"train_diffusion": "diffusion", "DiffusionTrainConfig": "diffusion", "train_classifier": "classifier",
           "TrainConfig": "classifier", "train_guidance": "guidance", "GuidanceTrainConfig": "guidance"}
 __all__ = list(_NAMES)
-__getattr__, __dir__ = lazy_attributes(__name__, modules=('diffusion', 'classifier', 'guidance', 'harness'), names=_NAMES)
+_MODULES = ("diffusion", "classifier", "guidance", "harness")  # submodules, loaded on first use
+__getattr__, __dir__ = lazy_attributes(__name__, modules=_MODULES, names=_NAMES)
