@@ -85,3 +85,51 @@ def test_guidance_round_trip_without_training_code(tmp_path):
             "print(sorted(m for m in sys.modules if m.startswith('diffaug.train')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _flip_a_tensor_byte(path):
+    """Flip one byte inside the tensor data (past the header), as a bad disk or a torn copy would."""
+    data = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    data[(header_end + len(data)) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_changed_tensor_bytes_are_named_not_loaded(tmp_path, capsys):
+    """Every safetensors file diffaug writes records its tensors' SHA-256: a classifier, a denoiser folder and a
+    training checkpoint whose data bytes changed are refused in one line (a resume names the previous
+    checkpoint); a file written elsewhere, without the digest, still loads."""
+    from safetensors.torch import save_file
+
+    from diffaug.cli import main
+    from diffaug.utils.checkpoint import load_safetensors, read_safetensors
+
+    clf = diffaug.create_classifier("small_cnn", 4, 1, seed=1, width=8)
+    clf.save_pretrained(tmp_path / "clf")
+    diffaug.Classifier.from_pretrained(tmp_path / "clf")
+    _flip_a_tensor_byte(tmp_path / "clf" / "model.safetensors")
+    with pytest.raises(InputError, match="is damaged: its tensors do not match the SHA-256"):
+        diffaug.Classifier.from_pretrained(tmp_path / "clf")
+
+    tiny_denoiser().save_pretrained(tmp_path / "den")
+    weights = next((tmp_path / "den").rglob("*.safetensors"))
+    _flip_a_tensor_byte(weights)
+    with pytest.raises(InputError, match="SHA-256"):
+        diffaug.load_denoiser(tmp_path / "den")
+
+    run = tmp_path / "run"
+    args = ["train", "--data", "digits", "--recipe", "plain", "--batch-size", "8", "--checkpoint-every", "2",
+            "--quiet", "--out", str(run)]
+    assert main([*args, "--steps", "4"]) == 0
+    capsys.readouterr()
+    checkpoints = sorted((run / "checkpoints").glob("step-*.safetensors"))
+    load_safetensors(checkpoints[-1])
+    _flip_a_tensor_byte(checkpoints[-1])
+    assert main([*args, "--steps", "6", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "SHA-256" in err and len(err.splitlines()) == 1
+    assert f"resume from the previous checkpoint, {checkpoints[-2].name}" in err  # train keeps 3 by default
+
+    foreign = {"w": torch.arange(6.0).view(2, 3)}
+    save_file(foreign, tmp_path / "foreign.safetensors")
+    assert torch.equal(read_safetensors(tmp_path / "foreign.safetensors")["w"], foreign["w"])

@@ -1,7 +1,9 @@
 """Safe, atomic persistence: safetensors for tensors, JSON for everything else.
 
 Every write goes to a temporary file in the destination folder, is fsynced, then renamed over the target, so
-a crash leaves either the old file or the new one, never a torn one. Nothing here unpickles.
+a crash leaves either the old file or the new one, never a torn one. Every safetensors file written here records
+the SHA-256 of its tensors, checked when it is read, so bytes changed later (a bad disk, a torn copy) are named
+instead of loaded. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -120,10 +123,23 @@ def _json_default(obj):
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Atomically write a safetensors file; ``metadata`` (any JSON value) is stored under the key ``"json"``."""
+    """Atomically write a safetensors file; ``metadata`` (any JSON value) is stored under the key ``"json"``, the
+    tensors' SHA-256 (:func:`tensors_digest`) under ``"sha256"``."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = None if metadata is None else {"json": json.dumps(metadata, default=_json_default)}
+    meta = {"sha256": tensors_digest(tensors)}
+    if metadata is not None:
+        meta["json"] = json.dumps(metadata, default=_json_default)
     atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of contiguous CPU tensors: each one's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{str(t.dtype)}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -187,10 +203,15 @@ def _read_safetensors(path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise InputError(f"{what} {path} does not exist")
     header = check_safetensors_header(path)
     try:
-        return load_file(str(path)), header
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors' own error types
         raise InputError(f"cannot read {path}: {str(e).splitlines()[0]}; the file is damaged, copy or train it "
                          "again") from None
+    recorded = (header.get("__metadata__") or {}).get("sha256")  # files from elsewhere record none
+    if recorded is not None and tensors_digest(tensors) != recorded:
+        raise InputError(f"{path} is damaged: its tensors do not match the SHA-256 written with them (changed "
+                         "on disk or in a copy); copy or train it again")
+    return tensors, header
 
 
 def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
