@@ -160,12 +160,20 @@ def cmd_eval_guidance(args) -> None:
 
 
 def cmd_pag(args) -> None:
+    from .classifier import MODEL_CONFIG
     from .evaluate.pag import run_pag
     from .guidance import recorded_setting
 
     out = _png_path(args.out)
-    denoiser = args.denoiser or (recorded_setting(args.guidance, "denoiser") if args.guidance else "digits")
-    run_pag(classifiers=args.classifier or [], guidance=args.guidance or [], denoiser=denoiser, data=args.data,
+
+    def recorded(key):  # what the guidance classifiers record, else what the classifiers record, else digits
+        value = recorded_setting(args.guidance, key, default=None) if args.guidance else None
+        if value is None and args.classifier:
+            value = recorded_setting(args.classifier, key, default=None, record=MODEL_CONFIG)
+        return value or "digits"
+
+    denoiser, data = args.denoiser or recorded("denoiser"), args.data or recorded("data")
+    run_pag(classifiers=args.classifier or [], guidance=args.guidance or [], denoiser=denoiser, data=data,
             t=args.t, n=args.n, seed=args.seed, out=out, device=_device(args.device), speed=_speed(args),
             workers=args.workers)
     if not args.quiet:
@@ -444,6 +452,8 @@ def _eval_shift_flags(p: argparse.ArgumentParser) -> None:
 
 
 RECORDED_HELP = "default: the one the guidance classifiers were trained with (guidance.json), else digits"
+PAG_RECORDED_HELP = ("default: the one the guidance classifiers were trained with (guidance.json), else the one the "
+                     "classifiers were trained with (model.json), else digits")
 
 
 def _sample_flags(p: argparse.ArgumentParser) -> None:
@@ -472,8 +482,8 @@ def _eval_guidance_flags(p: argparse.ArgumentParser) -> None:
 def _pag_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", nargs="*", help="classifier folder(s), e.g. a plain and a DiffAug-trained one")
     p.add_argument("--guidance", nargs="*", help="guidance classifier folder(s) (noisy, da)")
-    p.add_argument("--denoiser", help=RECORDED_HELP)
-    p.add_argument("--data", default="digits")
+    p.add_argument("--denoiser", help=PAG_RECORDED_HELP)
+    p.add_argument("--data", help=PAG_RECORDED_HELP)
     p.add_argument("--t", type=int, default=300)
     p.add_argument("--n", type=int, default=6, help="test images, one per class")
 

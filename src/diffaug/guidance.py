@@ -214,26 +214,27 @@ def _denoiser_for(denoiser: Denoiser, spec: dict, saved_alpha_bar: torch.Tensor,
     return denoiser
 
 
-def recorded_setting(folders, key: str, default: str = "digits") -> str:
-    """The ``--denoiser`` / ``--data`` that guidance classifiers in ``folders`` were trained with (their
-    ``guidance.json``), for commands run on them without the flag: the value they all record, if it can be found
-    from here (a path that exists, or the shipped ``digits``); ``default`` where they record none or differ. A
-    recorded path not found from here (the training ran in another folder) is a one-line error asking for the
-    flag."""
+def recorded_setting(folders, key: str, default: str | None = "digits", record: str = SPEC) -> str | None:
+    """The ``--denoiser`` / ``--data`` that the models in ``folders`` were trained with (their ``record``:
+    ``guidance.json`` for guidance classifiers, ``model.json`` for classifiers), for commands run on them without
+    the flag: the value they all record, if it can be found from here (a path that exists, or the shipped
+    ``digits``); ``default`` where they record none or differ. A recorded path not found from here (the training
+    ran in another folder) is a one-line error asking for the flag."""
     values = set()
     for folder in folders:
-        path = Path(folder) / SPEC
+        path = Path(folder) / record
         try:
             values.add(json.loads(path.read_text()).get(key))
         except (OSError, ValueError, AttributeError):
-            return default  # not a guidance folder: loading it names the problem
+            return default  # not a model folder: loading it names the problem
     if len(values) != 1 or None in values:
         return default
     value = str(values.pop())
     if value != "digits" and not Path(value).exists():
-        raise InputError(f"the guidance classifier{'s' if len(folders) > 1 else ''} {', '.join(map(str, folders))} "
-                         f"record{'' if len(folders) > 1 else 's'} --{key} {value} (guidance.json), which is not found "
-                         f"from here; pass --{key}")
+        many = len(folders) > 1
+        raise InputError(f"the {'guidance classifier' if record == SPEC else 'classifier'}{'s' if many else ''} "
+                         f"{', '.join(map(str, folders))} record{'' if many else 's'} --{key} {value} ({record}), "
+                         f"which is not found from here; pass --{key}")
     return value
 
 

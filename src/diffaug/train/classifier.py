@@ -429,8 +429,8 @@ def _finish(cfg: TrainConfig, model: nn.Module, data: _ClassifierData, batches: 
     if run.dist.main:
         ckpt.append_jsonl(run.log.path, [{"step": total, **result}])
         save_classifier(model, run.folder.out, extra={"classes": data.train.classes, "class_indices": cfg.classes,
-                                                      "recipe": cfg.recipe, "data": cfg.data, "seed": cfg.seed,
-                                                      **data.info(), **result})
+                                                      "recipe": cfg.recipe, "data": cfg.data, "denoiser": cfg.denoiser,
+                                                      "seed": cfg.seed, **data.info(), **result})
         if progress:
             print(f"train {cfg.recipe}: test acc {result['test_acc']:.4f} val acc {result['val_acc']:.4f} -> "
                   f"{run.folder.out}")
