@@ -19,12 +19,16 @@ def test_quick_study_writes_the_report_and_reuses_stages(tmp_path, capsys):
     assert len(claims) >= 10
     for c in claims:
         assert {"claim", "paper", "measured", "holds"} <= set(c)
-        assert set(c["measured"]) == {"mean", "std", "n_seeds"} and isinstance(c["holds"], bool)
+        assert {"mean", "std", "n_seeds"} <= set(c["measured"]) and isinstance(c["holds"], bool)
         assert c["verdict"] in ("holds", "not settled", "contradicted", "does not hold") and "ci95" in c
+        assert ("holm_p" in c) and (c["holm_p"] is None) == (c["p_one_sided"] is None)
+    speed = next(c for c in claims if c["rule"] == "ratio")  # per condition: 2 classifiers x 3 corruptions
+    assert speed["measured"]["per_condition"]["n"] == 6 and speed["measured"]["per_condition"]["min"] > 0
     assert {c["stage"] for c in claims} == {"shift", "ood", "certify", "guidance", "semi", "toy"}
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     report = (out / "report.md").read_text()
+    assert "**A reduced run** (budgets below the study's defaults: epochs 1 (default 8)," in report
     for heading in ("Covariate shift", "Near-OOD: classifiers trained on classes [0, 1, 2, 3, 4]", "near-OOD (holdout)",
                     "Certified accuracy", "Guided generation", "Semi-supervised DA guidance classifier",
                     "Toy 2-D", "DE accuracy vs largest member t", "Mean prediction entropy"):
@@ -108,7 +112,65 @@ def test_interval_and_seeds_to_settle_match_scipy():
         n = seeds_to_settle(mean, sd)
         half = lambda k: sps.t.ppf(0.975, k - 1) * sd / np.sqrt(k)  # noqa: E731
         assert half(n) < mean and (n == 2 or half(n - 1) >= mean)  # the smallest such n
-    assert seeds_to_settle(0.0, 1.0) is None and seeds_to_settle(1.0, 0.0) == 2
+    assert seeds_to_settle(0.0, 1.0) is None and seeds_to_settle(1.0, 0.0) is None  # no spread: no t-interval
+
+
+def test_claims_without_spread_unequal_arms_and_non_numbers_are_not_settled_or_refused():
+    """Equal differences on every seed (a count metric one image apart) gave a zero-width interval and "holds";
+    arms of unequal length were paired by zip, silently dropping a seed; a NaN stopped the study with an
+    AttributeError from the statistics module."""
+    from diffaug.stats import one_sided_p, paired_t_interval, seeds_to_settle
+    from diffaug.study.stages import _claim
+
+    same = _claim("c", "p", [0.1, 0.1, 0.1], "points", 100)
+    assert same["verdict"] == "not settled" and same["ci95"] is None and same["seeds_to_settle"] is None
+    assert paired_t_interval([0.1, 0.1]) is None and one_sided_p([0.1, 0.1]) is None
+    with pytest.raises(ValueError, match="one value per seed each, got 3 and 2"):
+        build_claims({"semi": {"fraction": 0.05, "accuracy": {"consistency": [0.6, 0.7, 0.8],
+                                                             "supervised": [0.5, 0.6]}}})
+    nan = _claim("c", "p", [0.1, float("nan"), 0.2])
+    assert nan["verdict"] == "not computable" and nan["measured"] is None and not nan["holds"]
+    with pytest.raises(ValueError, match="must be finite numbers"):
+        paired_t_interval([0.1, float("inf")])
+    with pytest.raises(ValueError, match="level must lie in"):
+        paired_t_interval([0.1, 0.2], level=1.5)
+    with pytest.raises(ValueError, match="std must be >= 0"):
+        seeds_to_settle(1.0, -0.1)
+    with pytest.raises(ValueError, match="unknown claim rule"):
+        _claim("c", "p", [0.1, 0.2], rule="negative")
+
+
+def test_one_sided_p_and_holm_match_scipy_and_the_definition():
+    import numpy as np
+    from scipy import stats as sps
+
+    from diffaug.stats import holm, one_sided_p
+    from diffaug.study.stages import adjust_for_multiplicity
+
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 7):
+        diffs = rng.normal(0.3, 1.0, n)
+        t = diffs.mean() / (diffs.std(ddof=1) / np.sqrt(n))
+        assert abs(one_sided_p(diffs) - sps.t.sf(t, n - 1)) < 1e-12
+    # Holm 1979 by its definition: reject H_(k) when p_(j) <= a / (m - j + 1) for every j <= k; the adjusted
+    # p-value is the smallest a that rejects it
+    p = [0.01, 0.04, 0.03, 0.005]
+    assert holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    for m in (1, 2, 5):
+        for _ in range(20):
+            ps = rng.uniform(0, 0.2, m)
+            order = np.argsort(ps)
+            for a in (0.01, 0.025, 0.05, 0.1):
+                rejected = set()
+                for j in range(m):
+                    if ps[order[j]] > a / (m - j):
+                        break
+                    rejected.add(int(order[j]))
+                assert {i for i, v in enumerate(holm(ps)) if v <= a} == rejected
+    assert all(h >= r for h, r in zip(holm([0.2, 0.01, 0.5]), [0.2, 0.01, 0.5]))
+    claims = adjust_for_multiplicity([{"p_one_sided": 0.001}, {"p_one_sided": None}, {"p_one_sided": 0.02}])
+    assert [c["holm_p"] for c in claims] == pytest.approx([0.002, None, 0.02]) and \
+        [c["holds_holm"] for c in claims] == [True, None, True]
 
 
 def test_report_puts_the_forest_plot_first_and_scrolls_wide_tables(tmp_path):

@@ -1,4 +1,5 @@
-"""Small statistics for reports: intervals and sample sizes for differences paired by seed (pure functions)."""
+"""Small statistics for reports: intervals, tests and sample sizes for differences paired by seed (pure
+functions)."""
 
 from __future__ import annotations
 
@@ -6,30 +7,71 @@ import math
 import statistics
 
 
+def _checked(diffs, level: float) -> list[float]:
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    diffs = [float(d) for d in diffs]
+    if not all(math.isfinite(d) for d in diffs):
+        raise ValueError(f"paired differences must be finite numbers, got {diffs}")
+    return diffs
+
+
 def paired_t_interval(diffs, level: float = 0.95) -> tuple[float, float] | None:
     """Two-sided ``level`` interval for the mean of paired differences (one per seed): Student's t with n - 1
-    degrees of freedom, ``mean +- t_{(1 + level) / 2, n - 1} * std / sqrt(n)``. None for fewer than 2 values."""
+    degrees of freedom, ``mean +- t_{(1 + level) / 2, n - 1} * std / sqrt(n)``. None for fewer than 2 values, and
+    for differences without spread (all equal), where the interval is undefined (SciPy gives NaN): equal values
+    of a count metric (images right, samples of a class) are no evidence of a zero-width interval."""
     from scipy.stats import t as student_t
 
-    diffs = [float(d) for d in diffs]
+    diffs = _checked(diffs, level)
     n = len(diffs)
     if n < 2:
         return None
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if sd == 0:
+        return None
     half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return mean - half, mean + half
+
+
+def one_sided_p(diffs) -> float | None:
+    """p-value of the one-sided paired t-test that the mean difference is above zero (SciPy's ``ttest_1samp``,
+    ``alternative="greater"``); None where :func:`paired_t_interval` has no interval."""
+    from scipy.stats import ttest_1samp
+
+    diffs = _checked(diffs, 0.5)
+    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+        return None
+    return float(ttest_1samp(diffs, 0.0, alternative="greater").pvalue)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order: the k-th smallest of m p-values is multiplied by
+    m - k + 1, made non-decreasing and capped at 1. Rejecting where the adjusted value is below ``a`` keeps the
+    chance of any false rejection among the m tests at most ``a`` (Holm 1979), whatever their dependence."""
+    p = [float(v) for v in pvalues]
+    if not all(0 <= v <= 1 for v in p):
+        raise ValueError(f"p-values must lie in [0, 1], got {p}")
+    m, adjusted, running = len(p), [0.0] * len(p), 0.0
+    for rank, i in enumerate(sorted(range(m), key=p.__getitem__)):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def seeds_to_settle(mean: float, std: float, level: float = 0.95, max_seeds: int = 10_000) -> int | None:
     """The fewest seeds whose ``level`` paired-t interval would exclude zero if the mean difference and its
     spread stayed as measured: the smallest n >= 2 with ``t_{(1 + level) / 2, n - 1} * std / sqrt(n) < |mean|``.
-    None when no number up to ``max_seeds`` would (a mean of zero, say)."""
+    A plug-in figure: were the measured mean and spread the truth, that many seeds would settle the claim in only
+    about half to four fifths of reruns. None when no number up to ``max_seeds`` would (a mean of zero), or without spread."""
     from scipy.stats import t as student_t
 
-    if mean == 0 or not math.isfinite(mean) or not math.isfinite(std):
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if std < 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    if mean == 0 or std == 0 or not math.isfinite(mean) or not math.isfinite(std):
         return None
-    if std == 0:
-        return 2
     lo, hi = 2, max_seeds  # the half-width falls with n, so bisect on the first n that is narrow enough
 
     def narrow(n: int) -> bool:

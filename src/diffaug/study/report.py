@@ -103,13 +103,15 @@ def claims_forest_plot(claims: list[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .stages import SPEED_CLAIM_MIN
+
     shown = [c for c in claims if c.get("measured")]
     colours = {"holds": "#1a7f37", "contradicted": "#cf222e", "does not hold": "#cf222e"}
     fig, axes = plt.subplots(len(shown), 1, figsize=(9, 0.62 * len(shown) + 0.6), squeeze=False)
     for ax, c in zip(axes[:, 0], shown):
         mean = c["measured"]["mean"]
         lo, hi = c["ci95"] if c.get("ci95") else (mean, mean)
-        ref = 5.0 if c.get("rule") == "ratio" else 0.0
+        ref = SPEED_CLAIM_MIN if c.get("rule") == "ratio" else 0.0
         colour = colours.get(c.get("verdict"), "#6e7781")
         ax.axvline(ref, color="black", lw=0.8, ls="--" if ref else "-")
         ax.plot([lo, hi], [0, 0], color=colour, lw=3, solid_capstyle="butt")
