@@ -413,3 +413,18 @@ def test_an_adm_denoiser_is_a_folder_the_command_line_takes(tmp_path, capsys):
                      str(denoiser), "--sigma", "0.25", "--out", str(tmp_path / "c2")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+
+
+def test_adm_networks_run_in_float64_and_bfloat16():
+    """The timestep embedding takes the network's own dtype: a ``.double()`` or ``.to(bfloat16)`` copy used to
+    fail with "mat1 and mat2 must have the same dtype"; float64 agrees with float32."""
+    name = "256x256_diffusion_uncond"
+    cfg, _ = adm_config(name, **_small(name))
+    ccfg, pool, _ = adm_classifier_config(**_small_classifier("256x256_classifier"))
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    t = torch.tensor([3, 700])
+    for net in (_randomised(ADMUNet(cfg)), _randomised(ADMClassifier(ccfg, pool))):
+        with torch.no_grad():
+            ref = net(x, t)
+            torch.testing.assert_close(net.double()(x.double(), t).float(), ref, atol=1e-4, rtol=1e-4)
+            assert net.to(torch.bfloat16)(x.bfloat16(), t).dtype == torch.bfloat16

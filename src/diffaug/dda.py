@@ -6,8 +6,10 @@ estimate towards the input's coarse structure:
 
     x_{t-1} = DDPM_step(x_t, x0_hat(x_t)) - w * grad_{x_t} || phi_D(x_ref) - phi_D(x0_hat(x_t)) ||
 
-with ``phi_D`` = down-sample by ``D`` then up-sample (bicubic, anti-aliased down-sampling like DDA's
-``resize_right``), the gradient taken through the network. Differences from DDA's code, all deliberate:
+with ``phi_D`` = down-sample by ``D`` then up-sample (:func:`low_pass`: DDA's ``resize_right`` filter, but
+constants kept at the borders), the gradient taken through the network. With ``norm="batch"``, the weight below and
+the posterior variance this equals DDA's sampling loop run on the same network, noise and timesteps
+(``tests/test_dda_reference.py``, a fixture of DDA's own outputs). Differences from DDA's code, all deliberate:
 
 * ``norm="image"`` (default) takes the norm per image and sums, so an image's update does not depend on the others
   in its batch; DDA's code takes one norm over the whole batch (``norm="batch"``), which shrinks every image's
@@ -16,9 +18,10 @@ with ``phi_D`` = down-sample by ``D`` then up-sample (bicubic, anti-aliased down
   norm is a unit vector, so a fixed ``w`` would move an 8x8 image ~55x more per pixel than an ImageNet one.
 * ``D`` defaults to 4 (DDA's ImageNet value) for images of 32 px and more, and to 2 below (8x8 -> 4x4 low-pass;
   D = 4 would keep 2x2 pixels of a digit).
-* The model is called at ``t_start, t_start - stride, ..., stride`` on an image noised to ``t_start`` (DDA's code
-  noises to 500 and first calls the model at 490). The variance is the posterior ("fixed small") variance also
-  for learned-variance networks.
+* The model is called at ``t_start, t_start - stride, ..., stride`` on an image noised to ``t_start``. DDA's
+  script (``--timestep_respacing 100 --N 50``) noises to 505 and calls the model at 494, 484, ..., 0 (strides of
+  10 and 11, from guided-diffusion's respacing). The variance is the posterior ("fixed small") variance also for
+  learned-variance networks (DDA's checkpoint learns it).
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ def default_downsample(image_size: int) -> int:
 
 
 def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """``phi_D``: down-sample by ``factor`` (bicubic, anti-aliased) and up-sample back (bicubic). Differentiable."""
+    """``phi_D``: down-sample by ``factor`` and up-sample back, with the Keys cubic kernel (a = -0.5), widened by
+    ``factor`` when down-sampling (anti-aliased), as DDA's ``resize_right``; equal to it away from the borders
+    (``tests/test_dda_reference.py``). At the borders the kernel's weights are renormalised over the pixels
+    inside, so a constant image stays constant, where resize_right pads with zeros and darkens the border (a
+    constant 0.5 drops to 0.18 at a 16-px corner): 2-3 border pixels per side, a small part of a 256-px image,
+    most of an 8-px one. Differentiable."""
     h, w = x.shape[-2:]
     small = F.interpolate(x, size=(max(1, h // factor), max(1, w // factor)), mode="bicubic", antialias=True,
                           align_corners=False)
-    return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
 
 
 def dda_timesteps(t_start: int, steps: int) -> list[int]:

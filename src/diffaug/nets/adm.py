@@ -285,7 +285,8 @@ class ADMUNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, config.out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t.float() * self.time_scale, self.config.num_channels))
+        emb = timestep_embedding(t.float() * self.time_scale, self.config.num_channels)
+        emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))  # a float64 / bf16 network takes its own
         if self.config.class_cond:
             if y is None:
                 raise InputError("this ADM model is class-conditional; pass class labels y")
@@ -365,7 +366,7 @@ class ADMClassifier(nn.Module):
                                      _zero(nn.Conv2d(ch, config.num_classes, 1)), nn.Flatten())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.config.num_channels))
+        emb = self.time_embed(timestep_embedding(t, self.config.num_channels).to(self.time_embed[0].weight.dtype))
         h = x
         for block in self.input_blocks:
             h = block(h, emb)
