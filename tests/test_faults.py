@@ -121,6 +121,7 @@ def _numbers(results: dict) -> dict:
     for name, info in results["stages"].items():
         numbers = dict(info["numbers"] or {})
         numbers.pop("seconds_per_image", None)
+        numbers.pop("dda_over_de", None)  # timings per condition
         stages[name] = numbers
     claims = [c for c in results["claims"] if "faster" not in c["claim"]]
     return {"stages": stages, "claims": claims}
