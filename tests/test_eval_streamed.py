@@ -420,8 +420,12 @@ def test_colour_folders_need_a_colour_denoiser_and_guidance_remembers_its_own(wo
         assert main([*argv, "--workers", "0"]) == 2
         err = capsys.readouterr().err.strip()
         assert "holds colour images but the denoiser takes 1-channel images" in err and len(err.splitlines()) == 1
-    assert main(["pag", "--classifier", str(world["clf"]), "--denoiser", str(den), "--n", "2", "--workers", "0",
-                 "--out", str(tmp_path / "p1.png"), "--quiet"]) == 0  # the data the classifier records (was: digits)
+    assert main(["train", "--data", str(tree), "--recipe", "diffaug", "--denoiser", str(den), "--model", "small_cnn",
+                 "--image-size", str(SIZE), "--steps", "1", "--batch-size", "8", "--workers", "0", "--quiet", "--out",
+                 str(tmp_path / "c1")]) == 0
+    # the README's `pag --classifier PLAIN DIFFAUG`: the data both record, the denoiser the DiffAug one records
+    assert main(["pag", "--classifier", str(world["clf"]), str(tmp_path / "c1"), "--n", "2", "--workers", "0",
+                 "--out", str(tmp_path / "p1.png"), "--quiet"]) == 0  # (was: digits for both)
     assert (tmp_path / "p1.png").stat().st_size > 0
     g = tmp_path / "g"
     assert main(["train-guidance", "--kind", "da", "--data", str(tree), "--denoiser", str(den), "--steps", "2",

@@ -67,8 +67,7 @@ def states(learn_sigma: bool) -> tuple[dict, dict]:
 
 
 def _reference():
-    if not REFERENCE.is_file():
-        pytest.skip(f"{REFERENCE.name} missing (make_reference.py writes it)")
+    assert REFERENCE.is_file(), f"{REFERENCE} missing (tests/data/make_guided_reference.py writes it)"
     from safetensors import safe_open
     with safe_open(str(REFERENCE), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["settings"])

@@ -108,7 +108,7 @@ def test_changed_tensor_bytes_are_named_not_loaded(tmp_path, capsys):
     clf.save_pretrained(tmp_path / "clf")
     diffaug.Classifier.from_pretrained(tmp_path / "clf")
     _flip_a_tensor_byte(tmp_path / "clf" / "model.safetensors")
-    with pytest.raises(InputError, match="is damaged: its tensors do not match the SHA-256"):
+    with pytest.raises(InputError, match="is damaged: its tensors or metadata do not match the SHA-256"):
         diffaug.Classifier.from_pretrained(tmp_path / "clf")
 
     tiny_denoiser().save_pretrained(tmp_path / "den")
@@ -129,6 +129,15 @@ def test_changed_tensor_bytes_are_named_not_loaded(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "SHA-256" in err and len(err.splitlines()) == 1
     assert f"resume from the previous checkpoint, {checkpoints[-2].name}" in err  # train keeps 3 by default
+
+    # the JSON metadata is covered too: a checkpoint whose step was edited (12 -> 19) is refused
+    from diffaug.utils.checkpoint import save_safetensors
+    save_safetensors({"w": torch.ones(3)}, tmp_path / "meta.safetensors", metadata={"step": 12})
+    data = (tmp_path / "meta.safetensors").read_bytes()
+    (tmp_path / "meta.safetensors").write_bytes(data.replace(b'\\"step\\": 12', b'\\"step\\": 19'))
+    assert (tmp_path / "meta.safetensors").read_bytes() != data
+    with pytest.raises(InputError, match="metadata do not match the SHA-256"):
+        load_safetensors(tmp_path / "meta.safetensors")
 
     foreign = {"w": torch.arange(6.0).view(2, 3)}
     save_file(foreign, tmp_path / "foreign.safetensors")

@@ -169,7 +169,7 @@ def cmd_pag(args) -> None:
     def recorded(key):  # what the guidance classifiers record, else what the classifiers record, else digits
         value = recorded_setting(args.guidance, key, default=None) if args.guidance else None
         if value is None and args.classifier:
-            value = recorded_setting(args.classifier, key, default=None, record=MODEL_CONFIG)
+            value = recorded_setting(args.classifier, key, default=None, record=MODEL_CONFIG, some=key == "denoiser")
         return value or "digits"
 
     denoiser, data = args.denoiser or recorded("denoiser"), args.data or recorded("data")

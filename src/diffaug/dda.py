@@ -48,8 +48,8 @@ def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
     ``factor`` when down-sampling (anti-aliased), as DDA's ``resize_right``; equal to it away from the borders
     (``tests/test_dda_reference.py``). At the borders the kernel's weights are renormalised over the pixels
     inside, so a constant image stays constant, where resize_right pads with zeros and darkens the border (a
-    constant 0.5 drops to 0.18 at a 16-px corner): 2-3 border pixels per side, a small part of a 256-px image,
-    most of an 8-px one. Differentiable."""
+    constant 0.5 drops to 0.18 at a 16-px corner): the pixels within about 3 ``factor`` of each side, a small
+    part of a 256-px image, all of a 16-px one at ``factor`` 4. Differentiable."""
     h, w = x.shape[-2:]
     small = F.interpolate(x, size=(max(1, h // factor), max(1, w // factor)), mode="bicubic", antialias=True,
                           align_corners=False)

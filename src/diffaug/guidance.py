@@ -214,10 +214,12 @@ def _denoiser_for(denoiser: Denoiser, spec: dict, saved_alpha_bar: torch.Tensor,
     return denoiser
 
 
-def recorded_setting(folders, key: str, default: str | None = "digits", record: str = SPEC) -> str | None:
+def recorded_setting(folders, key: str, default: str | None = "digits", record: str = SPEC,
+                     some: bool = False) -> str | None:
     """The ``--denoiser`` / ``--data`` that the models in ``folders`` were trained with (their ``record``:
     ``guidance.json`` for guidance classifiers, ``model.json`` for classifiers), for commands run on them without
-    the flag: the value they all record, if it can be found from here (a path that exists, or the shipped
+    the flag: the value they all record (``some``: all of those that record one, as a plain classifier beside a
+    DiffAug-trained one records no denoiser), if it can be found from here (a path that exists, or the shipped
     ``digits``); ``default`` where they record none or differ. A recorded path not found from here (the training
     ran in another folder) is a one-line error asking for the flag."""
     values = set()
@@ -227,6 +229,8 @@ def recorded_setting(folders, key: str, default: str | None = "digits", record: 
             values.add(json.loads(path.read_text()).get(key))
         except (OSError, ValueError, AttributeError):
             return default  # not a model folder: loading it names the problem
+    if some:
+        values.discard(None)
     if len(values) != 1 or None in values:
         return default
     value = str(values.pop())
@@ -273,8 +277,8 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
       clipped x0 estimate and the guided x0 left unclipped, then a deterministic DDIM step.
 
     Both equal guided-diffusion's samplers with ``cond_fn`` (``condition_mean`` / ``condition_score``) on the same
-    timesteps, for a model with the posterior variance (``tests/test_guided_reference.py``: to <= 1e-5 on
-    tiny ADMs). One difference, deliberate: the variance of a DDPM step is always the posterior ("fixed
+    timesteps, for a model with the posterior variance (``tests/test_guided_reference.py``, tiny ADMs: DDPM to
+    ~1e-5, DDIM to ~2e-4). One difference, deliberate: the variance of a DDPM step is always the posterior ("fixed
     small") one, also for networks that learn it (every OpenAI checkpoint), where guided-diffusion uses the
     learned variance, for the step and for the guidance shift (so it also shifts at t = 0, where the posterior
     variance is 0). ``steps`` evenly spaced timesteps from ``T - 1`` to 0 (guided-diffusion's ``"N"`` respacing

@@ -16,20 +16,26 @@ def _checked(diffs, level: float) -> list[float]:
     return diffs
 
 
+def has_spread(diffs, rel: float = 1e-9) -> bool:
+    """Whether paired differences vary by more than float rounding: their sample std above ``rel`` times their
+    largest magnitude (equal counts subtracted and scaled leave a std of ~1e-17, not 0). False for fewer than 2."""
+    diffs = [float(d) for d in diffs]
+    return len(diffs) > 1 and statistics.stdev(diffs) > rel * max(abs(d) for d in diffs)
+
+
 def paired_t_interval(diffs, level: float = 0.95) -> tuple[float, float] | None:
     """Two-sided ``level`` interval for the mean of paired differences (one per seed): Student's t with n - 1
     degrees of freedom, ``mean +- t_{(1 + level) / 2, n - 1} * std / sqrt(n)``. None for fewer than 2 values, and
-    for differences without spread (all equal), where the interval is undefined (SciPy gives NaN): equal values
-    of a count metric (images right, samples of a class) are no evidence of a zero-width interval."""
+    for differences without spread (:func:`has_spread`), where the interval is undefined (SciPy gives NaN or a
+    width of rounding error): equal values of a count metric (images right, samples of a class) are no evidence
+    of a zero-width interval."""
     from scipy.stats import t as student_t
 
     diffs = _checked(diffs, level)
     n = len(diffs)
-    if n < 2:
+    if not has_spread(diffs):
         return None
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    if sd == 0:
-        return None
     half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return mean - half, mean + half
 
@@ -40,7 +46,7 @@ def one_sided_p(diffs) -> float | None:
     from scipy.stats import ttest_1samp
 
     diffs = _checked(diffs, 0.5)
-    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+    if not has_spread(diffs):
         return None
     return float(ttest_1samp(diffs, 0.0, alternative="greater").pvalue)
 
@@ -62,16 +68,17 @@ def holm(pvalues) -> list[float]:
 def seeds_to_settle(mean: float, std: float, level: float = 0.95, max_seeds: int = 10_000) -> int | None:
     """The fewest seeds whose ``level`` paired-t interval would exclude zero if the mean difference and its
     spread stayed as measured: the smallest n >= 2 with ``t_{(1 + level) / 2, n - 1} * std / sqrt(n) < |mean|``.
-    A plug-in figure: were the measured mean and spread the truth, that many seeds would settle the claim in only
-    about half to four fifths of reruns. None when no number up to ``max_seeds`` would (a mean of zero), or without spread."""
+    A plug-in figure, not a power calculation: were the measured mean and spread the truth, that many seeds would
+    settle the claim in as few as about half of reruns. None when no number up to ``max_seeds`` would (a mean of
+    zero), or without spread."""
     from scipy.stats import t as student_t
 
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std}")
-    if mean == 0 or std == 0 or not math.isfinite(mean) or not math.isfinite(std):
-        return None
+    if not math.isfinite(mean) or not math.isfinite(std) or mean == 0 or std <= 1e-9 * abs(mean):
+        return None  # no effect, or no spread (see has_spread)
     lo, hi = 2, max_seeds  # the half-width falls with n, so bisect on the first n that is narrow enough
 
     def narrow(n: int) -> bool:

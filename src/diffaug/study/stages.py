@@ -249,7 +249,9 @@ def stage_shift(cfg: StudyConfig, root: Path, out: Path, progress: bool) -> dict
     for s in summarize([r for r in corrupted if r["severity"] == top], ("recipe", "mode"), "classifier", "accuracy"):
         per.setdefault(s["recipe"], {})[s["mode"]] = s["values"]
     secs = summarize(corrupted, "mode", ("classifier", "corruption", "severity"), "seconds_per_image")
-    per_condition = {s["mode"]: dict(zip(map(tuple, s["over"]), s["values"])) for s in secs}
+    # DE views and DDA images are made once per condition for every classifier: one ratio per condition
+    per_condition = {s["mode"]: dict(zip(map(tuple, s["over"]), s["values"]))
+                     for s in summarize(corrupted, "mode", ("corruption", "severity"), "seconds_per_image")}
     ent = res.extra["entropy_vs_t"]
     t_late = sorted({r["t"] for r in ent})[-2]  # the last regular point (t = T - 1 is degenerate)
     entropy = _values_by(summarize([r for r in ent if r["t"] == t_late], "recipe", "classifier", "entropy"), "recipe")
@@ -683,11 +685,13 @@ def _fmt_interval(c: dict) -> str:
     if c.get("ci95") is not None:
         return f"[{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
     m = c.get("measured")
+    if m is None:
+        return "-"
     if c.get("rule") == "ratio":
-        spread = (m or {}).get("per_condition")
+        spread = m.get("per_condition")
         return (f"per condition {spread['min']:.1f}-{spread['max']:.1f}{c['unit']} (median {spread['median']:.1f}, "
                 f"{spread['n']} conditions)" if spread else "-")
-    if m and m["n_seeds"] > 1:
+    if m["n_seeds"] > 1:
         return "- (no spread: every seed gave the same difference)"
     return "- (needs >= 2 seeds)"
 
@@ -701,13 +705,13 @@ def _fmt_verdict(c: dict) -> str:
     m, settle = c["measured"], c.get("seeds_to_settle")
     if m["n_seeds"] == 1:
         return "**not settled** (1 seed)"
-    if m["std"] == 0:
+    if c.get("ci95") is None:
         return "**not settled** (no spread to test: more seeds)"
     if settle and m["mean"] < 0:
         return f"**not settled**, leaning against (~{settle} seeds would settle it as contradicted)"
     if settle:
         return f"**not settled** (~{settle} seeds would settle it)"
-    return "**not settled** (mean difference 0)"
+    return "**not settled** (mean difference 0)" if m["mean"] == 0 else "**not settled** (over 10,000 seeds)"
 
 
 def _fmt_holm(c: dict) -> str:
@@ -752,11 +756,11 @@ def write_report(out: Path, results: dict) -> None:
               "seeds, n - 1 degrees of freedom) excludes zero in the paper's direction, is **contradicted** when it "
               "excludes zero the other way, and is **not settled** otherwise (also when every seed gives the same "
               "difference, which a count metric can by chance). For those, the number of seeds that would settle "
-              "it if mean and spread stayed as measured is given (a plug-in figure: even then that many seeds "
-              "settle it in only about half to four fifths of reruns; and adding seeds until a claim settles raises "
-              "the chance of a false \"holds\"). The 95 % level is per claim" + (
+              "it if mean and spread stayed as measured is given (a plug-in figure, not a power calculation: even "
+              "then that many seeds may settle it in only about half of reruns; and adding seeds until a claim "
+              "settles raises the chance of a false \"holds\"). The 95 % level is per claim" + (
                   f": with {len(tested)} claims tested together, the column \"after Holm\" keeps the chance of any "
-                  f"false \"holds\" among them at 2.5 % (Holm's step-down on the one-sided paired t-tests; "
+                  f"false \"holds\" among them at most 2.5 % (Holm's step-down on the one-sided paired t-tests; "
                   f"{sum(bool(c['holds_holm']) for c in tested)} of them hold by that rule)" if tested else "") +
               ". The speed claim is one "
               f"pooled measurement (DE and DDA timed side by side on the same batches) and holds at >= "

@@ -2,8 +2,8 @@
 
 Every write goes to a temporary file in the destination folder, is fsynced, then renamed over the target, so
 a crash leaves either the old file or the new one, never a torn one. Every safetensors file written here records
-the SHA-256 of its tensors, checked when it is read, so bytes changed later (a bad disk, a torn copy) are named
-instead of loaded. Nothing here unpickles.
+the SHA-256 of its tensors and metadata, checked when it is read, so bytes changed later (a bad disk, a torn
+copy) are named instead of loaded. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -126,15 +126,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """Atomically write a safetensors file; ``metadata`` (any JSON value) is stored under the key ``"json"``, the
     tensors' SHA-256 (:func:`tensors_digest`) under ``"sha256"``."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"sha256": tensors_digest(tensors)}
-    if metadata is not None:
-        meta["json"] = json.dumps(metadata, default=_json_default)
+    meta = {} if metadata is None else {"json": json.dumps(metadata, default=_json_default)}
+    meta["sha256"] = tensors_digest(tensors, meta.get("json", ""))
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) of contiguous CPU tensors: each one's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
+def tensors_digest(tensors: dict[str, torch.Tensor], text: str = "") -> str:
+    """SHA-256 (hex) of ``text`` (a file's JSON metadata) and contiguous CPU tensors: each one's name, dtype, shape
+    and bytes, in name order."""
+    h = hashlib.sha256(text.encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}|{str(t.dtype)}|{list(t.shape)}|".encode())
@@ -207,10 +207,11 @@ def _read_safetensors(path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as e:  # safetensors' own error types
         raise InputError(f"cannot read {path}: {str(e).splitlines()[0]}; the file is damaged, copy or train it "
                          "again") from None
-    recorded = (header.get("__metadata__") or {}).get("sha256")  # files from elsewhere record none
-    if recorded is not None and tensors_digest(tensors) != recorded:
-        raise InputError(f"{path} is damaged: its tensors do not match the SHA-256 written with them (changed "
-                         "on disk or in a copy); copy or train it again")
+    meta = header.get("__metadata__") or {}
+    recorded = meta.get("sha256")  # files from elsewhere, and diffaug's before 2026-12-08, record none
+    if recorded is not None and tensors_digest(tensors, meta.get("json", "")) != recorded:
+        raise InputError(f"{path} is damaged: its tensors or metadata do not match the SHA-256 written with them "
+                         "(changed on disk or in a copy); copy or train it again")
     return tensors, header
 
 
