@@ -167,8 +167,9 @@ SETTINGS = {  # the settings each stage depends on (besides data and denoiser, a
 
 # a stage whose numbers changed without a setting changing: its old cache entries are not reused
 # a stage whose numbers changed for the same settings: ood 2, the ASH column is ASH-B (OpenOOD's) and OOD folders get
-# the ID images' pre-processing; shift 1, DDA's low-pass up-samples with resize_right's kernel
-REVISIONS = {"ood": 2, "shift": 1}
+# the ID images' pre-processing; shift 1, DDA's low-pass up-samples with resize_right's kernel; classifiers 1, AugMix
+# at the AugMix paper's ImageNet strength (torchvision severity 2, was 3)
+REVISIONS = {"ood": 2, "shift": 1, "classifiers": 1}
 
 
 def _key(stage: str, cfg: StudyConfig, upstream: dict[str, str]) -> str:
