@@ -137,7 +137,9 @@ def test_sample_cli_errors(tmp_path, capsys):
               "another noise schedule than this denoiser's (both T=1000; alpha_bar at t="),
              (["--guidance", str(tmp_path / "g"), "--class", "12"], "--class 12 does not exist"),
              (["--guidance", str(tmp_path / "g"), "--class", "1", "--scale", "nan"], "finite"),
-             (["--guidance", str(tmp_path / "g"), "--class", "1", "--n", "0"], "--n must be >= 1")]
+             (["--guidance", str(tmp_path / "g"), "--class", "1", "--n", "0"], "--n must be >= 1"),
+             (["--guidance", str(tmp_path / "g"), "--class", "1", "--variance", "learned"],  # digits: eps only
+              "--variance learned needs a network that learns its variance")]
     for args, message in cases:
         assert main(["sample", *args, "--out", str(tmp_path / "a.png")]) == 2
         err = capsys.readouterr().err.strip()

@@ -140,7 +140,8 @@ def cmd_sample(args) -> None:
         raise InputError(f"--class {args.cls} does not exist; the guidance classifier has classes 0..{k - 1}{listed}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     y = torch.full((args.n,), cls, dtype=torch.long)
-    samples = guided_sample(den, guidance, y, steps=args.steps, scale=args.scale, sampler=args.sampler, generator=gen)
+    samples = guided_sample(den, guidance, y, steps=args.steps, scale=args.scale, sampler=args.sampler,
+                            variance=args.variance, generator=gen)
     save_grid(samples, out, nrow=min(args.n, 10))
     if not args.quiet:
         print(f"wrote {out}")
@@ -154,8 +155,8 @@ def cmd_eval_guidance(args) -> None:
                             denoiser=args.denoiser or recorded_setting(args.guidance, "denoiser"),
                             data=args.data or recorded_setting(args.guidance, "data"),
                             clean_classifier=args.clean_classifier, per_class=args.per_class, steps=args.steps,
-                            scale=args.scale, sampler=args.sampler, seed=args.seed, out=args.out,
-                            device=_device(args.device), generation=not args.no_generation,
+                            scale=args.scale, sampler=args.sampler, variance=args.variance, seed=args.seed,
+                            out=args.out, device=_device(args.device), generation=not args.no_generation,
                             progress=not args.quiet, speed=_speed(args), workers=args.workers).text)
 
 
@@ -463,6 +464,8 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--variance", default="posterior", choices=["posterior", "learned"],
+                   help="DDPM step variance: posterior (fixed small) or the network's learned one (OpenAI checkpoints)")
     p.add_argument("--steps", type=int, default=100)
 
 
@@ -477,6 +480,8 @@ def _eval_guidance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--variance", default="posterior", choices=["posterior", "learned"],
+                   help="DDPM step variance: posterior (fixed small) or the network's learned one (OpenAI checkpoints)")
 
 
 def _pag_flags(p: argparse.ArgumentParser) -> None:

@@ -263,12 +263,14 @@ class Denoiser(nn.Module):
         return t
 
     # ------------------------------------------------------------------ the contract
-    def _net_output(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """The network on already-validated ``t`` and ``y``; variance channels dropped, float32."""
+    def _net_output(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                    keep_variance: bool = False) -> torch.Tensor:
+        """The network on already-validated ``t`` and ``y``, float32; a learned-variance half (improved-DDPM) is
+        dropped unless ``keep_variance``."""
         x_in = accel.memory_format(x_t.to(self.dtype), self.channels_last)
         with accel.autocast(x_t.device, self.precision):
             out = self.net(x_in, t, y)
-        if out.shape[1] == 2 * x_t.shape[1]:  # learned variance (improved-DDPM): keep the mean half
+        if out.shape[1] == 2 * x_t.shape[1] and not keep_variance:
             out = out[:, : x_t.shape[1]]
         return out.float()
 
@@ -277,8 +279,8 @@ class Denoiser(nn.Module):
         n = x_t.shape[0]
         return self._net_output(x_t, self._timesteps(t, n, x_t.device), self._labels(y, n, x_t.device))
 
-    def _mixed_output(self, x_t, t, y, cond_weight: float | None,
-                      validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed_output(self, x_t, t, y, cond_weight: float | None, validate: bool = True,
+                      keep_variance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``t`` and ``(1 - w) * out(x_t, t, null) + w * out(x_t, t, y)`` (halves batched in one call)."""
         n, device = x_t.shape[0], x_t.device
         t = self._timesteps(t, n, device, validate)
@@ -287,9 +289,10 @@ class Denoiser(nn.Module):
         if cond_weight not in (None, 0) and y is None:
             raise InputError("cond_weight > 0 needs class labels y; pass y or set cond_weight=0")
         if cond_weight in (None, 0, 1):
-            return t, self._net_output(x_t, t, self._labels(None if cond_weight == 0 else y, n, device, validate))
+            return t, self._net_output(x_t, t, self._labels(None if cond_weight == 0 else y, n, device, validate),
+                                       keep_variance)
         labels = torch.cat([self._labels(None, n, device), self._labels(y, n, device, validate)])
-        out = self._net_output(torch.cat([x_t, x_t]), torch.cat([t, t]), labels)
+        out = self._net_output(torch.cat([x_t, x_t]), torch.cat([t, t]), labels, keep_variance)
         return t, torch.lerp(out[:n], out[n:], cond_weight)
 
     def predict_x0(
@@ -325,9 +328,20 @@ class Denoiser(nn.Module):
 
     def predict_eps(self, x_t, t, y=None, *, cond_weight: float | None = None, validate: bool = True) -> torch.Tensor:
         """The noise estimate at ``(x_t, t)``, float32 (same arguments as :meth:`predict_x0`)."""
-        t, out = self._mixed_output(x_t, t, y, cond_weight, validate)
+        return self.predict_eps_and_variance(x_t, t, y, cond_weight=cond_weight, validate=validate)[0]
+
+    def predict_eps_and_variance(self, x_t, t, y=None, *, cond_weight: float | None = None,
+                                 validate: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(eps, v)``: the noise estimate (as :meth:`predict_eps`) and, for a network that learns its variance
+        (improved-DDPM's "learned range": every OpenAI checkpoint), the variance half of its output ``v`` in
+        model units (interpolating log beta_t and the log posterior variance by ``(v + 1) / 2``; see
+        :func:`diffaug.sampling.learned_variance`), from the same network call; ``None`` for other networks."""
+        t, out = self._mixed_output(x_t, t, y, cond_weight, validate, keep_variance=True)
+        c = x_t.shape[1]
+        v = out[:, c:] if out.shape[1] == 2 * c else None
+        out = out[:, :c]
         a = schedule._gather(self.alpha_bar, t, out)
-        return schedule.eps_from_model_output(out, x_t.float(), a, self.prediction_type)
+        return schedule.eps_from_model_output(out, x_t.float(), a, self.prediction_type), v
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor, *,
                  validate: bool = True) -> torch.Tensor:

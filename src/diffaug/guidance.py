@@ -255,20 +255,33 @@ def load_guidance(folder: str | os.PathLike, denoiser: Denoiser, *,
     return GuidanceClassifier.from_pretrained(folder, denoiser, speed=speed)
 
 
-def guided_timesteps(denoiser: Denoiser, *, steps: int, scale: float, sampler: str) -> list[int]:
-    """The timesteps :func:`guided_sample` visits, after a one-line :class:`InputError` for an unknown sampler,
-    a scale that is not finite or ``steps`` outside ``[1, T]`` (so callers can check before any work)."""
+def guided_timesteps(denoiser: Denoiser, *, steps: int, scale: float, sampler: str,
+                     variance: str = "posterior") -> list[int]:
+    """The timesteps :func:`guided_sample` visits, after a one-line :class:`InputError` for an unknown sampler or
+    variance, a scale that is not finite, ``steps`` outside ``[1, T]`` or ``variance="learned"`` for a network
+    that does not learn it (one probe of the network), so callers can check before any work."""
     from .sampling import sampling_timesteps
 
     if sampler not in ("ddpm", "ddim"):
         raise InputError(f"unknown sampler {sampler!r}; use ddpm or ddim")
+    if variance not in ("posterior", "learned"):
+        raise InputError(f"unknown variance {variance!r}; use posterior or learned")
     if not math.isfinite(scale):
         raise InputError(f"guidance scale must be a finite number, got {scale}")
-    return sampling_timesteps(denoiser.num_timesteps, steps)
+    timesteps = sampling_timesteps(denoiser.num_timesteps, steps)
+    if variance == "learned":
+        probe = torch.zeros(1, denoiser.channels, *denoiser.image_size, device=denoiser.alpha_bar.device)
+        uncond = 0 if denoiser.is_conditional else None
+        with torch.no_grad():
+            if denoiser.predict_eps_and_variance(probe, 0, cond_weight=uncond)[1] is None:
+                raise InputError("--variance learned needs a network that learns its variance (learn_sigma, as "
+                                 "OpenAI's checkpoints); this denoiser predicts only the noise: use posterior")
+    return timesteps
 
 
 def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Tensor, *, steps: int = 100,
-                  scale: float = 1.0, sampler: str = "ddpm", generator: torch.Generator | None = None) -> torch.Tensor:
+                  scale: float = 1.0, sampler: str = "ddpm", variance: str = "posterior",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Classifier-guided samples of classes ``y`` ``[N]`` from the denoiser used unconditionally.
 
     * ``ddpm`` (Dhariwal & Nichol, Alg. 1): ancestral steps with the posterior mean (from the clipped x0
@@ -277,16 +290,16 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
       clipped x0 estimate and the guided x0 left unclipped, then a deterministic DDIM step.
 
     Both equal guided-diffusion's samplers with ``cond_fn`` (``condition_mean`` / ``condition_score``) on the same
-    timesteps, for a model with the posterior variance (``tests/test_guided_reference.py``, tiny ADMs: DDPM to
-    ~1e-5, DDIM to ~2e-4). One difference, deliberate: the variance of a DDPM step is always the posterior ("fixed
-    small") one, also for networks that learn it (every OpenAI checkpoint), where guided-diffusion uses the
-    learned variance, for the step and for the guidance shift (so it also shifts at t = 0, where the posterior
-    variance is 0). ``steps`` evenly spaced timesteps from ``T - 1`` to 0 (guided-diffusion's ``"N"`` respacing
-    except for rounding ties; its ``"ddimN"`` stride starts lower). Returns images ``[N, C, H, W]`` in [0, 1].
+    timesteps (``tests/test_guided_reference.py``, tiny ADMs: DDPM to ~1e-5, DDIM to ~2e-4). ``variance``
+    (DDPM): ``"posterior"`` (the default: the "fixed small" variance, for any network) or ``"learned"`` (the
+    network's own, for one that learns it, e.g. every OpenAI checkpoint: guided-diffusion's sampler, which then
+    also shifts the mean at the last step, where the posterior variance is 0). ``steps`` evenly spaced timesteps
+    from ``T - 1`` to 0 (guided-diffusion's ``"N"`` respacing except for rounding ties; its ``"ddimN"`` stride
+    starts lower). Returns images ``[N, C, H, W]`` in [0, 1].
     """
-    from .sampling import ddim_step, noise_sampler, timestep_pairs
+    from .sampling import ddim_step, learned_variance, noise_sampler, posterior_variance, timestep_pairs
 
-    timesteps = guided_timesteps(denoiser, steps=steps, scale=scale, sampler=sampler)
+    timesteps = guided_timesteps(denoiser, steps=steps, scale=scale, sampler=sampler, variance=variance)
     num_classes = getattr(guidance.net, "num_classes", None) or (
         guidance.net.head.out_features if hasattr(guidance.net, "head") else None)
     if num_classes is not None and ((y < 0) | (y >= num_classes)).any():
@@ -298,20 +311,24 @@ def guided_sample(denoiser: Denoiser, guidance: GuidanceClassifier, y: torch.Ten
     randn = noise_sampler((n, denoiser.channels, H, W), generator, device)
     uncond = 0 if denoiser.is_conditional else None
     x = randn()
+    floor = None  # the previous step's posterior variance: the learned variance's floor at the last step
     for t, a_t, a_prev in timestep_pairs(denoiser.alpha_bar.to(device), timesteps):
         tt = torch.full((n,), t, device=device)
         grad = guidance.grad_log_prob(x, tt, y) if scale else torch.zeros_like(x)
         with torch.no_grad():
-            eps = denoiser.predict_eps(x, tt, cond_weight=uncond)
+            eps, v = denoiser.predict_eps_and_variance(x, tt, cond_weight=uncond)
             x0 = schedule.x0_from_model_output(eps, x, a_t, "epsilon").clamp(-1, 1)
             if sampler == "ddim":  # guidance on the clipped estimate's noise; the guided x0 is not clipped again
                 eps = schedule.eps_from_x0(x0, x, a_t) - (1 - a_t).sqrt() * scale * grad
                 x0 = schedule.x0_from_model_output(eps, x, a_t, "epsilon")
                 x = ddim_step(x, x0, a_t, a_prev, 0.0, torch.zeros_like(x))
             else:
-                var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # the DDPM posterior ("fixed small") variance
+                var = post = posterior_variance(a_t, a_prev)
+                if variance == "learned":  # at the last step (post 0) the floor is the step before's
+                    var = learned_variance(v, a_t, a_prev, floor=1 - a_t / a_prev if floor is None else floor)
+                floor = post
                 mean = ddim_step(x, x0, a_t, a_prev, 1.0, torch.zeros_like(x)) + scale * var * grad
-                x = mean + var.clamp(min=0).sqrt() * randn()
+                x = mean + (var.clamp(min=0).sqrt() * randn() if a_prev < 1 else 0)
     return denoiser.decode(x).clamp(0, 1)
 
 

@@ -33,6 +33,25 @@ def timestep_pairs(alpha_bar: torch.Tensor, timesteps: Sequence[int]
         yield t, alpha_bar[t], a_prev
 
 
+def posterior_variance(a_t: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+    """The DDPM posterior ("fixed small") variance of the step from ``alpha_bar = a_t`` to ``a_prev``:
+    ``beta (1 - a_prev) / (1 - a_t)`` with ``beta = 1 - a_t / a_prev`` (0 at the last step, ``a_prev = 1``)."""
+    return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+
+
+def learned_variance(v: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor,
+                     floor: torch.Tensor) -> torch.Tensor:
+    """Improved-DDPM's learned-range variance of the step from ``a_t`` to ``a_prev`` (Nichol & Dhariwal 2021,
+    eq. 15, as guided-diffusion computes it on a respaced schedule): ``exp(f log beta + (1 - f) log
+    posterior)``, ``f = (v + 1) / 2``. ``floor`` replaces a posterior variance of 0 (the last step): the
+    posterior variance of the step before it, as guided-diffusion's ``posterior_log_variance_clipped``."""
+    post = posterior_variance(a_t, a_prev)
+    min_log = torch.log(torch.where(post > 0, post, floor))
+    max_log = torch.log(1 - a_t / a_prev)
+    frac = (v + 1) / 2
+    return torch.exp(frac * max_log + (1 - frac) * min_log)
+
+
 def input_gradient(fn: Callable, x: torch.Tensor):
     """``(grad, aux)``: the gradient w.r.t. ``x`` of ``fn(x)``'s scalar, where ``fn`` returns a scalar or
     ``(scalar, aux)`` (aux is returned detached; None when there is none). Gradients are enabled inside, so it

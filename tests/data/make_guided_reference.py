@@ -43,7 +43,7 @@ def main(checkout: str) -> None:
         args = su.model_and_diffusion_defaults()
         args.update(T.MODEL_FLAGS, learn_sigma=learn_sigma, timestep_respacing=str(steps))
         model, diffusion = su.create_model_and_diffusion(**args)
-        if sampler == "ddpm":  # the posterior ("fixed small") variance, diffaug's
+        if sampler == "ddpm" and not learn_sigma:  # the posterior ("fixed small") variance, diffaug's default
             diffusion = su.create_gaussian_diffusion(steps=1000, learn_sigma=False, sigma_small=True,
                                                      noise_schedule="linear", timestep_respacing=str(steps))
         f = T.CLASSIFIER_FLAGS

@@ -98,8 +98,8 @@ def _accuracy_rows(s: SimpleNamespace, clean_classifier, seed: int, device) -> d
     return rows
 
 
-def _generation_rows(s: SimpleNamespace, data, per_class, steps, scale, sampler, seed, out, device, progress,
-                     workers) -> tuple[dict, str]:
+def _generation_rows(s: SimpleNamespace, data, per_class, steps, scale, sampler, variance, seed, out, device,
+                     progress, workers) -> tuple[dict, str]:
     """``({name: {kind, fid, is, precision, recall, accuracy}}, the real set's description)``: guided samples of
     every guidance classifier (grids written to ``out``), judged by a small CNN trained on the real train split."""
     from tqdm.auto import tqdm
@@ -123,7 +123,7 @@ def _generation_rows(s: SimpleNamespace, data, per_class, steps, scale, sampler,
     y = torch.arange(s.num_classes, device=device).repeat_interleave(per_class)
     gen_rows = {}
     for name, g in tqdm(s.models.items(), disable=not progress, desc="guided sampling"):
-        samples = guided_sample(s.den, g, y, steps=steps, scale=scale, sampler=sampler,
+        samples = guided_sample(s.den, g, y, steps=steps, scale=scale, sampler=sampler, variance=variance,
                                 generator=torch.Generator(device=device).manual_seed(seed))
         gen_rows[name] = {"kind": _label(g), **generation_metrics(judge, real_images, samples, y, PR_NEIGHBOURS)}
         _save_grid(samples, y, out / f"samples_{g.kind}_{Path(name).name}.png")
@@ -131,7 +131,7 @@ def _generation_rows(s: SimpleNamespace, data, per_class, steps, scale, sampler,
 
 
 def guidance_tables(rows: list[dict], gen_rows: list[dict], *, seed: int, sampler: str, steps: int, scale: float,
-                    per_class: int, real_set: str) -> str:
+                    per_class: int, real_set: str, variance: str = "posterior") -> str:
     """The Markdown of ``table.md``: ``rows`` (accuracy over t, one per classifier) and ``gen_rows`` (generation
     metrics, one per guidance classifier; the second table only when there are any), by kind."""
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
@@ -149,7 +149,8 @@ def guidance_tables(rows: list[dict], gen_rows: list[dict], *, seed: int, sample
     for kind in [k for k in kinds if k != "clean"]:
         per = {m: lookup(summary, kind=kind) for m, summary in metrics.items()}
         cells.append([f"{kind} ({per['fid']['n']})", *(mean_std(per[m]["values"], *formats[m]) for m in formats)])
-    lines += ["", f"## Guided generation ({sampler}, {steps} steps, scale {scale}, {per_class} per class)", "",
+    how = f"{sampler}{', learned variance' if variance == 'learned' and sampler == 'ddpm' else ''}"
+    lines += ["", f"## Guided generation ({how}, {steps} steps, scale {scale}, {per_class} per class)", "",
               "Feature network and judge: a small CNN trained on the real train split (Inception weights cannot be "
               "fetched here), so FID / IS are in its feature space. " + real_set, ""]
     lines += markdown_table(["guidance (n)", "FID (lower better)", "IS-style", "precision", "recall", "accuracy %"],
@@ -159,7 +160,8 @@ def guidance_tables(rows: list[dict], gen_rows: list[dict], *, seed: int, sample
 
 def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits", clean_classifier: str | None = None,
                       per_class: int = 50, steps: int = 100, scale: float = 1.0, sampler: str = "ddpm",
-                      seed: int = 0, out: str | Path, device: str = "cpu", generation: bool = True,
+                      variance: str = "posterior", seed: int = 0, out: str | Path, device: str = "cpu",
+                      generation: bool = True,
                       progress: bool = True, speed=None, workers: int | None = None) -> JobResult:
     """The CLI's job: accuracy over t of every guidance classifier (and of ``clean_classifier``), guided
     generation metrics, table, plot and sample grids in ``out``. ``workers``: DataLoader processes of a streamed
@@ -175,7 +177,7 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     if generation:
         from ..guidance import guided_timesteps
 
-        guided_timesteps(s.den, steps=steps, scale=scale, sampler=sampler)  # bad settings: refused before any work
+        guided_timesteps(s.den, steps=steps, scale=scale, sampler=sampler, variance=variance)  # refused before work
         real = len(s.real_images) if s.real_images is not None else min(len(s.splits["test"]), REFERENCE_IMAGES)
         if real <= PR_NEIGHBOURS:
             raise InputError(f"{data} has {real} test images; the generation metrics need more than {PR_NEIGHBOURS} "
@@ -185,16 +187,16 @@ def run_eval_guidance(*, guidance: list[str], denoiser: str, data: str = "digits
     acc = _accuracy_rows(s, clean_classifier, seed, device)
     gen, real_set = {}, "Real set: the test split."
     if generation and s.models:
-        gen, real_set = _generation_rows(s, data, per_class, steps, scale, sampler, seed, out, device, progress,
-                                         workers)
+        gen, real_set = _generation_rows(s, data, per_class, steps, scale, sampler, variance, seed, out, device,
+                                         progress, workers)
     write_json(out / "results.json", {"accuracy_over_t": acc, "generation": gen,
                                       "settings": {"per_class": per_class, "steps": steps, "scale": scale,
-                                                   "sampler": sampler, "seed": seed}})
+                                                   "sampler": sampler, "variance": variance, "seed": seed}})
     _plot_bins(acc, out / "accuracy_vs_t.png")
     rows = [{"classifier": name, **r} for name, r in acc.items()]
     gen_rows = [{"classifier": name, **r} for name, r in gen.items()]
     text = guidance_tables(rows, gen_rows, seed=seed, sampler=sampler, steps=steps, scale=scale, per_class=per_class,
-                           real_set=real_set)
+                           real_set=real_set, variance=variance)
     write_text(out / "table.md", text)
     return JobResult(text, rows, {"generation": gen_rows})
 
