@@ -1,5 +1,5 @@
-"""Write tests/data/guided_reference.safetensors for tests/test_guided_reference.py: samples of openai/guided-diffusion's own
-guided samplers (outputs only; none of its code is kept).
+"""Write tests/data/guided_reference.safetensors for tests/test_guided_reference.py: samples of
+openai/guided-diffusion's own guided samplers (outputs only; none of its code is kept).
 
     python tests/data/make_guided_reference.py /path/to/guided-diffusion      # a checkout (tested at 22e0df8)
 
