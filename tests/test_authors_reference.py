@@ -174,5 +174,7 @@ def test_recipe_losses_equal_the_authors(ref, augmix):
     if augmix:
         recipe.augmix_views = lambda x, generator: (x, x)
     loss, _ = recipe(torch.zeros(y.shape[0], 3, 4, 4), y)
+    # float32 sums of a few dozen log-softmax terms: ~1e-6 apart across CPUs (9.5e-7 measured); a 1 % change
+    # of a loss weight moves the loss by > 1e-2
     torch.testing.assert_close(loss.reshape(1), ref["loss.diffaugmix" if augmix else "loss.diffbase"],
-                               atol=1e-5, rtol=1e-6)
+                               atol=1e-4, rtol=1e-5)

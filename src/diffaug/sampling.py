@@ -79,7 +79,7 @@ def ddim_step(x_t, x0_hat, a_t, a_prev, eta: float, noise: torch.Tensor) -> torc
     DDIM; ``a_prev = 1`` returns ``x0_hat``.
     """
     eps = schedule.eps_from_x0(x0_hat, x_t, a_t)
-    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+    sigma = eta * posterior_variance(a_t, a_prev).clamp(min=0).sqrt()
     return a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
 
 

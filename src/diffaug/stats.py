@@ -16,7 +16,10 @@ def _checked(diffs, level: float) -> list[float]:
     return diffs
 
 
-def has_spread(diffs, rel: float = 1e-9) -> bool:
+SPREAD_REL = 1e-9  # a std below this times the values' magnitude is float rounding, not spread
+
+
+def has_spread(diffs, rel: float = SPREAD_REL) -> bool:
     """Whether paired differences vary by more than float rounding: their sample std above ``rel`` times their
     largest magnitude (equal counts subtracted and scaled leave a std of ~1e-17, not 0). False for fewer than 2."""
     diffs = [float(d) for d in diffs]
@@ -77,7 +80,7 @@ def seeds_to_settle(mean: float, std: float, level: float = 0.95, max_seeds: int
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std}")
-    if not math.isfinite(mean) or not math.isfinite(std) or mean == 0 or std <= 1e-9 * abs(mean):
+    if not math.isfinite(mean) or not math.isfinite(std) or mean == 0 or std <= SPREAD_REL * abs(mean):
         return None  # no effect, or no spread (see has_spread)
     lo, hi = 2, max_seeds  # the half-width falls with n, so bisect on the first n that is narrow enough
 
